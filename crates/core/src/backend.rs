@@ -1,0 +1,70 @@
+//! The contract between the vhost-user-blk device and a storage backend.
+
+use async_trait::async_trait;
+
+use crate::buffers::GuestBuffers;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Static facts about an open backend, read once when the device starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Size in bytes; the device exposes `capacity / 512` sectors.
+    pub capacity: u64,
+    /// Logical block size in bytes (512 or 4096); the guest never issues smaller I/O.
+    pub block_size: u32,
+    /// Whether the backend can only be read.
+    pub read_only: bool,
+    /// Whether writes may sit in a volatile cache until `flush` (decides the FLUSH feature).
+    pub volatile_cache: bool,
+    /// Whether `discard` does something useful.
+    pub discard: bool,
+    /// Whether `write_zeroes` is implemented natively (otherwise the device does not offer it).
+    pub write_zeroes: bool,
+    /// A stable identifier for GET_ID when the config gives none.
+    pub serial: Option<String>,
+}
+
+impl DiskInfo {
+    pub fn new(capacity: u64) -> Self {
+        DiskInfo {
+            capacity,
+            block_size: 512,
+            read_only: false,
+            volatile_cache: true,
+            discard: false,
+            write_zeroes: false,
+            serial: None,
+        }
+    }
+}
+
+/// A block backend. Calls may run concurrently from several queues and complete in any order;
+/// implementations must not serialise them behind one lock.
+///
+/// Offsets and lengths are in bytes and have been checked against `info().capacity` and the
+/// block size by the device.
+#[async_trait]
+pub trait BlockBackend: Send + Sync + 'static {
+    fn info(&self) -> DiskInfo;
+
+    /// Reads `bufs.len()` bytes at `offset` into the buffers.
+    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()>;
+
+    /// Writes the buffers' contents at `offset`.
+    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()>;
+
+    /// Makes every completed write durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Declares `[offset, offset + len)` unused; later reads may return anything.
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::new(ErrorKind::Unsupported, "discard"))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros; `unmap` allows deallocating it.
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let _ = (offset, len, unmap);
+        Err(Error::new(ErrorKind::Unsupported, "write-zeroes"))
+    }
+}

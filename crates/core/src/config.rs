@@ -1,0 +1,341 @@
+//! The YAML config: a list of disks, each with a socket and a backend chosen by plugin name.
+//!
+//! Parsing happens in two steps so that every error names its disk: first the document into
+//! per-disk YAML values, then each disk (common keys here, `backend` by its plugin).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::registry::{parse_options, BackendSpec, DiskContext, OptionError, Registry};
+
+/// Most queues a disk may ask for; each queue gets a worker thread.
+pub const MAX_QUEUES: u16 = 64;
+/// virtio-blk serials are at most 20 bytes.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// Whether the guest starts with a volatile write cache (it may switch via CONFIG_WCE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Writes complete when the backend has them; the guest sends FLUSH for durability.
+    #[default]
+    Writeback,
+    /// Every write is flushed before it completes.
+    Writethrough,
+}
+
+/// One disk, validated, with its backend parsed but not yet opened.
+#[derive(Debug)]
+pub struct DiskConfig {
+    pub name: String,
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    pub cache: CacheMode,
+    pub backend_type: String,
+    pub backend: Box<dyn BackendSpec>,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A config error. `disk` and `key` say where, so an operator can find the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub disk: Option<String>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(disk: Option<&str>, key: Option<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            disk: disk.map(str::to_owned),
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(d) = &self.disk {
+            write!(f, "disk `{d}`: ")?;
+        }
+        if let Some(k) = &self.key {
+            write!(f, "key `{k}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    disks: Vec<serde_yaml::Value>,
+}
+
+fn default_queues() -> u16 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    name: String,
+    socket: PathBuf,
+    #[serde(default = "default_queues")]
+    num_queues: u16,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    serial: Option<String>,
+    #[serde(default)]
+    cache: CacheMode,
+    backend: serde_yaml::Mapping,
+}
+
+impl Config {
+    pub fn from_file(path: &Path, registry: &Registry) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(None, None, format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::parse(&text, registry)
+    }
+
+    pub fn parse(text: &str, registry: &Registry) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::new(None, None, e.to_string()))?;
+        if raw.disks.is_empty() {
+            return Err(ConfigError::new(
+                None,
+                Some("disks".into()),
+                "no disks configured",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut sockets = HashSet::new();
+        let mut disks = Vec::with_capacity(raw.disks.len());
+        for (index, value) in raw.disks.into_iter().enumerate() {
+            let disk = parse_disk(index, value, registry)?;
+            if !names.insert(disk.name.clone()) {
+                return Err(ConfigError::new(
+                    Some(&disk.name),
+                    Some("name".into()),
+                    "duplicate disk name",
+                ));
+            }
+            if !sockets.insert(disk.socket.clone()) {
+                return Err(ConfigError::new(
+                    Some(&disk.name),
+                    Some("socket".into()),
+                    format!("socket {} is used by another disk", disk.socket.display()),
+                ));
+            }
+            disks.push(disk);
+        }
+        Ok(Config { disks })
+    }
+}
+
+fn parse_disk(
+    index: usize,
+    value: serde_yaml::Value,
+    registry: &Registry,
+) -> Result<DiskConfig, ConfigError> {
+    // Name the disk in errors even when a later key is wrong; fall back to its position.
+    let label = value
+        .get("name")
+        .and_then(|n| n.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("#{}", index + 1));
+    let raw: RawDisk = parse_options(value).map_err(|e| option_error(&label, None, e))?;
+
+    let at = |key: &str, message: String| ConfigError::new(Some(&label), Some(key.into()), message);
+    if raw.name.is_empty() || raw.name.contains(['/', '\0']) || raw.name.len() > 64 {
+        return Err(at("name", "must be 1-64 characters without `/`".into()));
+    }
+    if !(1..=MAX_QUEUES).contains(&raw.num_queues) {
+        return Err(at(
+            "num_queues",
+            format!("must be between 1 and {MAX_QUEUES}"),
+        ));
+    }
+    if raw.socket.as_os_str().is_empty() || raw.socket.as_os_str().len() > 107 {
+        return Err(at(
+            "socket",
+            "must be a path of 1-107 bytes (a unix socket address)".into(),
+        ));
+    }
+    if let Some(serial) = &raw.serial {
+        if serial.len() > MAX_SERIAL_LEN {
+            return Err(at("serial", format!("longer than {MAX_SERIAL_LEN} bytes")));
+        }
+    }
+
+    let mut options = raw.backend;
+    let plugin_name = match options.remove("type") {
+        Some(serde_yaml::Value::String(s)) => s,
+        Some(_) => return Err(at("backend.type", "must be a string".into())),
+        None => return Err(at("backend.type", "missing: name a backend plugin".into())),
+    };
+    let plugin = registry.get(&plugin_name).ok_or_else(|| {
+        at(
+            "backend.type",
+            format!(
+                "unknown backend `{plugin_name}` (built with: {})",
+                registry.names().join(", ")
+            ),
+        )
+    })?;
+    let ctx = DiskContext {
+        name: raw.name.clone(),
+        read_only: raw.read_only,
+    };
+    let backend = plugin
+        .parse(&ctx, serde_yaml::Value::Mapping(options))
+        .map_err(|e| option_error(&label, Some("backend"), e))?;
+
+    Ok(DiskConfig {
+        name: raw.name,
+        socket: raw.socket,
+        num_queues: raw.num_queues,
+        read_only: raw.read_only,
+        serial: raw.serial,
+        cache: raw.cache,
+        backend_type: plugin_name,
+        backend,
+    })
+}
+
+fn option_error(disk: &str, prefix: Option<&str>, e: OptionError) -> ConfigError {
+    let key = match (prefix, e.key) {
+        (Some(p), Some(k)) => Some(format!("{p}.{k}")),
+        (Some(p), None) => Some(p.to_owned()),
+        (None, k) => k,
+    };
+    ConfigError::new(Some(disk), key, e.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BlockBackend;
+    use crate::registry::Plugin;
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct NullSpec(u64);
+
+    #[async_trait::async_trait]
+    impl BackendSpec for NullSpec {
+        fn describe(&self) -> String {
+            format!("dummy {}", self.0)
+        }
+        async fn open(&self) -> crate::Result<Arc<dyn BlockBackend>> {
+            Err(crate::Error::new(crate::ErrorKind::Unsupported, "dummy"))
+        }
+    }
+
+    struct NullPlugin;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NullOptions {
+        size: u64,
+    }
+
+    impl Plugin for NullPlugin {
+        fn name(&self) -> &'static str {
+            "dummy"
+        }
+        fn parse(
+            &self,
+            _: &DiskContext,
+            options: serde_yaml::Value,
+        ) -> Result<Box<dyn BackendSpec>, OptionError> {
+            let o: NullOptions = parse_options(options)?;
+            Ok(Box::new(NullSpec(o.size)))
+        }
+    }
+
+    fn registry() -> Registry {
+        let mut r = Registry::new();
+        r.register(Box::new(NullPlugin));
+        r
+    }
+
+    fn err(yaml: &str) -> ConfigError {
+        Config::parse(yaml, &registry()).unwrap_err()
+    }
+
+    #[test]
+    fn parses_defaults() {
+        let c = Config::parse(
+            "disks:\n  - name: a\n    socket: /tmp/a.sock\n    backend: {type: dummy, size: 4}\n",
+            &registry(),
+        )
+        .unwrap();
+        let d = &c.disks[0];
+        assert_eq!(
+            (d.num_queues, d.read_only, d.cache),
+            (1, false, CacheMode::Writeback)
+        );
+        assert_eq!(d.backend.describe(), "dummy 4");
+    }
+
+    #[test]
+    fn errors_name_disk_and_key() {
+        let e = err("disks:\n  - name: a\n    socket: /s\n    bogus: 1\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(e.disk.as_deref(), Some("a"));
+        assert!(e.message.contains("unknown field `bogus`"), "{e}");
+
+        let e = err("disks:\n  - name: a\n    socket: /s\n    num_queues: many\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(
+            (e.disk.as_deref(), e.key.as_deref()),
+            (Some("a"), Some("num_queues"))
+        );
+
+        let e = err("disks:\n  - name: a\n    socket: /s\n    num_queues: 0\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(e.key.as_deref(), Some("num_queues"));
+
+        let e = err("disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: x}\n");
+        assert_eq!(e.key.as_deref(), Some("backend.size"), "{e}");
+
+        let e = err(
+            "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1, path: p}\n",
+        );
+        assert_eq!(e.key.as_deref(), Some("backend.path"), "{e}");
+        assert!(e.to_string().contains("unknown field `path`"), "{e}");
+
+        let e = err("disks:\n  - name: a\n    socket: /s\n    backend: {type: smb2}\n");
+        assert_eq!(e.key.as_deref(), Some("backend.type"));
+        assert!(e.message.contains("unknown backend `smb2`"), "{e}");
+
+        let e = err("disks:\n  - socket: /s\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(e.disk.as_deref(), Some("#1"));
+        assert!(e.message.contains("missing field `name`"), "{e}");
+    }
+
+    #[test]
+    fn rejects_duplicates_and_bad_values() {
+        let two = "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1}\n  - name: a\n    socket: /t\n    backend: {type: dummy, size: 1}\n";
+        assert_eq!(err(two).key.as_deref(), Some("name"));
+        let two = "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1}\n  - name: b\n    socket: /s\n    backend: {type: dummy, size: 1}\n";
+        assert_eq!(err(two).key.as_deref(), Some("socket"));
+        let e = err("disks:\n  - name: a\n    socket: /s\n    serial: 012345678901234567890\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(e.key.as_deref(), Some("serial"));
+        let e = err("disks:\n  - name: a\n    socket: /s\n    cache: none\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(e.key.as_deref(), Some("cache"), "{e}");
+        assert!(err("disks: []\n").message.contains("no disks"));
+        assert!(err("disk: []\n").message.contains("unknown field `disk`"));
+    }
+}

@@ -1,0 +1,116 @@
+//! `twinpath`: serve virtual disks to VM guests over vhost-user-blk.
+
+mod bench;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use twinpath_core::{Config, Registry};
+
+#[derive(Parser)]
+#[command(
+    name = "twinpath",
+    version,
+    about = "Serve virtual disks to QEMU and cloud-hypervisor guests over vhost-user-blk",
+    long_about = "Serve virtual disks to QEMU and cloud-hypervisor guests over vhost-user-blk.\n\n\
+        Each disk in the YAML config gets its own unix socket; attach a guest with\n\
+        `-chardev socket,id=c0,path=SOCKET -device vhost-user-blk-pci,chardev=c0` (QEMU) or\n\
+        `--disk vhost_user=true,socket=SOCKET` (cloud-hypervisor). See README.md."
+)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive). RUST_LOG wins.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every disk of the config until SIGINT or SIGTERM.
+    Serve {
+        /// YAML config listing the disks.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config and print its disks, without opening anything.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Measure a vhost-user-blk socket (twinpath's or any other) like a guest would.
+    Bench(bench::BenchArgs),
+    /// List the backend plugins this binary was built with.
+    Plugins,
+}
+
+fn registry() -> Registry {
+    #[allow(unused_mut)]
+    let mut registry = Registry::new();
+    #[cfg(feature = "file")]
+    registry.register(twinpath_plugin_file::plugin());
+    registry
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let registry = registry();
+    match cli.command {
+        Command::Serve { config } => match Config::from_file(&config, &registry) {
+            Ok(cfg) => serve::run(cfg),
+            Err(e) => {
+                eprintln!("twinpath: {}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Check { config } => match Config::from_file(&config, &registry) {
+            Ok(cfg) => {
+                print_disks(&cfg);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("twinpath: {}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Bench(args) => bench::run(args),
+        Command::Plugins => {
+            for name in registry.names() {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn print_disks(cfg: &Config) {
+    println!(
+        "{:<16} {:<40} {:>6} {:<4} BACKEND",
+        "DISK", "SOCKET", "QUEUES", "MODE"
+    );
+    for d in &cfg.disks {
+        println!(
+            "{:<16} {:<40} {:>6} {:<4} {}",
+            d.name,
+            d.socket.display(),
+            d.num_queues,
+            if d.read_only { "ro" } else { "rw" },
+            d.backend.describe()
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! A disk as the device sees it: an open backend plus the settings from its config. It outlives
+//! frontend connections; each connection gets a fresh [`crate::device::BlkDevice`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use twinpath_core::{BlockBackend, CacheMode, DiskInfo};
+
+use crate::request::{Limits, ID_LEN, SECTOR_SIZE};
+
+/// Largest discard or write-zeroes segment we accept, in sectors (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+
+/// Per-disk settings the device needs, besides the backend.
+#[derive(Debug, Clone)]
+pub struct DiskSettings {
+    pub name: String,
+    pub num_queues: u16,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    pub cache: CacheMode,
+}
+
+pub struct Disk {
+    pub(crate) settings: DiskSettings,
+    pub(crate) backend: Arc<dyn BlockBackend>,
+    pub(crate) info: DiskInfo,
+    pub(crate) serial: [u8; ID_LEN],
+    inflight: AtomicUsize,
+    pub(crate) draining: AtomicBool,
+    rejected: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Disk {
+    pub fn new(settings: DiskSettings, backend: Arc<dyn BlockBackend>) -> Self {
+        let info = backend.info();
+        let id = settings
+            .serial
+            .clone()
+            .or_else(|| info.serial.clone())
+            .unwrap_or_else(|| settings.name.clone());
+        let mut serial = [0u8; ID_LEN];
+        let n = id.len().min(ID_LEN);
+        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Disk {
+            settings,
+            backend,
+            info,
+            serial,
+            inflight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            rejected: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub fn backend(&self) -> &Arc<dyn BlockBackend> {
+        &self.backend
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.settings.read_only || self.info.read_only
+    }
+
+    pub fn limits(&self) -> Limits {
+        let ro = self.read_only();
+        Limits {
+            capacity_sectors: self.info.capacity / SECTOR_SIZE,
+            block_size: self.info.block_size,
+            read_only: ro,
+            flush: true,
+            discard: self.info.discard && !ro,
+            write_zeroes: self.info.write_zeroes && !ro,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+        }
+    }
+
+    /// Requests accepted from a guest and not yet completed, across all connections.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Stop taking new requests from the queues; in-flight ones still complete.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Counts a refused chain; logs the first one and then every power of two, so a hostile
+    /// guest cannot flood the log.
+    pub(crate) fn note_rejected(&self, reason: &str) {
+        let n = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(disk = %self.name(), rejected = n, "refused a malformed request: {reason}");
+        } else {
+            tracing::debug!(disk = %self.name(), "refused a malformed request: {reason}");
+        }
+    }
+
+    pub(crate) fn note_failed(&self, what: &str, err: &twinpath_core::Error) {
+        let n = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(disk = %self.name(), failed = n, "{what} failed: {err}");
+        } else {
+            tracing::debug!(disk = %self.name(), "{what} failed: {err}");
+        }
+    }
+
+    pub fn rejected_count(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    pub fn failed_count(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one accepted request for as long as it lives.
+pub(crate) struct InflightGuard(Arc<Disk>);
+
+impl InflightGuard {
+    pub(crate) fn new(disk: &Arc<Disk>) -> Self {
+        disk.inflight.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(disk.clone())
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

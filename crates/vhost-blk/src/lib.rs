@@ -1,0 +1,14 @@
+//! twinpath-vhost-blk: a vhost-user-blk device in front of any [`twinpath_core::BlockBackend`].
+//!
+//! - [`request`]: parsing and checking descriptor chains from an untrusted guest;
+//! - [`device`]: the per-connection device (queues, executor, config space);
+//! - [`server`]: the socket, reconnects and graceful shutdown of one disk.
+
+mod config_space;
+pub mod device;
+mod disk;
+pub mod request;
+pub mod server;
+
+pub use disk::{Disk, DiskSettings};
+pub use server::DiskServer;

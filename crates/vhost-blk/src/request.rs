@@ -1,0 +1,383 @@
+//! Parsing one virtio-blk descriptor chain into a request, without trusting the guest.
+//!
+//! The chain is read as the spec's byte streams (VIRTIO_F_ANY_LAYOUT): all device-readable
+//! descriptors first (header, then write data or discard segments), then the device-writable
+//! ones (read data, then the status byte in the last byte of the last descriptor). Every
+//! address is translated and bounds-checked here, so the rest of the device only sees host
+//! pointers that lie inside guest memory.
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+pub const SECTOR_SIZE: u64 = 512;
+const HEADER_LEN: usize = 16;
+const SEGMENT_LEN: usize = 16;
+pub const ID_LEN: usize = 20;
+
+/// Status codes as written to the guest.
+pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// What the device accepts; derived from the backend and the disk config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub capacity_sectors: u64,
+    /// Logical block size in bytes; I/O must be aligned to it.
+    pub block_size: u32,
+    pub read_only: bool,
+    pub flush: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+    pub max_discard_sectors: u32,
+    pub max_write_zeroes_sectors: u32,
+}
+
+impl Limits {
+    fn block_sectors(&self) -> u64 {
+        u64::from(self.block_size) / SECTOR_SIZE
+    }
+}
+
+/// A pointer to the guest's status byte, checked to lie in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusByte(*mut u8);
+
+// SAFETY: the pointer refers to shared guest memory whose mapping the request keeps alive; it
+// is only written with `write_volatile`.
+unsafe impl Send for StatusByte {}
+
+impl StatusByte {
+    /// # Safety
+    /// The mapping the pointer was taken from must still be alive.
+    pub unsafe fn write(self, status: u8) {
+        // SAFETY: the caller keeps the mapping alive; the byte was bounds-checked at parse time.
+        unsafe { self.0.write_volatile(status) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Read { offset: u64 },
+    Write { offset: u64 },
+    Flush,
+    GetId,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+/// A request that passed every check.
+#[derive(Debug)]
+pub struct Request {
+    pub kind: RequestKind,
+    /// Host segments of the data buffers (read/write data, or the GET_ID buffer).
+    pub data: Vec<(*mut u8, usize)>,
+    pub data_len: usize,
+    pub status: StatusByte,
+}
+
+/// A chain the device refuses. If `status` is known, `code` goes there.
+#[derive(Debug)]
+pub struct Rejected {
+    pub status: Option<StatusByte>,
+    pub code: u8,
+    pub reason: String,
+}
+
+impl Request {
+    /// Bytes the device writes into the chain on success (data read plus the status byte).
+    pub fn used_len(&self) -> u32 {
+        let data = match self.kind {
+            RequestKind::Read { .. } | RequestKind::GetId => self.data_len,
+            _ => 0,
+        };
+        (data + 1) as u32
+    }
+}
+
+struct Stream {
+    ranges: Vec<(GuestAddress, usize)>,
+    len: usize,
+}
+
+impl Stream {
+    fn new() -> Self {
+        Stream {
+            ranges: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// The guest ranges covering `[start, start + len)` of the stream.
+    fn slice(&self, mut start: usize, mut len: usize) -> Vec<(GuestAddress, usize)> {
+        let mut out = Vec::new();
+        for &(addr, rlen) in &self.ranges {
+            if len == 0 {
+                break;
+            }
+            if start >= rlen {
+                start -= rlen;
+                continue;
+            }
+            let take = (rlen - start).min(len);
+            out.push((GuestAddress(addr.0 + start as u64), take));
+            len -= take;
+            start = 0;
+        }
+        out
+    }
+}
+
+fn reject(status: Option<StatusByte>, code: u8, reason: impl Into<String>) -> Rejected {
+    Rejected {
+        status,
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// Host segments for guest ranges; fails if any byte lies outside guest memory.
+fn host_segments<M: GuestMemoryBackend>(
+    mem: &M,
+    ranges: &[(GuestAddress, usize)],
+) -> Result<Vec<(*mut u8, usize)>, String> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for &(addr, len) in ranges {
+        for slice in mem.get_slices(addr, len) {
+            let slice = slice.map_err(|e| format!("buffer at {:#x}+{len}: {e}", addr.0))?;
+            out.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+        }
+    }
+    Ok(out)
+}
+
+fn read_bytes<M: GuestMemoryBackend>(
+    mem: &M,
+    stream: &Stream,
+    start: usize,
+    out: &mut [u8],
+) -> Result<(), String> {
+    let mut done = 0;
+    for (addr, len) in stream.slice(start, out.len()) {
+        mem.read_slice(&mut out[done..done + len], addr)
+            .map_err(|e| format!("read at {:#x}: {e}", addr.0))?;
+        done += len;
+    }
+    Ok(())
+}
+
+/// Parses one chain. `descs` is the chain as the queue yields it.
+pub fn parse<M: GuestMemoryBackend>(
+    mem: &M,
+    descs: impl IntoIterator<Item = Descriptor>,
+    limits: &Limits,
+) -> Result<Request, Rejected> {
+    let mut readable = Stream::new();
+    let mut writable = Stream::new();
+    let mut last_writable: Option<Descriptor> = None;
+    let mut misordered = false;
+    for d in descs {
+        let len = d.len() as usize;
+        if d.is_write_only() {
+            writable.ranges.push((d.addr(), len));
+            writable.len += len;
+            last_writable = Some(d);
+        } else {
+            if !writable.ranges.is_empty() {
+                misordered = true;
+            }
+            readable.ranges.push((d.addr(), len));
+            readable.len += len;
+        }
+    }
+
+    // The status byte first: without it the guest cannot be told anything.
+    let status = match last_writable {
+        Some(d) if d.len() > 0 => {
+            let addr = GuestAddress(d.addr().0.wrapping_add(u64::from(d.len()) - 1));
+            let seg = host_segments(mem, &[(addr, 1)])
+                .map_err(|e| reject(None, STATUS_IOERR, format!("status byte: {e}")))?;
+            StatusByte(seg[0].0)
+        }
+        Some(_) => return Err(reject(None, STATUS_IOERR, "status descriptor is empty")),
+        None => {
+            return Err(reject(
+                None,
+                STATUS_IOERR,
+                "no device-writable status descriptor",
+            ))
+        }
+    };
+    // Without the status byte, the writable stream is the request's read buffer.
+    writable.len -= 1;
+    if let Some(last) = writable.ranges.last_mut() {
+        last.1 -= 1;
+    }
+
+    let fail = |code: u8, reason: String| reject(Some(status), code, reason);
+    if misordered {
+        return Err(fail(
+            STATUS_IOERR,
+            "device-readable descriptor after a device-writable one".into(),
+        ));
+    }
+    if readable.len < HEADER_LEN {
+        return Err(fail(
+            STATUS_IOERR,
+            format!("header is {} bytes, need {HEADER_LEN}", readable.len),
+        ));
+    }
+    let mut header = [0u8; HEADER_LEN];
+    read_bytes(mem, &readable, 0, &mut header)
+        .map_err(|e| fail(STATUS_IOERR, format!("header: {e}")))?;
+    let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+
+    let data_out = readable.len - HEADER_LEN;
+    let kind = match req_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let write = req_type == VIRTIO_BLK_T_OUT;
+            let (len, other) = if write {
+                (data_out, writable.len)
+            } else {
+                (writable.len, data_out)
+            };
+            if other != 0 {
+                return Err(fail(
+                    STATUS_IOERR,
+                    format!("{} bytes of data in the wrong direction", other),
+                ));
+            }
+            if write && limits.read_only {
+                return Err(fail(STATUS_IOERR, "write to a read-only disk".into()));
+            }
+            check_range(limits, sector, len as u64).map_err(|r| fail(STATUS_IOERR, r))?;
+            let offset = sector * SECTOR_SIZE;
+            if write {
+                RequestKind::Write { offset }
+            } else {
+                RequestKind::Read { offset }
+            }
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if !limits.flush {
+                return Err(fail(STATUS_UNSUPP, "flush not offered".into()));
+            }
+            RequestKind::Flush
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            if writable.len < ID_LEN {
+                return Err(fail(
+                    STATUS_IOERR,
+                    format!("GET_ID buffer is {} bytes, need {ID_LEN}", writable.len),
+                ));
+            }
+            writable.ranges = writable.slice(0, ID_LEN);
+            writable.len = ID_LEN;
+            RequestKind::GetId
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let discard = req_type == VIRTIO_BLK_T_DISCARD;
+            let (offered, max) = if discard {
+                (limits.discard, limits.max_discard_sectors)
+            } else {
+                (limits.write_zeroes, limits.max_write_zeroes_sectors)
+            };
+            if !offered {
+                return Err(fail(
+                    STATUS_UNSUPP,
+                    format!("request type {req_type} not offered"),
+                ));
+            }
+            if limits.read_only {
+                return Err(fail(
+                    STATUS_IOERR,
+                    "discard/write-zeroes on a read-only disk".into(),
+                ));
+            }
+            // We advertise one segment per request (max_*_seg = 1).
+            if data_out != SEGMENT_LEN {
+                return Err(fail(
+                    STATUS_IOERR,
+                    format!(
+                        "{data_out} bytes of segments, expected exactly one ({SEGMENT_LEN} bytes)"
+                    ),
+                ));
+            }
+            let mut seg = [0u8; SEGMENT_LEN];
+            read_bytes(mem, &readable, HEADER_LEN, &mut seg)
+                .map_err(|e| fail(STATUS_IOERR, format!("segment: {e}")))?;
+            let seg_sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+            let num = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+            let allowed = if discard {
+                0
+            } else {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            };
+            if flags & !allowed != 0 {
+                return Err(fail(
+                    STATUS_UNSUPP,
+                    format!("segment flags {flags:#x} not supported"),
+                ));
+            }
+            if num == 0 || num > max {
+                return Err(fail(
+                    STATUS_IOERR,
+                    format!("segment of {num} sectors (limit {max})"),
+                ));
+            }
+            let len = u64::from(num) * SECTOR_SIZE;
+            check_range(limits, seg_sector, len).map_err(|r| fail(STATUS_IOERR, r))?;
+            let offset = seg_sector * SECTOR_SIZE;
+            if discard {
+                RequestKind::Discard { offset, len }
+            } else {
+                RequestKind::WriteZeroes {
+                    offset,
+                    len,
+                    unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                }
+            }
+        }
+        other => return Err(fail(STATUS_UNSUPP, format!("unknown request type {other}"))),
+    };
+
+    let data_stream = match kind {
+        RequestKind::Write { .. } => {
+            let ranges = readable.slice(HEADER_LEN, data_out);
+            Stream {
+                ranges,
+                len: data_out,
+            }
+        }
+        RequestKind::Read { .. } | RequestKind::GetId => writable,
+        _ => Stream::new(),
+    };
+    let data = host_segments(mem, &data_stream.ranges).map_err(|e| fail(STATUS_IOERR, e))?;
+    Ok(Request {
+        kind,
+        data,
+        data_len: data_stream.len,
+        status,
+    })
+}
+
+fn check_range(limits: &Limits, sector: u64, len: u64) -> Result<(), String> {
+    let block = limits.block_sectors();
+    if !len.is_multiple_of(u64::from(limits.block_size)) || !sector.is_multiple_of(block) {
+        return Err(format!(
+            "sector {sector} + {len} bytes is not aligned to the {}-byte block size",
+            limits.block_size
+        ));
+    }
+    let end = sector.checked_add(len / SECTOR_SIZE);
+    match end {
+        Some(end) if end <= limits.capacity_sectors => Ok(()),
+        _ => Err(format!(
+            "sector {sector} + {len} bytes is beyond the end of the disk ({} sectors)",
+            limits.capacity_sectors
+        )),
+    }
+}

@@ -1,1 +1,223 @@
+//! Fixtures for the integration tests: start the real `twinpath` binary on a config, wait until
+//! it serves, stop it by PID. Images live on tmpfs (/dev/shm) so tests do not wait on the disk.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use twinpath_client::{Client, ClientOptions, Op, Req};
+
+/// The `twinpath` binary of this build (`TWINPATH_BIN` overrides).
+pub fn twinpath_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TWINPATH_BIN") {
+        return PathBuf::from(p);
+    }
+    // Test executables live in target/<profile>/deps; the binary one level up.
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("twinpath");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory on tmpfs, removed on drop.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("twinpath-test-")
+        .tempdir_in("/dev/shm")
+        .expect("tempdir on /dev/shm")
+}
+
+/// Creates a zero-filled (allocated) image of `size` bytes.
+pub fn make_image(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+}
+
+/// A running `twinpath serve`.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `config` into `dir`, starts the daemon on it and waits for its "ready" line.
+    pub fn start(dir: &Path, config: &str) -> Daemon {
+        let cfg = dir.join("twinpath.yaml");
+        std::fs::write(&cfg, config).expect("write config");
+        Self::start_with(&cfg, dir)
+    }
+
+    pub fn start_with(cfg: &Path, dir: &Path) -> Daemon {
+        let log = dir.join("daemon.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(twinpath_bin())
+            .args(["serve", "--config"])
+            .arg(cfg)
+            .args(["--log-level", "debug"])
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn twinpath");
+        let mut d = Daemon {
+            child: Some(child),
+            log,
+        };
+        d.wait_for_log("ready:", Duration::from_secs(20));
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics with the log if the daemon exits first.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "twinpath exited ({status}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log after {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), libc::SIGTERM);
+        wait_timeout(&mut child, Duration::from_secs(40)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("twinpath did not exit after SIGTERM:\n{}", self.log())
+        })
+    }
+
+    /// Waits for the daemon to exit on its own (e.g. when no disk could be opened).
+    pub fn wait_exit(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_timeout(&mut child, timeout).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("twinpath kept running:\n{}", self.log())
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts the daemon without waiting for "ready" (for configs that must fail).
+pub fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
+    let cfg = dir.join("twinpath.yaml");
+    std::fs::write(&cfg, config).expect("write config");
+    let log = dir.join("daemon.log");
+    let out = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(twinpath_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn twinpath");
+    Daemon {
+        child: Some(child),
+        log,
+    }
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a PID we spawned.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `twinpath ARGS` to completion; returns (status, stdout, stderr).
+pub fn run_twinpath(args: &[&str]) -> (ExitStatus, String, String) {
+    let mut child = Command::new(twinpath_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn twinpath");
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (child.wait().unwrap(), out, err)
+}
+
+/// A deterministic byte pattern that differs per `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A one-disk `file` config for `image`, served on `socket`.
+pub fn file_disk_yaml(name: &str, socket: &Path, image: &Path, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    socket: {}\n{extra}    backend:\n      type: file\n      path: {}\n",
+        socket.display(),
+        image.display()
+    )
+}

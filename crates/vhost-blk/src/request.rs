@@ -381,3 +381,266 @@ fn check_range(limits: &Limits, sector: u64, len: u64) -> Result<(), String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::GuestMemoryMmap;
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x8000;
+    const OUTSIDE: u64 = 0x10_0000_0000;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            capacity_sectors: 2048,
+            block_size: 512,
+            read_only: false,
+            flush: true,
+            discard: true,
+            write_zeroes: true,
+            max_discard_sectors: 1024,
+            max_write_zeroes_sectors: 1024,
+        }
+    }
+
+    fn header(mem: &GuestMemoryMmap<()>, req_type: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&req_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    fn segment(mem: &GuestMemoryMmap<()>, sector: u64, num: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&num.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&s, GuestAddress(DATA)).unwrap();
+    }
+
+    fn r(addr: u64, len: u32) -> Descriptor {
+        Descriptor::new(addr, len, VRING_DESC_F_NEXT as u16, 0)
+    }
+
+    fn w(addr: u64, len: u32) -> Descriptor {
+        Descriptor::new(
+            addr,
+            len,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            0,
+        )
+    }
+
+    fn rejected(mem: &GuestMemoryMmap<()>, chain: Vec<Descriptor>, l: &Limits) -> Rejected {
+        parse(mem, chain, l).expect_err("chain must be refused")
+    }
+
+    #[test]
+    fn read_write_and_get_id_parse() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        let req = parse(&m, vec![r(HDR, 16), w(DATA, 4096), w(STATUS, 1)], &limits()).unwrap();
+        assert_eq!(req.kind, RequestKind::Read { offset: 8 * 512 });
+        assert_eq!((req.data_len, req.used_len()), (4096, 4097));
+
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let req = parse(&m, vec![r(HDR, 16), r(DATA, 1024), w(STATUS, 1)], &limits()).unwrap();
+        assert_eq!(req.kind, RequestKind::Write { offset: 0 });
+        assert_eq!((req.data_len, req.used_len()), (1024, 1));
+
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let req = parse(&m, vec![r(HDR, 16), w(DATA, 20), w(STATUS, 1)], &limits()).unwrap();
+        assert_eq!((req.kind, req.data_len), (RequestKind::GetId, 20));
+    }
+
+    #[test]
+    fn any_layout_is_accepted() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 1);
+        // Header split over two descriptors; status in the same descriptor as the data.
+        let req = parse(
+            &m,
+            vec![r(HDR, 10), r(HDR + 10, 6), w(DATA, 513)],
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(
+            (req.kind, req.data_len),
+            (RequestKind::Read { offset: 512 }, 512)
+        );
+    }
+
+    #[test]
+    fn chain_without_status_cannot_be_answered() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let e = rejected(&m, vec![r(HDR, 16)], &limits());
+        assert!(
+            e.status.is_none() && e.reason.contains("no device-writable"),
+            "{e:?}"
+        );
+        let e = rejected(&m, vec![r(HDR, 16), w(STATUS, 0)], &limits());
+        assert!(e.status.is_none() && e.reason.contains("empty"), "{e:?}");
+        let e = rejected(&m, vec![r(HDR, 16), w(OUTSIDE, 1)], &limits());
+        assert!(
+            e.status.is_none() && e.reason.contains("status byte"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_chains_get_ioerr() {
+        let m = mem();
+        let l = limits();
+        let ioerr = |e: Rejected| {
+            assert_eq!(e.code, STATUS_IOERR, "{e:?}");
+            assert!(e.status.is_some(), "{e:?}");
+            e.reason
+        };
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        assert!(
+            ioerr(rejected(&m, vec![r(HDR, 8), w(STATUS, 1)], &l)).contains("header is 8 bytes")
+        );
+        assert!(ioerr(rejected(
+            &m,
+            vec![w(DATA, 512), r(HDR, 16), w(STATUS, 1)],
+            &l
+        ))
+        .contains("after a device-writable"));
+        assert!(ioerr(rejected(
+            &m,
+            vec![r(HDR, 16), r(DATA, 512), w(STATUS, 1)],
+            &l
+        ))
+        .contains("wrong direction"));
+        assert!(ioerr(rejected(
+            &m,
+            vec![r(HDR, 16), w(OUTSIDE, 512), w(STATUS, 1)],
+            &l
+        ))
+        .contains("buffer at"));
+        assert!(ioerr(rejected(&m, vec![r(OUTSIDE, 16), w(STATUS, 1)], &l)).contains("header"));
+        assert!(ioerr(rejected(
+            &m,
+            vec![r(HDR, 16), w(DATA, 100), w(STATUS, 1)],
+            &l
+        ))
+        .contains("not aligned"));
+
+        header(&m, VIRTIO_BLK_T_IN, 2047);
+        assert!(ioerr(rejected(
+            &m,
+            vec![r(HDR, 16), w(DATA, 1024), w(STATUS, 1)],
+            &l
+        ))
+        .contains("beyond the end"));
+        header(&m, VIRTIO_BLK_T_IN, u64::MAX);
+        assert!(ioerr(rejected(
+            &m,
+            vec![r(HDR, 16), w(DATA, 512), w(STATUS, 1)],
+            &l
+        ))
+        .contains("beyond the end"));
+
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let ro = Limits {
+            read_only: true,
+            ..l
+        };
+        assert!(ioerr(rejected(
+            &m,
+            vec![r(HDR, 16), r(DATA, 512), w(STATUS, 1)],
+            &ro
+        ))
+        .contains("read-only"));
+
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        assert!(ioerr(rejected(
+            &m,
+            vec![r(HDR, 16), w(DATA, 10), w(STATUS, 1)],
+            &l
+        ))
+        .contains("GET_ID"));
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_are_checked() {
+        let m = mem();
+        let l = limits();
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        segment(&m, 8, 16, 0);
+        let req = parse(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &l).unwrap();
+        assert_eq!(
+            req.kind,
+            RequestKind::Discard {
+                offset: 4096,
+                len: 8192
+            }
+        );
+
+        header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&m, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        let req = parse(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &l).unwrap();
+        assert_eq!(
+            req.kind,
+            RequestKind::WriteZeroes {
+                offset: 0,
+                len: 4096,
+                unmap: true
+            }
+        );
+
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        segment(&m, 0, 2048, 0);
+        let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &l);
+        assert!(
+            e.code == STATUS_IOERR && e.reason.contains("limit"),
+            "{e:?}"
+        );
+        segment(&m, 0, 8, 1);
+        let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &l);
+        assert!(
+            e.code == STATUS_UNSUPP && e.reason.contains("flags"),
+            "{e:?}"
+        );
+        segment(&m, 0, 8, 0);
+        let e = rejected(&m, vec![r(HDR, 16), r(DATA, 32), w(STATUS, 1)], &l);
+        assert!(
+            e.code == STATUS_IOERR && e.reason.contains("exactly one"),
+            "{e:?}"
+        );
+        segment(&m, 2040, 16, 0);
+        let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &l);
+        assert!(e.reason.contains("beyond the end"), "{e:?}");
+        let big_blocks = Limits {
+            block_size: 4096,
+            ..l
+        };
+        segment(&m, 1, 8, 0);
+        let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &big_blocks);
+        assert!(e.reason.contains("not aligned"), "{e:?}");
+        let no_discard = Limits {
+            discard: false,
+            ..l
+        };
+        let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &no_discard);
+        assert_eq!(e.code, STATUS_UNSUPP);
+    }
+
+    #[test]
+    fn unknown_types_are_unsupported() {
+        let m = mem();
+        for t in [2, 5, 14, 99, u32::MAX] {
+            header(&m, t, 0);
+            let e = rejected(&m, vec![r(HDR, 16), w(STATUS, 1)], &limits());
+            assert_eq!(e.code, STATUS_UNSUPP, "type {t}: {e:?}");
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The daemon with `file` disks, driven by a real vhost-user client (libblkio).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use twinpath_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+fn one_disk(
+    dir: &std::path::Path,
+    extra: &str,
+) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
+    let img = dir.join("disk.img");
+    let sock = dir.join("disk.sock");
+    make_image(&img, 64 * MIB);
+    let cfg = format!("disks:\n{}", file_disk_yaml("d0", &sock, &img, extra));
+    (Daemon::start(dir, &cfg), img, sock)
+}
+
+#[test]
+fn random_writes_read_back_across_queues() {
+    let dir = scratch();
+    let (daemon, img, sock) = one_disk(dir.path(), "    num_queues: 2\n");
+    let opts = ClientOptions {
+        num_queues: 2,
+        buffer_size: 64 * 4096,
+        ..Default::default()
+    };
+    let mut c = Client::connect(&sock, &opts).unwrap();
+    assert_eq!(c.capacity(), 64 * MIB);
+    assert_eq!(c.get_i32("max-queues").unwrap(), 2);
+
+    // 64 distinct 4 KiB blocks, written 32 at a time per queue, all in flight together.
+    let blocks: Vec<u64> = (0..64u64)
+        .map(|i| (i * 2654435761) % (64 * MIB / 4096))
+        .collect();
+    let mut uniq = blocks.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 64);
+    for (i, _) in blocks.iter().enumerate() {
+        c.buffer()[i * 4096..(i + 1) * 4096].copy_from_slice(&pattern(i as u64, 4096));
+    }
+    for q in 0..2 {
+        let reqs: Vec<Req> = (q * 32..q * 32 + 32)
+            .map(|i| Req {
+                op: Op::Write,
+                offset: blocks[i] * 4096,
+                len: 4096,
+                buf_offset: i * 4096,
+            })
+            .collect();
+        for r in c.batch(q, &reqs).unwrap() {
+            r.unwrap();
+        }
+    }
+    c.buffer().fill(0);
+    // Read back on the other queue.
+    for q in 0..2 {
+        let reqs: Vec<Req> = ((1 - q) * 32..(1 - q) * 32 + 32)
+            .map(|i| Req {
+                op: Op::Read,
+                offset: blocks[i] * 4096,
+                len: 4096,
+                buf_offset: i * 4096,
+            })
+            .collect();
+        for r in c.batch(q, &reqs).unwrap() {
+            r.unwrap();
+        }
+    }
+    for i in 0..64 {
+        assert_eq!(
+            c.buffer()[i * 4096..(i + 1) * 4096],
+            pattern(i as u64, 4096)[..],
+            "block {i}"
+        );
+    }
+    c.flush(0).unwrap();
+    // The image file holds the data too.
+    let data = std::fs::read(&img).unwrap();
+    let b = blocks[5] as usize * 4096;
+    assert_eq!(&data[b..b + 4096], &pattern(5, 4096)[..]);
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_as_zeros() {
+    let dir = scratch();
+    let (daemon, img, sock) = one_disk(dir.path(), "");
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    assert!(c.get_u64("max-discard-len").unwrap() >= MIB);
+    assert!(c.get_u64("max-write-zeroes-len").unwrap() >= MIB);
+    let data = pattern(1, MIB as usize);
+    for i in 0..4 {
+        c.write(0, i * MIB, &data).unwrap();
+    }
+    c.flush(0).unwrap();
+    let allocated_before = std::fs::metadata(&img).unwrap().blocks();
+
+    c.discard(0, 0, MIB as usize).unwrap();
+    c.write_zeroes(0, MIB, MIB as usize, true).unwrap();
+    c.write_zeroes(0, 2 * MIB + 4096, 8192, false).unwrap();
+    assert!(
+        c.read(0, 0, MIB as usize).unwrap().iter().all(|&b| b == 0),
+        "discarded range"
+    );
+    assert!(
+        c.read(0, MIB, MIB as usize)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0),
+        "zeroed + unmapped"
+    );
+    let third = c.read(0, 2 * MIB, MIB as usize).unwrap();
+    assert!(
+        third[4096..4096 + 8192].iter().all(|&b| b == 0),
+        "zeroed range"
+    );
+    assert_eq!(
+        &third[..4096],
+        &data[..4096],
+        "data before the zeroed range"
+    );
+    assert_eq!(
+        &third[12288..],
+        &data[12288..],
+        "data after the zeroed range"
+    );
+    assert_eq!(
+        c.read(0, 3 * MIB, MIB as usize).unwrap(),
+        data,
+        "untouched MiB"
+    );
+    // Discard punched holes: the image holds fewer blocks now.
+    let allocated_after = std::fs::metadata(&img).unwrap().blocks();
+    assert!(
+        allocated_after + 2 * MIB / 512 <= allocated_before,
+        "{allocated_before} -> {allocated_after} blocks"
+    );
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn read_only_disk_refuses_writes() {
+    let dir = scratch();
+    let (daemon, img, sock) = one_disk(dir.path(), "    read_only: true\n");
+    std::fs::write(&img, pattern(9, 8192)).unwrap();
+    // The device advertises RO: a read-write client is refused at start.
+    let e = Client::connect(&sock, &ClientOptions::default())
+        .err()
+        .expect("rw client must fail");
+    assert!(e.message.contains("read-only"), "{e}");
+    let ro = ClientOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let mut c = Client::connect(&sock, &ro).unwrap();
+    assert_eq!(c.read(0, 0, 8192).unwrap(), pattern(9, 8192));
+    assert!(c.write(0, 0, &[1u8; 512]).is_err());
+    assert!(c.discard(0, 0, 4096).is_err());
+    assert_eq!(
+        std::fs::read(&img).unwrap()[..8192],
+        pattern(9, 8192)[..],
+        "image unchanged"
+    );
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn out_of_range_io_fails_and_the_disk_keeps_working() {
+    let dir = scratch();
+    let (daemon, _img, sock) = one_disk(dir.path(), "");
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    let cap = c.capacity();
+    let e = c.read(0, cap, 4096).unwrap_err();
+    assert_eq!(e.errno, -libc::EIO, "{e}");
+    let e = c.write(0, cap - 512, &[1u8; 1024]).unwrap_err();
+    assert_eq!(e.errno, -libc::EIO, "{e}");
+    c.write(0, cap - 512, &[3u8; 512]).unwrap();
+    assert_eq!(c.read(0, cap - 512, 512).unwrap(), vec![3u8; 512]);
+    drop(c);
+    assert!(
+        daemon.log().contains("beyond the end of the disk"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("disk=d0"), "rejections name the disk");
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn two_disks_serve_at_once() {
+    let dir = scratch();
+    let d = dir.path();
+    let (ia, ib) = (d.join("a.img"), d.join("b.img"));
+    let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
+    make_image(&ia, 16 * MIB);
+    make_image(&ib, 32 * MIB);
+    let cfg = format!(
+        "disks:\n{}{}",
+        file_disk_yaml("a", &sa, &ia, ""),
+        file_disk_yaml("b", &sb, &ib, "")
+    );
+    let daemon = Daemon::start(d, &cfg);
+    let threads: Vec<_> = [(sa, 16 * MIB, 1u64), (sb, 32 * MIB, 2u64)]
+        .into_iter()
+        .map(|(sock, size, seed)| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+                assert_eq!(c.capacity(), size);
+                for i in 0..200u64 {
+                    let data = pattern(seed * 1000 + i, 4096);
+                    let off = (i * 7919 % (size / 4096)) * 4096;
+                    c.write(0, off, &data).unwrap();
+                    assert_eq!(c.read(0, off, 4096).unwrap(), data);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn client_disconnect_then_reconnect() {
+    let dir = scratch();
+    let (daemon, _img, sock) = one_disk(dir.path(), "");
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    c.write(0, 4096, &pattern(4, 4096)).unwrap();
+    drop(c);
+    for round in 0..3 {
+        let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+        assert_eq!(
+            c.read(0, 4096, 4096).unwrap(),
+            pattern(4, 4096),
+            "round {round}"
+        );
+    }
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn socket_is_private_and_removed_on_sigterm() {
+    let dir = scratch();
+    let (daemon, _img, sock) = one_disk(dir.path(), "");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    c.write(0, 0, &[5u8; 4096]).unwrap();
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "socket removed");
+}
+
+#[test]
+fn missing_image_is_reported_and_other_disks_serve() {
+    let dir = scratch();
+    let d = dir.path();
+    let good = d.join("good.img");
+    make_image(&good, 8 * MIB);
+    let (sg, sm) = (d.join("good.sock"), d.join("missing.sock"));
+    let cfg = format!(
+        "disks:\n{}{}",
+        file_disk_yaml("good", &sg, &good, ""),
+        file_disk_yaml("missing", &sm, &d.join("nope.img"), "")
+    );
+    let daemon = Daemon::start(d, &cfg);
+    let log = daemon.log();
+    assert!(
+        log.contains("disk `missing`") && log.contains("does not exist"),
+        "{log}"
+    );
+    assert!(log.contains("1 of 2 disks served"), "{log}");
+    assert!(!sm.exists());
+    let mut c = Client::connect(&sg, &ClientOptions::default()).unwrap();
+    c.write(0, 0, &[1u8; 512]).unwrap();
+    drop(c);
+    assert!(daemon.stop().success());
+
+    // With no disk at all, the daemon exits with status 1.
+    let only_missing = format!(
+        "disks:\n{}",
+        file_disk_yaml("missing", &sm, &d.join("nope.img"), "")
+    );
+    let status = spawn_daemon(d, &only_missing).wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn create_size_creates_a_sparse_image() {
+    let dir = scratch();
+    let d = dir.path();
+    let img = d.join("new.img");
+    let sock = d.join("new.sock");
+    let cfg = format!(
+        "disks:\n  - name: new\n    socket: {}\n    backend: {{type: file, path: {}, create_size: 3M}}\n",
+        sock.display(),
+        img.display()
+    );
+    let daemon = Daemon::start(d, &cfg);
+    let meta = std::fs::metadata(&img).unwrap();
+    assert_eq!(meta.len(), 3 * MIB);
+    assert_eq!(meta.blocks(), 0, "sparse");
+    let c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    assert_eq!(c.capacity(), 3 * MIB);
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn check_prints_disks_and_names_bad_keys() {
+    let dir = scratch();
+    let d = dir.path();
+    let cfg = d.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "disks:\n{}",
+            file_disk_yaml("vm1", &d.join("s"), &d.join("i.img"), "    num_queues: 4\n")
+        ),
+    )
+    .unwrap();
+    let (status, out, _) = run_twinpath(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(status.success());
+    assert!(
+        out.contains("vm1") && out.contains("file ") && out.contains("     4 rw"),
+        "{out}"
+    );
+
+    std::fs::write(
+        &cfg,
+        "disks:\n  - name: vm2\n    socket: /tmp/x.sock\n    backend: {type: file, path: /x.img, direkt: true}\n",
+    )
+    .unwrap();
+    let (status, _, err) = run_twinpath(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        err.contains("disk `vm2`") && err.contains("key `backend.direkt`"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "disks:\n  - name: vm3\n    socket: /tmp/y.sock\n    backend: {type: file, path: relative.img}\n").unwrap();
+    let (status, _, err) = run_twinpath(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        err.contains("key `backend.path`") && err.contains("absolute"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_engine_serves_the_same_data() {
+    for engine in ["inline", "uring", "threads"] {
+        let dir = scratch();
+        let extra_backend = format!("      engine: {engine}\n");
+        let (img, sock) = (dir.path().join("e.img"), dir.path().join("e.sock"));
+        make_image(&img, 16 * MIB);
+        let cfg = format!(
+            "disks:\n{}{extra_backend}",
+            file_disk_yaml("e", &sock, &img, "    num_queues: 2\n")
+        );
+        let daemon = Daemon::start(dir.path(), &cfg);
+        assert!(
+            daemon.log().contains(&format!("engine=\"{engine}\"")),
+            "{}",
+            daemon.log()
+        );
+        let opts = ClientOptions {
+            num_queues: 2,
+            buffer_size: 32 * 65536,
+            ..Default::default()
+        };
+        let mut c = Client::connect(&sock, &opts).unwrap();
+        for i in 0..32 {
+            c.buffer()[i * 65536..(i + 1) * 65536].copy_from_slice(&pattern(i as u64, 65536));
+        }
+        let writes: Vec<Req> = (0..32)
+            .map(|i| Req {
+                op: Op::Write,
+                offset: (31 - i as u64) * 65536,
+                len: 65536,
+                buf_offset: i * 65536,
+            })
+            .collect();
+        assert!(
+            c.batch(0, &writes).unwrap().into_iter().all(|r| r.is_ok()),
+            "{engine}"
+        );
+        c.flush(1).unwrap();
+        c.write_zeroes(1, 0, 65536, false).unwrap();
+        c.discard(1, 65536, 65536).unwrap();
+        c.buffer().fill(0xaa);
+        let reads: Vec<Req> = (0..32)
+            .map(|i| Req {
+                op: Op::Read,
+                offset: i as u64 * 65536,
+                len: 65536,
+                buf_offset: i * 65536,
+            })
+            .collect();
+        assert!(
+            c.batch(1, &reads).unwrap().into_iter().all(|r| r.is_ok()),
+            "{engine}"
+        );
+        for i in 0..32usize {
+            let got = &c.buffer()[i * 65536..(i + 1) * 65536];
+            if i < 2 {
+                assert!(got.iter().all(|&b| b == 0), "{engine}: block {i} zeroed");
+            } else {
+                assert_eq!(
+                    got,
+                    &pattern(31 - i as u64, 65536)[..],
+                    "{engine}: block {i}"
+                );
+            }
+        }
+        drop(c);
+        assert!(daemon.stop().success(), "{engine}");
+    }
+}

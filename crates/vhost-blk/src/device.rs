@@ -20,7 +20,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -42,6 +42,10 @@ type RequestFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Largest single data segment we advertise (SIZE_MAX).
 const SIZE_MAX: u32 = 1 << 20;
+/// Most data segments per request (SEG_MAX). A driver without indirect descriptors needs
+/// SEG_MAX + 2 ring entries per request; 254 fits the common 256-entry ring, and a driver
+/// with a smaller ring either uses indirect descriptors (offered) or splits its requests.
+const SEG_MAX: u32 = 254;
 /// How long GET_VRING_BASE waits for accepted requests before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -154,7 +158,7 @@ impl BlkDevice {
         BlkConfig {
             capacity_sectors: self.0.limits.capacity_sectors,
             size_max: SIZE_MAX,
-            seg_max: (MAX_QUEUE_SIZE - 2) as u32,
+            seg_max: SEG_MAX,
             blk_size: d.info.block_size,
             writeback: self.0.writeback.load(Ordering::Acquire),
             num_queues: d.settings.num_queues,
@@ -321,6 +325,7 @@ impl VhostUserBackend for BlkDevice {
         let limits = &self.0.limits;
         let mut f = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX

@@ -1,0 +1,77 @@
+//! A real QEMU guest on a twinpath disk: the guest kernel's virtio-blk driver writes, reads and
+//! compares data and runs fio with crc32c verification. Needs qemu-system-x86, busybox-static,
+//! cpio, fio and Debian's archive, which scripts/test.sh installs; hence `#[ignore]` for plain
+//! `cargo test`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use twinpath_tests::*;
+
+fn guest_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let dir = std::env::var_os("TWINPATH_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/guest"));
+    let status = Command::new(root.join("tests/guest/build-initramfs.sh"))
+        .arg(&dir)
+        .status()
+        .expect("build-initramfs.sh");
+    assert!(status.success(), "building the guest failed");
+    dir
+}
+
+fn boot(sock: &Path, log: &Path, args: &[&str]) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/run-guest.sh");
+    Command::new(script)
+        .arg(sock)
+        .arg(guest_dir())
+        .arg(log)
+        .args(args)
+        .status()
+        .expect("run-guest.sh")
+        .success()
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
+fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
+    let dir = scratch();
+    let (img, sock, log) = (
+        dir.path().join("g.img"),
+        dir.path().join("g.sock"),
+        dir.path().join("guest.log"),
+    );
+    make_image(&img, 64 << 20);
+    let cfg = format!(
+        "disks:\n{}",
+        file_disk_yaml("guest0", &sock, &img, "    serial: tp-guest0\n")
+    );
+    let daemon = Daemon::start(dir.path(), &cfg);
+    let nonce = std::process::id().to_string();
+    let ok = boot(
+        &sock,
+        &log,
+        &[&format!("twinpath.nonce={nonce}"), "twinpath.fio=1"],
+    );
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        ok,
+        "guest failed:\n{console}\n--- daemon ---\n{}",
+        daemon.log()
+    );
+    assert!(
+        console.contains("serial tp-guest0"),
+        "GET_ID reached the guest:\n{console}"
+    );
+    assert!(console.contains("fio verify ok"), "{console}");
+    // The guest's marker went through the device into the image file.
+    let head = std::fs::read(&img).unwrap();
+    let marker = format!("twinpath-guest-{nonce}\n");
+    assert_eq!(&head[..marker.len()], marker.as_bytes());
+    assert!(daemon.log().contains("frontend connected"));
+    assert!(daemon.stop().success());
+}

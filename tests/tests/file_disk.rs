@@ -425,3 +425,44 @@ fn every_engine_serves_the_same_data() {
         assert!(daemon.stop().success(), "{engine}");
     }
 }
+
+#[test]
+fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
+    // tmpfs (inline engine) and the work tree's filesystem (io_uring), both with O_DIRECT.
+    let disk_dir = tempfile::Builder::new()
+        .prefix("twinpath-direct-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    for (dir, engine) in [(scratch(), "inline"), (disk_dir, "uring")] {
+        let (img, sock) = (dir.path().join("d.img"), dir.path().join("d.sock"));
+        make_image(&img, 8 * MIB);
+        let cfg = format!(
+            "disks:\n{}      direct: true\n",
+            file_disk_yaml("direct", &sock, &img, "")
+        );
+        let daemon = Daemon::start(dir.path(), &cfg);
+        assert!(
+            daemon.log().contains(&format!("engine=\"{engine}\"")),
+            "{}",
+            daemon.log()
+        );
+        let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+        let data = pattern(11, 256 * 1024);
+        c.write(0, 4096 * 3, &data).unwrap();
+        c.flush(0).unwrap();
+        assert_eq!(c.read(0, 4096 * 3, data.len()).unwrap(), data, "{engine}");
+        c.write_zeroes(0, 4096 * 3, 4096, false).unwrap();
+        assert!(
+            c.read(0, 4096 * 3, 4096).unwrap().iter().all(|&b| b == 0),
+            "{engine}"
+        );
+        drop(c);
+        let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(
+            &on_disk[4096 * 4..4096 * 4 + 4096],
+            &data[4096..8192],
+            "{engine}"
+        );
+        assert!(daemon.stop().success(), "{engine}");
+    }
+}

@@ -2,10 +2,11 @@
 //! gets its own, so rings are never contended on the hot path).
 //!
 //! An operation is pushed and submitted at once and the completion queue reaped right away:
-//! on memory-backed files the kernel completes it inside the submit call, and the request
-//! finishes in the same poll. Completions that happen later (real disks) raise the ring's
-//! eventfd (registered with `IORING_REGISTER_EVENTFD_ASYNC`, so inline completions never do),
-//! and a small tokio task reaps them and wakes their futures.
+//! when the kernel completes it inside the submit call, the request finishes in the same poll.
+//! Completions that happen later (real disks, io-wq) raise the ring's eventfd, and a small
+//! tokio task reaps them and wakes their futures. The eventfd is registered for every
+//! completion: `IORING_REGISTER_EVENTFD_ASYNC` would only report io-wq completions and miss
+//! O_DIRECT ones, which the kernel posts from task work on the submitting thread.
 
 use std::future::Future;
 use std::io;
@@ -73,9 +74,7 @@ impl Ring {
         }
         // SAFETY: `fd` was just created and is owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        uring
-            .submitter()
-            .register_eventfd_async(eventfd.as_raw_fd())?;
+        uring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let _enter = runtime.enter();
         // SAFETY: `eventfd` is an OwnedFd moved into the AsyncFd, so it stays open and the same
         // for the AsyncFd's whole life.

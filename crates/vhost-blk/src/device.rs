@@ -716,4 +716,25 @@ mod tests {
             "capacity is read-only"
         );
     }
+
+    #[test]
+    fn draining_finishes_accepted_requests_and_takes_no_new_ones() {
+        let mut rig = rig(false);
+        rig.backend.hold_reads.store(true, Ordering::SeqCst);
+        rig.push(VIRTIO_BLK_T_IN, 0, Some((512, true)));
+        rig.kick();
+        assert_eq!(rig.device.0.disk.inflight(), 1);
+        rig.device.0.disk.start_draining();
+        let late = rig.push(VIRTIO_BLK_T_OUT, 8, Some((512, false)));
+        rig.kick();
+        assert!(
+            rig.used().is_empty(),
+            "nothing completed, nothing new taken"
+        );
+        assert_eq!(rig.status(late), 0xff, "the late write was never started");
+        rig.backend.release_reads();
+        rig.completion();
+        assert_eq!(rig.used(), vec![0]);
+        assert_eq!(rig.device.0.disk.inflight(), 0);
+    }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use twinpath_client::{completion_message, Client, ClientOptions};
+use twinpath_client::{completion_message, Client, ClientOptions, Op, Req};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Before the tests, write 256 blocks of known data at random offsets, read them back and
+    /// compare (this overwrites data on the disk).
+    #[arg(long)]
+    verify: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +107,15 @@ pub fn run(args: BenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.verify {
+        match verify(&args) {
+            Ok(msg) => eprintln!("{msg}"),
+            Err(e) => {
+                eprintln!("twinpath bench: verify: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let mut results = Vec::new();
     for (name, test) in &tests {
         match run_test(&args, name, *test) {
@@ -142,6 +155,57 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Writes distinct 4 KiB blocks at scattered offsets in one batch, reads them back in another.
+fn verify(args: &BenchArgs) -> Result<String, String> {
+    const BLOCKS: usize = 256;
+    const BS: usize = 4096;
+    let opts = ClientOptions {
+        num_queues: 1,
+        read_only: false,
+        buffer_size: BLOCKS * BS,
+    };
+    let mut c = Client::connect(&args.socket, &opts).map_err(|e| e.to_string())?;
+    let slots = c.capacity() / BS as u64;
+    if slots < BLOCKS as u64 {
+        return Err(format!("disk of {} bytes is too small", c.capacity()));
+    }
+    let stride = slots / BLOCKS as u64;
+    let mut rng = Rng(0x5eed ^ std::process::id() as u64);
+    let offsets: Vec<u64> = (0..BLOCKS as u64)
+        .map(|i| (i * stride + rng.next() % stride) * BS as u64)
+        .collect();
+    let expected: Vec<u8> = (0..BLOCKS * BS).map(|_| rng.next() as u8).collect();
+    c.buffer()[..expected.len()].copy_from_slice(&expected);
+    let reqs = |op| -> Vec<Req> {
+        (0..BLOCKS)
+            .map(|i| Req {
+                op,
+                offset: offsets[i],
+                len: BS,
+                buf_offset: i * BS,
+            })
+            .collect()
+    };
+    for r in c.batch(0, &reqs(Op::Write)).map_err(|e| e.to_string())? {
+        r.map_err(|e| e.to_string())?;
+    }
+    c.flush(0).map_err(|e| e.to_string())?;
+    c.buffer().fill(0);
+    for r in c.batch(0, &reqs(Op::Read)).map_err(|e| e.to_string())? {
+        r.map_err(|e| e.to_string())?;
+    }
+    match (0..BLOCKS).find(|&i| c.buffer()[i * BS..(i + 1) * BS] != expected[i * BS..(i + 1) * BS])
+    {
+        Some(i) => Err(format!(
+            "block at offset {} read back different data",
+            offsets[i]
+        )),
+        None => Ok(format!(
+            "verify: {BLOCKS} blocks of 4 KiB written, flushed and read back identical"
+        )),
     }
 }
 

@@ -42,6 +42,8 @@ enum Command {
         config: PathBuf,
     },
     /// Measure a vhost-user-blk socket (twinpath's or any other) like a guest would.
+    ///
+    /// Write tests overwrite the disk's data: point it at scratch disks only.
     Bench(bench::BenchArgs),
     /// List the backend plugins this binary was built with.
     Plugins,

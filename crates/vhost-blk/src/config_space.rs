@@ -39,12 +39,16 @@ impl BlkConfig {
         b
     }
 
-    /// The `[offset, offset + size)` window a frontend asked for, clamped to the struct.
+    /// The `[offset, offset + size)` window a frontend asked for. vhost-user requires exactly
+    /// `size` bytes back; newer frontends know a longer struct (zoned fields), whose fields
+    /// beyond ours belong to features we do not offer and read as zero.
     pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
         let bytes = self.to_bytes();
+        let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_LEN);
         let end = start.saturating_add(size as usize).min(CONFIG_LEN);
-        bytes[start..end].to_vec()
+        out[..end - start].copy_from_slice(&bytes[start..end]);
+        out
     }
 }
 
@@ -73,7 +77,12 @@ mod tests {
         assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 3);
         assert_eq!(u32::from_le_bytes(b[44..48].try_into().unwrap()), 8);
         assert_eq!(c.read(32, 4), vec![1, 0, 3, 0]);
-        assert_eq!(c.read(58, 10).len(), 2);
-        assert!(c.read(100, 4).is_empty());
+        assert_eq!(c.read(58, 10), vec![0; 10]);
+        assert_eq!(
+            c.read(0, 96).len(),
+            96,
+            "a frontend's longer struct is padded"
+        );
+        assert_eq!(c.read(100, 4), vec![0; 4]);
     }
 }

@@ -1,21 +1,50 @@
 //! The daemon with `file` disks, driven by a real vhost-user client (libblkio).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-fn one_disk(
-    dir: &std::path::Path,
-    extra: &str,
-) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
+/// Serves one `file` disk of `size` bytes; the extras are YAML lines for the disk and the
+/// backend mapping.
+fn serve_disk(
+    dir: &Path,
+    size: u64,
+    disk_extra: &str,
+    backend_extra: &str,
+) -> (Daemon, PathBuf, PathBuf) {
     let img = dir.join("disk.img");
     let sock = dir.join("disk.sock");
-    make_image(&img, 64 * MIB);
-    let cfg = format!("disks:\n{}", file_disk_yaml("d0", &sock, &img, extra));
+    make_image(&img, size);
+    let cfg = format!(
+        "disks:\n{}{backend_extra}",
+        file_disk_yaml("d0", &sock, &img, disk_extra)
+    );
     (Daemon::start(dir, &cfg), img, sock)
+}
+
+fn one_disk(dir: &Path, disk_extra: &str) -> (Daemon, PathBuf, PathBuf) {
+    serve_disk(dir, 64 * MIB, disk_extra, "")
+}
+
+/// Whether `dir` is on ext4 or xfs, whose O_DIRECT needs aligned memory.
+fn block_fs(dir: &Path) -> bool {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs fills the zeroed struct we pass for a NUL-terminated path.
+    let f_type = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        assert_eq!(libc::statfs(path.as_ptr(), &mut st), 0);
+        st.f_type as i64
+    };
+    matches!(f_type, 0xEF53 | 0x5846_5342)
+}
+
+fn assert_engine(daemon: &Daemon, engine: &str) {
+    let log = daemon.log();
+    assert!(log.contains(&format!("engine=\"{engine}\"")), "{log}");
 }
 
 #[test]
@@ -359,19 +388,10 @@ fn check_prints_disks_and_names_bad_keys() {
 fn every_engine_serves_the_same_data() {
     for engine in ["inline", "uring", "threads"] {
         let dir = scratch();
-        let extra_backend = format!("      engine: {engine}\n");
-        let (img, sock) = (dir.path().join("e.img"), dir.path().join("e.sock"));
-        make_image(&img, 16 * MIB);
-        let cfg = format!(
-            "disks:\n{}{extra_backend}",
-            file_disk_yaml("e", &sock, &img, "    num_queues: 2\n")
-        );
-        let daemon = Daemon::start(dir.path(), &cfg);
-        assert!(
-            daemon.log().contains(&format!("engine=\"{engine}\"")),
-            "{}",
-            daemon.log()
-        );
+        let backend = format!("      engine: {engine}\n");
+        let (daemon, _img, sock) =
+            serve_disk(dir.path(), 16 * MIB, "    num_queues: 2\n", &backend);
+        assert_engine(&daemon, engine);
         let opts = ClientOptions {
             num_queues: 2,
             buffer_size: 32 * 65536,
@@ -434,18 +454,8 @@ fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
     for (dir, engine) in [(scratch(), "inline"), (disk_dir, "uring")] {
-        let (img, sock) = (dir.path().join("d.img"), dir.path().join("d.sock"));
-        make_image(&img, 8 * MIB);
-        let cfg = format!(
-            "disks:\n{}      direct: true\n",
-            file_disk_yaml("direct", &sock, &img, "")
-        );
-        let daemon = Daemon::start(dir.path(), &cfg);
-        assert!(
-            daemon.log().contains(&format!("engine=\"{engine}\"")),
-            "{}",
-            daemon.log()
-        );
+        let (daemon, img, sock) = serve_disk(dir.path(), 8 * MIB, "", "      direct: true\n");
+        assert_engine(&daemon, engine);
         let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
         let data = pattern(11, 256 * 1024);
         c.write(0, 4096 * 3, &data).unwrap();
@@ -456,8 +466,27 @@ fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
             c.read(0, 4096 * 3, 4096).unwrap().iter().all(|&b| b == 0),
             "{engine}"
         );
+        // Guest buffers that O_DIRECT cannot take as they are (odd addresses) go through a
+        // bounce buffer.
+        let odd = pattern(12, 8192);
+        c.buffer()[1..1 + odd.len()].copy_from_slice(&odd);
+        for (op, buf_offset) in [(Op::Write, 1), (Op::Read, 4099)] {
+            let req = Req {
+                op,
+                offset: 4096 * 20,
+                len: odd.len(),
+                buf_offset,
+            };
+            c.batch(0, &[req]).unwrap().remove(0).unwrap();
+        }
+        assert_eq!(&c.buffer()[4099..4099 + odd.len()], &odd[..], "{engine}");
         drop(c);
+        if engine == "uring" && block_fs(dir.path()) {
+            // ext4 and xfs insist on aligned memory for O_DIRECT (tmpfs does not).
+            assert!(daemon.log().contains("bounce buffer"), "{}", daemon.log());
+        }
         let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(&on_disk[4096 * 20..4096 * 22], &odd[..], "{engine}");
         assert_eq!(
             &on_disk[4096 * 4..4096 * 4 + 4096],
             &data[4096..8192],

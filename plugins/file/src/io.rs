@@ -196,8 +196,7 @@ impl Engine {
         let (direct, align) = (self.direct, self.block_size as usize);
         let mut done = 0;
         match &self.submit {
-            Submit::Inline if write => write_all(&self.file, &bufs, offset, 0, direct, align),
-            Submit::Inline => read_all(&self.file, &bufs, offset, 0, direct, align),
+            Submit::Inline => transfer_all(&self.file, &bufs, offset, 0, direct, align, write),
             Submit::Uring(rings) => {
                 let mut bufs = bufs;
                 let fd = types::Fd(self.file.as_raw_fd());
@@ -235,11 +234,7 @@ impl Engine {
                             let file = self.file.clone();
                             return self
                                 .blocking("bounce", move || {
-                                    if write {
-                                        bounce_write(&file, &bufs, offset, done, align)
-                                    } else {
-                                        bounce_read(&file, &bufs, offset, done, align)
-                                    }
+                                    bounce(&file, &bufs, offset, done, align, write)
                                 })
                                 .await;
                         }
@@ -270,11 +265,7 @@ impl Engine {
                 }
                 let file = self.file.clone();
                 self.blocking("transfer", move || {
-                    if write {
-                        write_all(&file, &bufs, offset, done, direct, align)
-                    } else {
-                        read_all(&file, &bufs, offset, done, direct, align)
-                    }
+                    transfer_all(&file, &bufs, offset, done, direct, align, write)
                 })
                 .await
             }
@@ -452,57 +443,36 @@ fn rw_blocking(file: &File, iov: &[libc::iovec], offset: u64, write: bool) -> io
     }
 }
 
-/// Reads the rest of `bufs` from `done` on; past the end of the file reads zeros (the image
-/// shrank under us, or its size is not a multiple of the block size).
-fn read_all(
+/// Transfers the rest of `bufs` from byte `done` on. A read past the end of the file reads
+/// zeros (the image shrank under us, or its size is not a multiple of the block size).
+fn transfer_all(
     file: &File,
     bufs: &GuestBuffers,
     offset: u64,
     mut done: usize,
     direct: bool,
     align: usize,
+    write: bool,
 ) -> io::Result<()> {
     let len = bufs.len();
     while done < len {
         let iov = bufs.iovecs_range(done, len - done);
-        let n = match rw_blocking(file, &iov, offset + done as u64, false) {
+        let n = match rw_blocking(file, &iov, offset + done as u64, write) {
             // O_DIRECT needs aligned memory; a guest may hand us unaligned buffers.
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                return bounce_read(file, bufs, offset, done, align);
+                return bounce(file, bufs, offset, done, align, write);
             }
             r => r?,
         };
-        if n == 0 {
-            bufs.fill_zero(done, len - done);
-            return Ok(());
-        }
-        done += n;
-    }
-    Ok(())
-}
-
-fn write_all(
-    file: &File,
-    bufs: &GuestBuffers,
-    offset: u64,
-    mut done: usize,
-    direct: bool,
-    align: usize,
-) -> io::Result<()> {
-    let len = bufs.len();
-    while done < len {
-        let iov = bufs.iovecs_range(done, len - done);
-        let n = match rw_blocking(file, &iov, offset + done as u64, true) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                return bounce_write(file, bufs, offset, done, align);
-            }
-            r => r?,
-        };
-        if n == 0 {
+        if n == 0 && write {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 "device accepted no bytes",
             ));
+        }
+        if n == 0 {
+            bufs.fill_zero(done, len - done);
+            return Ok(());
         }
         done += n;
     }
@@ -547,55 +517,45 @@ impl Drop for AlignedBuf {
     }
 }
 
-fn bounce_read(
+/// `transfer_all` through an aligned bounce buffer, for O_DIRECT with unaligned guest memory.
+fn bounce(
     file: &File,
     bufs: &GuestBuffers,
     offset: u64,
     done: usize,
     align: usize,
+    write: bool,
 ) -> io::Result<()> {
     let len = bufs.len() - done;
+    tracing::debug!(
+        offset,
+        len,
+        write,
+        "O_DIRECT refused the guest buffers; using a bounce buffer"
+    );
     let mut buf = AlignedBuf::zeroed(len, align)?;
-    let mut got = 0;
-    while got < len {
-        let mut iov = buf.iovec(len);
-        // SAFETY: `got < len <= layout.size()`, so the pointer stays inside the buffer.
-        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(got) }.cast();
-        iov.iov_len = len - got;
-        let n = rw_blocking(file, &[iov], offset + (done + got) as u64, false)?;
-        if n == 0 {
-            break;
-        }
-        got += n;
+    if write {
+        bufs.copy_to_slice(done, &mut buf.as_mut_slice()[..len]);
     }
-    bufs.copy_from_slice(done, &buf.as_mut_slice()[..len]);
-    Ok(())
-}
-
-fn bounce_write(
-    file: &File,
-    bufs: &GuestBuffers,
-    offset: u64,
-    done: usize,
-    align: usize,
-) -> io::Result<()> {
-    let len = bufs.len() - done;
-    let mut buf = AlignedBuf::zeroed(len, align)?;
-    bufs.copy_to_slice(done, &mut buf.as_mut_slice()[..len]);
-    let mut put = 0;
-    while put < len {
+    let mut moved = 0;
+    while moved < len {
         let mut iov = buf.iovec(len);
-        // SAFETY: `put < len <= layout.size()`, so the pointer stays inside the buffer.
-        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(put) }.cast();
-        iov.iov_len = len - put;
-        let n = rw_blocking(file, &[iov], offset + (done + put) as u64, true)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "device accepted no bytes",
-            ));
+        // SAFETY: `moved < len <= layout.size()`, so the pointer stays inside the buffer.
+        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(moved) }.cast();
+        iov.iov_len = len - moved;
+        match rw_blocking(file, &[iov], offset + (done + moved) as u64, write)? {
+            0 if write => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "device accepted no bytes",
+                ))
+            }
+            0 => break,
+            n => moved += n,
         }
-        put += n;
+    }
+    if !write {
+        bufs.copy_from_slice(done, &buf.as_mut_slice()[..len]);
     }
     Ok(())
 }

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds the guest used by the QEMU tests: a Debian kernel (downloaded, not installed) and an
 # initramfs with busybox, the virtio modules and fio. Output in $1 (default target/guest):
-#   vmlinuz, initrd.img. Reuses an existing build unless FORCE=1.
+#   vmlinuz, initrd.img. Reuses an existing build (made from the same init) unless FORCE=1.
 # Needs: apt-get (Debian's archive), busybox-static, cpio, fio.
 set -euo pipefail
 
 out=${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/guest}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-if [[ -s $out/vmlinuz && -s $out/initrd.img && ${FORCE:-0} != 1 ]]; then
+here=$(cd "$(dirname "$0")" && pwd)
+if [[ -s $out/vmlinuz && -s $out/initrd.img && ${FORCE:-0} != 1 ]] && cmp -s "$here/init" "$out/init"; then
     echo "guest already built in $out"
     exit 0
 fi
@@ -55,7 +56,8 @@ ldd "$(command -v fio)" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print 
     cp -L "$lib" "$root$lib"
 done
 
-cp "$(dirname "$0")/init" "$root/init"
+cp "$here/init" "$root/init"
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet) | gzip -1 > "$out/initrd.img"
+cp "$here/init" "$out/init"
 echo "guest built in $out (kernel $kver)"

@@ -17,7 +17,7 @@ boot() {
     # This is the QEMU command line README.md documents for attaching a twinpath disk.
     qemu-system-x86_64 -accel "$accel" -m 512M -smp 1 -nodefaults -display none -no-reboot \
         -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
-        -chardev socket,id=disk0,path="$sock" \
+        -chardev socket,id=disk0,path="$sock",reconnect=1 \
         -device vhost-user-blk-pci,chardev=disk0,num-queues=1 \
         -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "$args" \
         -serial file:"$log" -monitor none &

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use twinpath_tests::*;
 
@@ -34,6 +35,17 @@ fn boot(sock: &Path, log: &Path, args: &[&str]) -> bool {
         .status()
         .expect("run-guest.sh")
         .success()
+}
+
+fn wait_for_console(log: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(Instant::now() < deadline, "guest never printed {needle:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -73,5 +85,57 @@ fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
     let marker = format!("twinpath-guest-{nonce}\n");
     assert_eq!(&head[..marker.len()], marker.as_bytes());
     assert!(daemon.log().contains("frontend connected"));
+    assert!(daemon.stop().success());
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
+fn qemu_guest_rides_out_a_daemon_restart() {
+    let dir = scratch();
+    let (img, sock, log) = (
+        dir.path().join("r.img"),
+        dir.path().join("r.sock"),
+        dir.path().join("guest.log"),
+    );
+    make_image(&img, 64 << 20);
+    let cfg = format!("disks:\n{}", file_disk_yaml("restart0", &sock, &img, ""));
+    let daemon = Daemon::start(dir.path(), &cfg);
+    let nonce = format!("r{}", std::process::id());
+    let guest = std::thread::spawn({
+        let (sock, log, nonce) = (sock.clone(), log.clone(), nonce.clone());
+        move || {
+            boot(
+                &sock,
+                &log,
+                &[&format!("twinpath.nonce={nonce}"), "twinpath.reconnect=1"],
+            )
+        }
+    });
+    // The guest writes and checks a block every half second for 40 s; restart the daemon
+    // (drain, stop, start again) in the middle of that.
+    wait_for_console(&log, "reconnect phase", Duration::from_secs(300));
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(daemon.stop().success());
+    let second = dir.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    let daemon = Daemon::start_with(&dir.path().join("twinpath.yaml"), &second);
+    let ok = guest.join().unwrap();
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        ok && console.contains("reconnect phase ok"),
+        "guest failed:\n{console}\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("frontend connected"),
+        "QEMU reconnected:\n{}",
+        daemon.log()
+    );
+    let data = std::fs::read(&img).unwrap();
+    for i in 0..80 {
+        let want = format!("block-{i}-{nonce}\n");
+        let at = (8192 + i) * 4096;
+        assert_eq!(&data[at..at + want.len()], want.as_bytes(), "block {i}");
+    }
     assert!(daemon.stop().success());
 }

@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use twinpath_tests::*;
@@ -37,13 +39,28 @@ fn boot(sock: &Path, log: &Path, args: &[&str]) -> bool {
         .success()
 }
 
-fn wait_for_console(log: &Path, needle: &str, timeout: Duration) {
+/// Guests run one at a time: they share one guest build, and two TCG guests on a small
+/// machine would only slow each other down.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+fn one_guest() -> MutexGuard<'static, ()> {
+    ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait_for_console(log: &Path, needle: &str, guest: &JoinHandle<bool>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains(needle)
-    {
-        assert!(Instant::now() < deadline, "guest never printed {needle:?}");
+    let console = || std::fs::read_to_string(log).unwrap_or_default();
+    while !console().contains(needle) {
+        assert!(
+            !guest.is_finished(),
+            "guest ended before {needle:?}:\n{}",
+            console()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "guest never printed {needle:?}:\n{}",
+            console()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -51,6 +68,7 @@ fn wait_for_console(log: &Path, needle: &str, timeout: Duration) {
 #[test]
 #[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
 fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
+    let _one = one_guest();
     let dir = scratch();
     let (img, sock, log) = (
         dir.path().join("g.img"),
@@ -91,6 +109,7 @@ fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
 #[test]
 #[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
 fn qemu_guest_rides_out_a_daemon_restart() {
+    let _one = one_guest();
     let dir = scratch();
     let (img, sock, log) = (
         dir.path().join("r.img"),
@@ -113,7 +132,7 @@ fn qemu_guest_rides_out_a_daemon_restart() {
     });
     // The guest writes and checks a block every half second for 40 s; restart the daemon
     // (drain, stop, start again) in the middle of that.
-    wait_for_console(&log, "reconnect phase", Duration::from_secs(300));
+    wait_for_console(&log, "reconnect phase", &guest, Duration::from_secs(300));
     std::thread::sleep(Duration::from_secs(5));
     assert!(daemon.stop().success());
     let second = dir.path().join("second");

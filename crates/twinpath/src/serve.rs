@@ -30,7 +30,11 @@ pub fn run(config: Config) -> ExitCode {
 }
 
 async fn open_disk(cfg: DiskConfig) -> Result<DiskServer, String> {
-    let backend = cfg.backend.open().await.map_err(|e| e.to_string())?;
+    let backend = cfg
+        .backend
+        .open()
+        .await
+        .map_err(|e| e.within(format!("disk `{}`", cfg.name)).to_string())?;
     let settings = DiskSettings {
         name: cfg.name.clone(),
         num_queues: cfg.num_queues,

@@ -56,7 +56,6 @@ struct Options {
 
 #[derive(Debug)]
 struct FileSpec {
-    disk: String,
     path: PathBuf,
     direct: bool,
     create_size: Option<ByteSize>,
@@ -93,7 +92,6 @@ impl Plugin for FilePlugin {
             }
         }
         Ok(Box::new(FileSpec {
-            disk: disk.name.clone(),
             path: o.path,
             direct: o.direct,
             create_size: o.create_size,
@@ -117,9 +115,7 @@ impl BackendSpec for FileSpec {
     }
 
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
-        let backend =
-            FileBackend::open(self).map_err(|e| e.within(format!("disk `{}`", self.disk)))?;
-        Ok(Arc::new(backend))
+        Ok(Arc::new(FileBackend::open(self)?))
     }
 }
 

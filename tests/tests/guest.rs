@@ -65,22 +65,52 @@ fn wait_for_console(log: &Path, needle: &str, guest: &JoinHandle<bool>, timeout:
     }
 }
 
+/// A 64 MiB `file` disk for a guest, served by a fresh daemon.
+struct GuestDisk {
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl GuestDisk {
+    fn serve(name: &str, disk_extra: &str) -> (GuestDisk, Daemon) {
+        let dir = scratch();
+        let (img, sock, log) = (
+            dir.path().join("g.img"),
+            dir.path().join("g.sock"),
+            dir.path().join("guest.log"),
+        );
+        make_image(&img, 64 << 20);
+        let daemon = Daemon::start(
+            dir.path(),
+            &format!("disks:\n{}", file_disk_yaml(name, &sock, &img, disk_extra)),
+        );
+        (
+            GuestDisk {
+                dir,
+                img,
+                sock,
+                log,
+            },
+            daemon,
+        )
+    }
+}
+
 #[test]
 #[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
 fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
     let _one = one_guest();
-    let dir = scratch();
-    let (img, sock, log) = (
-        dir.path().join("g.img"),
-        dir.path().join("g.sock"),
-        dir.path().join("guest.log"),
-    );
-    make_image(&img, 64 << 20);
-    let cfg = format!(
-        "disks:\n{}",
-        file_disk_yaml("guest0", &sock, &img, "    serial: tp-guest0\n")
-    );
-    let daemon = Daemon::start(dir.path(), &cfg);
+    let (
+        GuestDisk {
+            dir: _dir,
+            img,
+            sock,
+            log,
+        },
+        daemon,
+    ) = GuestDisk::serve("guest0", "    serial: tp-guest0\n");
     let nonce = std::process::id().to_string();
     let ok = boot(
         &sock,
@@ -110,15 +140,15 @@ fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
 #[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
 fn qemu_guest_rides_out_a_daemon_restart() {
     let _one = one_guest();
-    let dir = scratch();
-    let (img, sock, log) = (
-        dir.path().join("r.img"),
-        dir.path().join("r.sock"),
-        dir.path().join("guest.log"),
-    );
-    make_image(&img, 64 << 20);
-    let cfg = format!("disks:\n{}", file_disk_yaml("restart0", &sock, &img, ""));
-    let daemon = Daemon::start(dir.path(), &cfg);
+    let (
+        GuestDisk {
+            dir,
+            img,
+            sock,
+            log,
+        },
+        daemon,
+    ) = GuestDisk::serve("restart0", "");
     let nonce = format!("r{}", std::process::id());
     let guest = std::thread::spawn({
         let (sock, log, nonce) = (sock.clone(), log.clone(), nonce.clone());

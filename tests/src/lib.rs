@@ -1,6 +1,9 @@
 //! Fixtures for the integration tests: start the real `twinpath` binary on a config, wait until
 //! it serves, stop it by PID. Images live on tmpfs (/dev/shm) so tests do not wait on the disk.
 
+pub mod relay;
+pub mod samba;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -54,6 +54,8 @@ fn registry() -> Registry {
     let mut registry = Registry::new();
     #[cfg(feature = "file")]
     registry.register(twinpath_plugin_file::plugin());
+    #[cfg(feature = "smb")]
+    registry.register(twinpath_plugin_smb::plugin());
     registry
 }
 

@@ -1,0 +1,251 @@
+//! The `smb` backend: a raw image on an SMB2/3 share, read and written through the pipeline
+//! engine (many sections outstanding on one connection and one handle).
+//!
+//! ```yaml
+//! backend:
+//!   type: smb
+//!   server: 127.0.0.1:445
+//!   share: vmstore
+//!   path: images/vm1-root.raw
+//!   user: svc-vmhost               # omit for guest
+//!   password_file: /etc/twinpath/smb.pass
+//!   create_size: 20G               # create the image if missing
+//!   section_size: 1M               # cap below the server's MaxRead/MaxWrite
+//!   max_in_flight: 64              # sections outstanding per request
+//!   timeout: 30                    # seconds per request
+//! ```
+
+mod file;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use twinpath_core::{
+    parse_options, BackendSpec, BlockBackend, ByteSize, DiskContext, DiskInfo, Error, ErrorKind,
+    GuestBuffers, OptionError, Plugin, Result,
+};
+use twinpath_pipeline::{Pipeline, PipelineConfig};
+
+use crate::file::SmbFile;
+
+pub struct SmbPlugin;
+
+/// The plugin, to register in the binary's [`twinpath_core::Registry`].
+pub fn plugin() -> Box<dyn Plugin> {
+    Box::new(SmbPlugin)
+}
+
+fn default_in_flight() -> usize {
+    64
+}
+
+fn default_timeout() -> u64 {
+    30
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    server: String,
+    share: String,
+    path: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    create_size: Option<ByteSize>,
+    #[serde(default)]
+    section_size: Option<ByteSize>,
+    #[serde(default = "default_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_timeout")]
+    timeout: u64,
+}
+
+#[derive(Debug)]
+struct SmbSpec {
+    server: String,
+    share: String,
+    path: String,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    create_size: Option<u64>,
+    read_only: bool,
+    pipeline: PipelineConfig,
+}
+
+impl Plugin for SmbPlugin {
+    fn name(&self) -> &'static str {
+        "smb"
+    }
+
+    fn parse(
+        &self,
+        disk: &DiskContext,
+        options: serde_yaml::Value,
+    ) -> std::result::Result<Box<dyn BackendSpec>, OptionError> {
+        let o: Options = parse_options(options)?;
+        if !o.server.contains(':') {
+            return Err(OptionError::new(
+                "server",
+                "must be host:port, e.g. 127.0.0.1:445",
+            ));
+        }
+        if o.path.is_empty()
+            || o.path.starts_with(['/', '\\'])
+            || o.path.split(['/', '\\']).any(|c| c == "..")
+        {
+            return Err(OptionError::new(
+                "path",
+                "must be a path inside the share, without `..`",
+            ));
+        }
+        if o.user.is_some() != o.password_file.is_some() {
+            return Err(OptionError::new(
+                "password_file",
+                "give both user and password_file, or neither (guest)",
+            ));
+        }
+        if o.create_size.is_some() && disk.read_only {
+            return Err(OptionError::new(
+                "create_size",
+                "cannot create an image for a read-only disk",
+            ));
+        }
+        if !(1..=1024).contains(&o.max_in_flight) {
+            return Err(OptionError::new(
+                "max_in_flight",
+                "must be between 1 and 1024",
+            ));
+        }
+        if o.timeout == 0 {
+            return Err(OptionError::new("timeout", "must be at least 1 second"));
+        }
+        Ok(Box::new(SmbSpec {
+            server: o.server,
+            share: o.share,
+            path: o.path,
+            user: o.user,
+            password_file: o.password_file,
+            create_size: o.create_size.map(|s| s.0),
+            read_only: disk.read_only,
+            pipeline: PipelineConfig {
+                section_len: o.section_size.map(|s| s.0 as usize),
+                max_in_flight: o.max_in_flight,
+                timeout: Duration::from_secs(o.timeout),
+            },
+        }))
+    }
+}
+
+#[async_trait]
+impl BackendSpec for SmbSpec {
+    fn describe(&self) -> String {
+        let who = self.user.as_deref().unwrap_or("guest");
+        format!(
+            "smb //{}/{}/{} as {who}",
+            self.server, self.share, self.path
+        )
+    }
+
+    async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
+        let password = match &self.password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| Error::io(format!("password_file {}", p.display()), e))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            None => String::new(),
+        };
+        let target = format!("//{}/{}/{}", self.server, self.share, self.path);
+        let file = SmbFile::open(
+            &self.server,
+            &self.share,
+            &self.path,
+            self.user.as_deref().unwrap_or(""),
+            &password,
+            self.create_size,
+            self.read_only,
+        )
+        .await
+        .map_err(|e| e.within(&target))?;
+        let mut info = DiskInfo::new(file.size());
+        info.read_only = self.read_only;
+        let shared = Arc::new(Shared {
+            file,
+            pipeline: Pipeline::new(self.pipeline),
+            target,
+        });
+        Ok(Arc::new(SmbBackend {
+            shared,
+            info,
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+}
+
+/// What a request task needs; shared by all requests of the disk.
+struct Shared {
+    file: SmbFile,
+    pipeline: Pipeline,
+    target: String,
+}
+
+/// Requests run as tasks on the tokio runtime (the SMB connection and the pipeline's timers
+/// live there); the device awaits their join handles from its queue threads.
+struct SmbBackend {
+    shared: Arc<Shared>,
+    info: DiskInfo,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SmbBackend {
+    async fn spawn<F>(&self, what: &'static str, task: impl FnOnce(Arc<Shared>) -> F) -> Result<()>
+    where
+        F: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        let target = self.shared.target.clone();
+        self.runtime
+            .spawn(task(self.shared.clone()))
+            .await
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Io, format!("{target}: {what} task failed"), e)
+            })?
+            .map_err(|e| e.within(target))
+    }
+}
+
+#[async_trait]
+impl BlockBackend for SmbBackend {
+    fn info(&self) -> DiskInfo {
+        self.info.clone()
+    }
+
+    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        self.spawn("read", |s| async move {
+            s.pipeline.read(&s.file, offset, &bufs).await
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        if self.info.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{}: write", self.shared.target),
+            ));
+        }
+        self.spawn("write", |s| async move {
+            s.pipeline.write(&s.file, offset, &bufs).await
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.spawn("flush", |s| async move { s.file.flush().await })
+            .await
+    }
+}

@@ -150,3 +150,52 @@ fn read_only_smb_disk_opens_the_image_for_reading() {
     drop(c);
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn smb_discard_and_write_zeroes_read_back_as_zeros() {
+    let smb = Samba::start();
+    let dir = scratch();
+    let image = smb.share_dir().join("z.raw");
+    std::fs::write(&image, pattern(9, 4 * MIB as usize)).unwrap();
+    let sock = dir.path().join("z.sock");
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!("disks:\n{}", smb_disk_yaml("z", &sock, &smb, "z.raw", "")),
+    );
+    let mut c = Client::connect(
+        &sock,
+        &ClientOptions {
+            buffer_size: 2 * MIB as usize,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    c.discard(0, MIB, MIB as usize).unwrap();
+    c.write_zeroes(0, 3 * MIB, 8192, false).unwrap();
+    assert!(c
+        .read(0, MIB, MIB as usize)
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    let around = c.read(0, 3 * MIB - 4096, 16384).unwrap();
+    assert!(around[4096..12288].iter().all(|&b| b == 0));
+    let original = pattern(9, 4 * MIB as usize);
+    assert_eq!(
+        &around[..4096],
+        &original[3 * MIB as usize - 4096..3 * MIB as usize]
+    );
+    assert_eq!(
+        &around[12288..],
+        &original[3 * MIB as usize + 8192..3 * MIB as usize + 12288]
+    );
+    drop(c);
+    let on_server = std::fs::read(&image).unwrap();
+    assert!(
+        on_server[MIB as usize..2 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0),
+        "zeroed on the server"
+    );
+    assert_eq!(&on_server[..MIB as usize], &original[..MIB as usize]);
+    assert!(daemon.stop().success());
+}

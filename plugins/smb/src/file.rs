@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use smb2::client::connection::Connection;
 use smb2::client::tree::Tree;
 use smb2::msg::flush::FlushRequest;
+use smb2::msg::ioctl::IoctlRequest;
 use smb2::msg::query_info::InfoType;
 use smb2::msg::read::{ReadRequest, ReadResponse};
 use smb2::msg::set_info::SetInfoRequest;
@@ -18,6 +19,10 @@ use twinpath_pipeline::SectionIo;
 
 /// MS-FSCC 2.4.14 FileEndOfFileInformation.
 const FILE_END_OF_FILE_INFORMATION: u8 = 20;
+/// MS-FSCC 2.3.85: zero a byte range (the server may deallocate it).
+const FSCTL_SET_ZERO_DATA: u32 = 0x0009_80c8;
+/// MS-SMB2 2.2.31: the ioctl is an FSCTL.
+const SMB2_0_IOCTL_IS_FSCTL: u32 = 1;
 /// One credit pays for 64 KiB of payload (MS-SMB2 3.1.5.2).
 const CREDIT_UNIT: usize = 65536;
 
@@ -149,6 +154,31 @@ impl SmbFile {
         self.call(Command::Flush, &req, 0, "flush")
             .await
             .map(|_| ())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros with FSCTL_SET_ZERO_DATA. Returns
+    /// `Unsupported` when the server refuses it, so the caller can write zeros instead.
+    pub(crate) async fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        let mut input = Vec::with_capacity(16);
+        input.extend_from_slice(&offset.to_le_bytes());
+        input.extend_from_slice(&(offset + len).to_le_bytes());
+        let req = IoctlRequest {
+            ctl_code: FSCTL_SET_ZERO_DATA,
+            file_id: self.file_id,
+            max_input_response: 0,
+            max_output_response: 0,
+            flags: SMB2_0_IOCTL_IS_FSCTL,
+            input_data: input,
+        };
+        let frame = self.call(Command::Ioctl, &req, 16, "set zero data").await?;
+        match frame.header.status {
+            NtStatus::SUCCESS => Ok(()),
+            NtStatus::NOT_SUPPORTED | NtStatus::INVALID_DEVICE_REQUEST => Err(Error::new(
+                ErrorKind::Unsupported,
+                "server refused FSCTL_SET_ZERO_DATA",
+            )),
+            status => Err(status_error("set zero data", status)),
+        }
     }
 
     async fn call(

@@ -174,6 +174,8 @@ impl BackendSpec for SmbSpec {
         .map_err(|e| e.within(&target))?;
         let mut info = DiskInfo::new(file.size());
         info.read_only = self.read_only;
+        info.discard = true;
+        info.write_zeroes = true;
         let shared = Arc::new(Shared {
             file,
             pipeline: Pipeline::new(self.pipeline),
@@ -192,6 +194,20 @@ struct Shared {
     file: SmbFile,
     pipeline: Pipeline,
     target: String,
+}
+
+impl Shared {
+    /// FSCTL_SET_ZERO_DATA, or zeros written through the pipeline where the server refuses it.
+    async fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        match self.file.zero_range(offset, len).await {
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                tracing::debug!("{}: {e}; writing zeros", self.target);
+                let (zeros, _) = GuestBuffers::from_vec(vec![0; len as usize]);
+                self.pipeline.write(&self.file, offset, &zeros).await
+            }
+            r => r,
+        }
+    }
 }
 
 /// Requests run as tasks on the tokio runtime (the SMB connection and the pipeline's timers
@@ -246,6 +262,15 @@ impl BlockBackend for SmbBackend {
 
     async fn flush(&self) -> Result<()> {
         self.spawn("flush", |s| async move { s.file.flush().await })
+            .await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
+        self.spawn("write-zeroes", |s| async move { s.zero(offset, len).await })
             .await
     }
 }

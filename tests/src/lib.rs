@@ -59,7 +59,14 @@ impl Daemon {
         Self::start_with(&cfg, dir)
     }
 
+    /// Starts the daemon on an existing config, logging into `dir`, and waits for "ready".
     pub fn start_with(cfg: &Path, dir: &Path) -> Daemon {
+        let mut d = Self::spawn(cfg, dir);
+        d.wait_for_log("ready:", Duration::from_secs(20));
+        d
+    }
+
+    fn spawn(cfg: &Path, dir: &Path) -> Daemon {
         let log = dir.join("daemon.log");
         let out = std::fs::File::create(&log).expect("log file");
         let child = Command::new(twinpath_bin())
@@ -70,16 +77,10 @@ impl Daemon {
             .stderr(out)
             .spawn()
             .expect("spawn twinpath");
-        let mut d = Daemon {
+        Daemon {
             child: Some(child),
             log,
-        };
-        d.wait_for_log("ready:", Duration::from_secs(20));
-        d
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        }
     }
 
     pub fn log(&self) -> String {
@@ -145,19 +146,7 @@ impl Drop for Daemon {
 pub fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
     let cfg = dir.join("twinpath.yaml");
     std::fs::write(&cfg, config).expect("write config");
-    let log = dir.join("daemon.log");
-    let out = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(twinpath_bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(out)
-        .spawn()
-        .expect("spawn twinpath");
-    Daemon {
-        child: Some(child),
-        log,
-    }
+    Daemon::spawn(&cfg, dir)
 }
 
 pub fn signal(pid: u32, sig: libc::c_int) {

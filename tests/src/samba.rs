@@ -110,10 +110,6 @@ impl Samba {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
     /// The directory behind the share, as the server sees it.
     pub fn share_dir(&self) -> PathBuf {
         self.dir.path().join("share")

@@ -113,10 +113,6 @@ impl Client {
         self.capacity
     }
 
-    pub fn num_queues(&self) -> usize {
-        self.queues.len()
-    }
-
     pub fn get_u64(&self, property: &str) -> Result<u64> {
         self.blkio.get_u64(property).map_err(blkio_err(property))
     }

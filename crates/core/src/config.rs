@@ -36,7 +36,6 @@ pub struct DiskConfig {
     pub read_only: bool,
     pub serial: Option<String>,
     pub cache: CacheMode,
-    pub backend_type: String,
     pub backend: Box<dyn BackendSpec>,
 }
 
@@ -211,7 +210,6 @@ fn parse_disk(
         read_only: raw.read_only,
         serial: raw.serial,
         cache: raw.cache,
-        backend_type: plugin_name,
         backend,
     })
 }

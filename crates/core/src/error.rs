@@ -87,10 +87,6 @@ impl Error {
         self.kind
     }
 
-    pub fn context(&self) -> &str {
-        &self.context
-    }
-
     /// Prefixes the context, e.g. with the disk name once the error leaves the backend.
     pub fn within(mut self, outer: impl fmt::Display) -> Self {
         self.context = format!("{outer}: {}", self.context);

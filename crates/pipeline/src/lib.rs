@@ -126,10 +126,6 @@ impl Pipeline {
         Pipeline { config }
     }
 
-    pub fn config(&self) -> &PipelineConfig {
-        &self.config
-    }
-
     /// Reads `bufs.len()` bytes at `offset` into `bufs`, section by section.
     pub async fn read(&self, io: &dyn SectionIo, offset: u64, bufs: &GuestBuffers) -> Result<()> {
         self.run(io, offset, bufs, Direction::Read).await

@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config_space::{BlkConfig, WRITEBACK_OFFSET};
 use crate::disk::{Disk, InflightGuard};
+use crate::lock;
 use crate::request::{
     self, Limits, Request, RequestKind, StatusByte, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
@@ -81,7 +82,9 @@ impl Wake for QueueWaker {
 
 struct Queue {
     inflight: Mutex<FuturesUnordered<RequestFuture>>,
-    waker: Arc<QueueWaker>,
+    notify: Arc<QueueWaker>,
+    // `notify` as a std Waker, built once rather than per polling round.
+    waker: Waker,
 }
 
 struct Inner {
@@ -102,12 +105,14 @@ impl BlkDevice {
     pub fn new(disk: Arc<Disk>) -> io::Result<Self> {
         let queues = (0..disk.settings.num_queues)
             .map(|_| {
+                let notify = Arc::new(QueueWaker {
+                    eventfd: EventFd::new(EFD_NONBLOCK)?,
+                    armed: AtomicBool::new(false),
+                });
                 Ok(Queue {
                     inflight: Mutex::new(FuturesUnordered::new()),
-                    waker: Arc::new(QueueWaker {
-                        eventfd: EventFd::new(EFD_NONBLOCK)?,
-                        armed: AtomicBool::new(false),
-                    }),
+                    waker: Waker::from(notify.clone()),
+                    notify,
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -131,7 +136,7 @@ impl BlkDevice {
     /// The completion eventfd of queue `index`, to register on that queue's worker epoll.
     pub fn completion_fd(&self, index: usize) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        self.0.queues[index].waker.eventfd.as_raw_fd()
+        self.0.queues[index].notify.eventfd.as_raw_fd()
     }
 
     /// Requests of this connection still running.
@@ -208,9 +213,8 @@ impl BlkDevice {
                 }
             }
             // Fast backends finish inside the first poll; collect them in this same pass.
-            queue.waker.armed.store(false, Ordering::Release);
-            let waker = Waker::from(queue.waker.clone());
-            let mut cx = Context::from_waker(&waker);
+            queue.notify.armed.store(false, Ordering::Release);
+            let mut cx = Context::from_waker(&queue.waker);
             while let Poll::Ready(Some(done)) = inflight.poll_next_unpin(&mut cx) {
                 // SAFETY: `done._mem` keeps the status byte's mapping alive.
                 unsafe { done.status.write(done.code) };
@@ -244,14 +248,14 @@ impl BlkDevice {
 
     /// The future that carries one request from the guest to the backend and back.
     fn run(&self, head: u16, req: Request, mem: Arc<Mem>) -> RequestFuture {
-        let disk = self.0.disk.clone();
-        let guard = InflightGuard::new(&disk);
+        let guard = InflightGuard::new(self.0.disk.clone());
         let writethrough = !self.0.writeback.load(Ordering::Acquire);
         let keepalive: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
         // SAFETY: the parser checked every segment against `mem`, which `keepalive` holds.
         let bufs = unsafe { GuestBuffers::from_raw_parts(req.data.iter().copied(), keepalive) };
         let used_len = req.used_len();
         Box::pin(async move {
+            let disk = guard.disk();
             let backend = disk.backend();
             let (what, result) = match req.kind {
                 RequestKind::Read { offset } => (
@@ -303,10 +307,6 @@ impl BlkDevice {
             }
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl VhostUserBackend for BlkDevice {
@@ -425,7 +425,7 @@ impl VhostUserBackend for BlkDevice {
             .first()
             .ok_or_else(|| io::Error::other("worker without a vring"))?;
         if u64::from(device_event) == self.completion_event_id() {
-            let _ = self.0.queues[thread_id].waker.eventfd.read();
+            let _ = self.0.queues[thread_id].notify.eventfd.read();
             return self.process(thread_id, vring, false);
         }
         if device_event == 0 {
@@ -672,7 +672,7 @@ mod tests {
         assert_eq!(rig.device.inflight(), 1);
         rig.backend.release_reads();
         // The waker fired the queue's eventfd; the worker's completion event finishes the read.
-        assert_eq!(rig.device.0.queues[0].waker.eventfd.read().unwrap(), 1);
+        assert_eq!(rig.device.0.queues[0].notify.eventfd.read().unwrap(), 1);
         rig.completion();
         assert_eq!(rig.used(), vec![3, 0]);
         assert_eq!(rig.device.inflight(), 0);

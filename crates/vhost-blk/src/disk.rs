@@ -118,19 +118,19 @@ impl Disk {
     pub fn rejected_count(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
-
-    pub fn failed_count(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
-    }
 }
 
-/// Counts one accepted request for as long as it lives.
+/// Counts one accepted request for as long as it lives, and gives the request its disk.
 pub(crate) struct InflightGuard(Arc<Disk>);
 
 impl InflightGuard {
-    pub(crate) fn new(disk: &Arc<Disk>) -> Self {
+    pub(crate) fn new(disk: Arc<Disk>) -> Self {
         disk.inflight.fetch_add(1, Ordering::AcqRel);
-        InflightGuard(disk.clone())
+        InflightGuard(disk)
+    }
+
+    pub(crate) fn disk(&self) -> &Arc<Disk> {
+        &self.0
     }
 }
 

@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::device::BlkDevice;
 use crate::disk::Disk;
+use crate::lock;
 
 struct State {
     stopping: AtomicBool,
@@ -85,10 +86,6 @@ impl DiskServer {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Binds a fresh socket, replacing a stale one but never another kind of file.

@@ -201,21 +201,26 @@ impl Engine {
                 let mut bufs = bufs;
                 let fd = types::Fd(self.file.as_raw_fd());
                 while done < bufs.len() {
-                    let mut iov = bufs.iovecs_range(done, bufs.len() - done);
-                    iov.truncate(libc::UIO_MAXIOV as usize);
+                    // The buffers' own iovec list serves the usual whole-request submission;
+                    // only a resumed or over-long transfer needs a list of its own.
+                    let max = libc::UIO_MAXIOV as usize;
+                    let tail = (done > 0 || bufs.iovecs().len() > max).then(|| {
+                        let mut iov = bufs.iovecs_range(done, bufs.len() - done);
+                        iov.truncate(max);
+                        iov
+                    });
+                    let iov: &[libc::iovec] = tail.as_deref().unwrap_or(bufs.iovecs());
+                    let (ptr, count) = (iov.as_ptr(), iov.len() as u32);
                     let at = offset + done as u64;
                     let entry = if write {
-                        opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
-                            .offset(at)
-                            .build()
+                        opcode::Writev::new(fd, ptr, count).offset(at).build()
                     } else {
-                        opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
-                            .offset(at)
-                            .build()
+                        opcode::Readv::new(fd, ptr, count).offset(at).build()
                     };
-                    // SAFETY: the entry points at `iov` and at the guest memory `bufs` holds;
-                    // both travel with the operation until the kernel is done.
-                    let ((b, _iov), res) = unsafe { rings.submit(entry, (bufs, iov)) }?.await;
+                    // SAFETY: the entry points at heap iovecs owned by `bufs` or `tail` and at
+                    // the guest memory `bufs` holds; both travel with the operation until the
+                    // kernel is done, and moving them does not move their heap data.
+                    let ((b, _tail), res) = unsafe { rings.submit(entry, (bufs, tail)) }?.await;
                     bufs = b;
                     match res {
                         n if n > 0 => done += n as usize,

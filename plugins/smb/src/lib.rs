@@ -248,12 +248,6 @@ impl BlockBackend for SmbBackend {
     }
 
     async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        if self.info.read_only {
-            return Err(Error::new(
-                ErrorKind::ReadOnly,
-                format!("{}: write", self.shared.target),
-            ));
-        }
         self.spawn("write", |s| async move {
             s.pipeline.write(&s.file, offset, &bufs).await
         })

@@ -83,6 +83,10 @@ impl Daemon {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -113,14 +117,18 @@ impl Daemon {
         }
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status; a failed exit shows the log on stderr.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         signal(child.id(), libc::SIGTERM);
-        wait_timeout(&mut child, Duration::from_secs(40)).unwrap_or_else(|| {
+        let status = wait_timeout(&mut child, Duration::from_secs(40)).unwrap_or_else(|| {
             let _ = child.kill();
             panic!("twinpath did not exit after SIGTERM:\n{}", self.log())
-        })
+        });
+        if !status.success() {
+            eprintln!("twinpath exited with {status}:\n{}", self.log());
+        }
+        status
     }
 
     /// Waits for the daemon to exit on its own (e.g. when no disk could be opened).
@@ -152,6 +160,37 @@ pub fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
 pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on a PID we spawned.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+/// How many established TCP connections process `pid` holds to port `port` on loopback.
+pub fn tcp_connections(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // rem_address is "IP:PORT" in hex, state 01 is ESTABLISHED, inode is field 9.
+            f.len() > 9
+                && f[2].ends_with(&format!(":{port:04X}"))
+                && f[3] == "01"
+                && inodes.contains(f[9])
+        })
+        .count()
+}
+
+/// Signals every process in the group led by `pgid`.
+pub fn signal_group(pgid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a process group we created.
+    unsafe { libc::kill(-(pgid as libc::pid_t), sig) };
 }
 
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const SHARE: &str = "vmstore";
+/// The same directory, shared read-only: opening an image for writing there is denied.
+pub const RO_SHARE: &str = "vmstore-ro";
 pub const USER: &str = "root";
 pub const PASSWORD: &str = "twinpath-test";
 
@@ -60,7 +62,24 @@ impl Samba {
             String::from_utf8_lossy(&out.stderr)
         );
 
-        let log = std::fs::File::create(d.join("smbd.log")).expect("smbd log");
+        let mut samba = Samba {
+            child: None,
+            dir,
+            port,
+        };
+        samba.restart();
+        samba
+    }
+
+    /// Starts smbd again (same config, port and share) after [`Samba::kill`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "smbd is running");
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("smbd.log"))
+            .expect("smbd log");
         // Its own process group: on SIGTERM smbd signals its whole group (kill(0, SIGTERM)),
         // which would otherwise be the test runner's.
         let child = Command::new("smbd")
@@ -73,18 +92,13 @@ impl Samba {
                 "1",
                 "-s",
             ])
-            .arg(&conf)
+            .arg(d.join("smb.conf"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("smbd (apt install samba)");
-        let mut samba = Samba {
-            child: Some(child),
-            dir,
-            port,
-        };
-        samba.wait_listening(Duration::from_secs(20));
-        samba
+        self.child = Some(child);
+        self.wait_listening(Duration::from_secs(20));
     }
 
     fn wait_listening(&mut self, timeout: Duration) {
@@ -132,10 +146,11 @@ impl Samba {
         c.output().expect("smbclient (apt install smbclient)")
     }
 
-    /// Kills smbd by PID, as a crash would (SIGKILL).
+    /// Kills smbd and the children serving its connections, as a crash of the server would
+    /// (SIGKILL to the process group it leads).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            crate::signal_group(c.id(), libc::SIGKILL);
             let _ = c.wait();
         }
     }
@@ -188,6 +203,12 @@ fn config(d: &Path, port: u16) -> String {
     kernel oplocks = no
     kernel share modes = no
     posix locking = no
+
+[{RO_SHARE}]
+    path = {share}
+    read only = yes
+    guest ok = yes
+    force user = root
 ",
         passdb = p("private/passdb.tdb"),
         private = p("private"),

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use twinpath_tests::samba::{Samba, PASSWORD, SHARE, USER};
+use twinpath_tests::samba::{Samba, PASSWORD, RO_SHARE, SHARE, USER};
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -89,7 +89,7 @@ fn smb_guest_disk_is_created_with_create_size() {
 }
 
 #[test]
-fn missing_image_and_wrong_password_are_named_at_start() {
+fn start_errors_name_the_disk_and_the_cause() {
     let smb = Samba::start();
     let dir = scratch();
     let pass = dir.path().join("bad.pass");
@@ -98,8 +98,9 @@ fn missing_image_and_wrong_password_are_named_at_start() {
         "      user: {USER}\n      password_file: {}\n",
         pass.display()
     );
+    std::fs::write(smb.share_dir().join("there.raw"), pattern(3, 4096)).unwrap();
     let cfg = format!(
-        "disks:\n{}{}",
+        "disks:\n{}{}{}{}",
         smb_disk_yaml("missing", &dir.path().join("m.sock"), &smb, "nope.raw", ""),
         smb_disk_yaml(
             "badpass",
@@ -108,6 +109,10 @@ fn missing_image_and_wrong_password_are_named_at_start() {
             "nope.raw",
             &creds
         ),
+        smb_disk_yaml("noshare", &dir.path().join("s.sock"), &smb, "there.raw", "")
+            .replace(&format!("share: {SHARE}"), "share: nosuchshare"),
+        smb_disk_yaml("denied", &dir.path().join("d.sock"), &smb, "there.raw", "")
+            .replace(&format!("share: {SHARE}"), &format!("share: {RO_SHARE}")),
     );
     let status = spawn_daemon(dir.path(), &cfg).wait_exit(std::time::Duration::from_secs(60));
     assert_eq!(status.code(), Some(1));
@@ -116,10 +121,15 @@ fn missing_image_and_wrong_password_are_named_at_start() {
         log.contains("disk `missing`") && log.contains("does not exist"),
         "{log}"
     );
-    assert!(
-        log.contains("disk `badpass`") && log.contains("connect and log in"),
-        "{log}"
-    );
+    let line = |disk: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("disk `{disk}`")))
+            .unwrap_or_else(|| panic!("no line for {disk}:\n{log}"))
+            .to_owned()
+    };
+    assert!(line("badpass").contains("connect and log in"), "{log}");
+    assert!(line("noshare").contains("share `nosuchshare`"), "{log}");
+    assert!(line("denied").contains("ACCESS_DENIED"), "{log}");
 }
 
 #[test]
@@ -197,5 +207,200 @@ fn smb_discard_and_write_zeroes_read_back_as_zeros() {
         "zeroed on the server"
     );
     assert_eq!(&on_server[..MIB as usize], &original[..MIB as usize]);
+    assert!(daemon.stop().success());
+}
+
+/// Config lines that log in as the test user, the password in a file under `dir`.
+fn user_login(dir: &Path) -> String {
+    let pass = dir.join("smb.pass");
+    std::fs::write(&pass, format!("{PASSWORD}\n")).unwrap();
+    format!(
+        "      user: {USER}\n      password_file: {}\n",
+        pass.display()
+    )
+}
+
+#[test]
+fn disks_on_one_server_share_one_connection() {
+    let smb = Samba::start();
+    let dir = scratch();
+    let login = user_login(dir.path());
+    let mut cfg = String::from("disks:\n");
+    for name in ["a", "b", "c"] {
+        std::fs::write(
+            smb.share_dir().join(format!("{name}.raw")),
+            pattern(
+                name.len() as u64 + name.as_bytes()[0] as u64,
+                2 * MIB as usize,
+            ),
+        )
+        .unwrap();
+        cfg += &smb_disk_yaml(
+            name,
+            &dir.path().join(format!("{name}.sock")),
+            &smb,
+            &format!("{name}.raw"),
+            &login,
+        );
+    }
+    let daemon = Daemon::start(dir.path(), &cfg);
+    let mut clients: Vec<Client> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Client::connect(&dir.path().join(format!("{n}.sock")), &Default::default()))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let data = pattern(100 + i as u64, 65536);
+        c.write(0, 4096 * i as u64, &data).unwrap();
+        assert_eq!(c.read(0, 4096 * i as u64, data.len()).unwrap(), data);
+    }
+    assert_eq!(
+        tcp_connections(daemon.pid(), smb.addr().port()),
+        1,
+        "three disks, one login: one connection"
+    );
+    drop(clients);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn smbd_killed_during_io_fails_requests_in_time_and_the_disk_reconnects() {
+    let mut smb = Samba::start();
+    let other = Samba::start();
+    let dir = scratch();
+    let image = pattern(11, 8 * MIB as usize);
+    std::fs::write(smb.share_dir().join("vm.raw"), &image).unwrap();
+    std::fs::write(other.share_dir().join("other.raw"), &image).unwrap();
+    let sock = dir.path().join("vm.sock");
+    let other_sock = dir.path().join("other.sock");
+    let cfg = format!(
+        "disks:\n{}{}",
+        smb_disk_yaml(
+            "vm",
+            &sock,
+            &smb,
+            "vm.raw",
+            &format!("{}      timeout: 5\n", user_login(dir.path()))
+        ),
+        smb_disk_yaml("other", &other_sock, &other, "other.raw", ""),
+    );
+    let daemon = Daemon::start(dir.path(), &cfg);
+    let opts = ClientOptions {
+        buffer_size: 4 * MIB as usize,
+        ..Default::default()
+    };
+
+    // Reads keep going on `vm` until one fails; smbd dies under them.
+    let reader = {
+        let sock = sock.clone();
+        let opts = opts.clone();
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&sock, &opts).unwrap();
+            let mut ok = 0;
+            loop {
+                match c.read(0, (ok % 4) * MIB, 4 * MIB as usize) {
+                    Ok(_) => ok += 1,
+                    Err(e) => return (ok, e, std::time::Instant::now(), c),
+                }
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let killed = std::time::Instant::now();
+    smb.kill();
+    let (reads_before, err, failed_at, mut c) = reader.join().unwrap();
+    let took = failed_at.duration_since(killed);
+    assert!(reads_before > 0, "reads worked before the kill");
+    assert_eq!(err.errno, -libc::EIO, "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "failed after {took:?}"
+    );
+
+    // The other server's disk keeps serving while `vm`'s server is down.
+    let mut o = Client::connect(&other_sock, &opts).unwrap();
+    let data = pattern(12, MIB as usize);
+    o.write(0, MIB, &data).unwrap();
+    assert_eq!(o.read(0, MIB, data.len()).unwrap(), data);
+    assert!(c.read(0, 0, 4096).is_err(), "server still down");
+
+    // Back up: the disk reconnects on its own and I/O works again.
+    smb.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let back = loop {
+        match c.read(0, 0, MIB as usize) {
+            Ok(d) => break d,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no reconnect: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    };
+    assert_eq!(back, image[..MIB as usize]);
+    let data = pattern(13, MIB as usize);
+    c.write(0, 2 * MIB, &data).unwrap();
+    c.flush(0).unwrap();
+    assert_eq!(
+        std::fs::read(smb.share_dir().join("vm.raw")).unwrap()[2 * MIB as usize..3 * MIB as usize],
+        data[..]
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("reconnected") && log.contains("reopened image"),
+        "{log}"
+    );
+    drop((c, o));
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_flushed_write_survives_kill_9_of_smbd() {
+    let mut smb = Samba::start();
+    let dir = scratch();
+    std::fs::write(
+        smb.share_dir().join("vm.raw"),
+        pattern(21, 4 * MIB as usize),
+    )
+    .unwrap();
+    let sock = dir.path().join("vm.sock");
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!(
+            "disks:\n{}",
+            smb_disk_yaml("vm", &sock, &smb, "vm.raw", &user_login(dir.path()))
+        ),
+    );
+    let mut c = Client::connect(
+        &sock,
+        &ClientOptions {
+            buffer_size: 2 * MIB as usize,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let data = pattern(22, 2 * MIB as usize);
+    c.write(0, MIB, &data).unwrap();
+    c.flush(0).unwrap();
+    smb.kill();
+    smb.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let back = loop {
+        match c.read(0, MIB, data.len()) {
+            Ok(d) => break d,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no reconnect: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    };
+    assert_eq!(back, data, "read back through the disk after the restart");
+    let out = smb.smbclient("get vm.raw /dev/stdout", false);
+    assert!(out.status.success());
+    assert_eq!(
+        out.stdout[MIB as usize..3 * MIB as usize],
+        data[..],
+        "read back through smbclient"
+    );
+    drop(c);
     assert!(daemon.stop().success());
 }

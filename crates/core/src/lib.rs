@@ -19,3 +19,9 @@ pub use config::{CacheMode, Config, ConfigError, DiskConfig};
 pub use error::{Error, ErrorKind, Result};
 pub use registry::{parse_options, BackendSpec, DiskContext, OptionError, Plugin, Registry};
 pub use size::ByteSize;
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: the mutexes of
+/// twinpath guard state that stays consistent between statements.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

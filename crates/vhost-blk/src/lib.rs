@@ -12,9 +12,5 @@ pub mod server;
 
 pub use disk::{Disk, DiskSettings};
 
-/// Locks a mutex, recovering the data if a panicking thread poisoned it: every mutex here
-/// guards state that stays consistent between statements.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 pub use server::DiskServer;
+pub(crate) use twinpath_core::lock;

@@ -1,9 +1,11 @@
-//! One open image on an SMB share: the connection, the tree and the handle, and the section
-//! operations the pipeline engine issues on them.
+//! One image on an SMB share, opened on the server's shared session: the section operations
+//! the pipeline engine issues, and the reopen after the session was replaced.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use smb2::client::connection::Connection;
-use smb2::client::tree::Tree;
+use smb2::client::connection::Frame;
 use smb2::msg::flush::FlushRequest;
 use smb2::msg::ioctl::IoctlRequest;
 use smb2::msg::query_info::InfoType;
@@ -13,9 +15,10 @@ use smb2::msg::write::{WriteRequest, WriteResponse};
 use smb2::pack::{Pack, ReadCursor, Unpack};
 use smb2::types::status::NtStatus;
 use smb2::types::{Command, CreditCharge, FileId};
-use smb2::{ClientConfig, SmbClient};
-use twinpath_core::{Error, ErrorKind, Result};
+use twinpath_core::{lock, Error, ErrorKind, Result};
 use twinpath_pipeline::SectionIo;
+
+use crate::session::{Server, Session, CREDIT_UNIT};
 
 /// MS-FSCC 2.4.14 FileEndOfFileInformation.
 const FILE_END_OF_FILE_INFORMATION: u8 = 20;
@@ -23,21 +26,8 @@ const FILE_END_OF_FILE_INFORMATION: u8 = 20;
 const FSCTL_SET_ZERO_DATA: u32 = 0x0009_80c8;
 /// MS-SMB2 2.2.31: the ioctl is an FSCTL.
 const SMB2_0_IOCTL_IS_FSCTL: u32 = 1;
-/// One credit pays for 64 KiB of payload (MS-SMB2 3.1.5.2).
-const CREDIT_UNIT: usize = 65536;
 
-pub(crate) struct SmbFile {
-    // Owns the session; `conn` is a clone sharing its transport and credits.
-    _client: SmbClient,
-    conn: Connection,
-    tree: Tree,
-    file_id: FileId,
-    size: u64,
-    max_read: usize,
-    max_write: usize,
-}
-
-fn smb_error(what: &str, e: smb2::Error) -> Error {
+pub(crate) fn smb_error(what: &str, e: smb2::Error) -> Error {
     let kind = match e.kind() {
         smb2::ErrorKind::NotFound => ErrorKind::NotFound,
         smb2::ErrorKind::TimedOut => ErrorKind::Timeout,
@@ -52,53 +42,65 @@ fn status_error(what: &str, status: NtStatus) -> Error {
     } else {
         ErrorKind::Io
     };
-    Error::new(kind, format!("{what}: server answered {status:?}"))
+    Error::new(kind, format!("{what}: server answered {status}"))
 }
 
-impl SmbFile {
-    pub(crate) async fn open(
-        server: &str,
-        share: &str,
-        path: &str,
-        user: &str,
-        password: &str,
-        create_size: Option<u64>,
-        read_only: bool,
-    ) -> Result<SmbFile> {
-        let config = ClientConfig {
-            addr: server.to_owned(),
-            username: user.to_owned(),
-            password: password.to_owned(),
-            ..ClientConfig::default()
-        };
-        let mut client = SmbClient::connect(config)
-            .await
-            .map_err(|e| smb_error("connect and log in", e))?;
-        let tree = client
-            .connect_share(share)
-            .await
-            .map_err(|e| smb_error(&format!("share `{share}`"), e))?;
-        let mut conn = client
-            .connection_for(&tree)
-            .map_err(|e| smb_error("connection", e))?;
-        let exists = match tree.stat(&mut conn, path).await {
-            Ok(_) => true,
-            Err(e) if e.kind() == smb2::ErrorKind::NotFound => false,
-            Err(e) => return Err(smb_error("stat", e)),
-        };
-        if !exists && create_size.is_none() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                "image does not exist (set create_size to create it)",
-            ));
-        }
-        let opened = if read_only {
-            tree.open_file(&mut conn, path).await
-        } else {
-            tree.open_file_readwrite(&mut conn, path).await
-        };
-        let (file_id, mut size) = opened.map_err(|e| smb_error("open", e))?;
-        if let (false, Some(create)) = (exists, create_size) {
+/// Statuses after which the handle is gone although the connection lives: reopen it.
+fn handle_gone(status: NtStatus) -> bool {
+    matches!(
+        status,
+        NtStatus::FILE_CLOSED | NtStatus::NETWORK_NAME_DELETED | NtStatus::USER_SESSION_DELETED
+    )
+}
+
+/// The image opened on one session.
+struct Open {
+    session: Arc<Session>,
+    file_id: FileId,
+}
+
+/// What an image was opened as; a reopen asks for the same.
+#[derive(Clone)]
+pub(crate) struct ImageSpec {
+    pub path: String,
+    pub read_only: bool,
+    pub create_size: Option<u64>,
+}
+
+pub(crate) struct SmbFile {
+    server: Arc<Server>,
+    spec: ImageSpec,
+    size: u64,
+    open: Mutex<Option<Arc<Open>>>,
+    reopen: tokio::sync::Mutex<()>,
+    /// Sections of this disk outstanding on the shared connection.
+    in_flight: AtomicUsize,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Opens (or creates, with `create_size`) the image on `session`. Returns the handle and size.
+async fn open_image(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64)> {
+    let mut conn = session.conn.clone();
+    let path = spec.path.as_str();
+    let exists = match session.tree.stat(&mut conn, path).await {
+        Ok(_) => true,
+        Err(e) if e.kind() == smb2::ErrorKind::NotFound => false,
+        Err(e) => return Err(smb_error("stat", e)),
+    };
+    if !exists && spec.create_size.is_none() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            "image does not exist (set create_size to create it)",
+        ));
+    }
+    let opened = if spec.read_only {
+        session.tree.open_file(&mut conn, path).await
+    } else {
+        session.tree.open_file_readwrite(&mut conn, path).await
+    };
+    let (file_id, size) = opened.map_err(|e| smb_error("open", e))?;
+    match (exists, spec.create_size) {
+        (false, Some(create)) => {
             let req = SetInfoRequest {
                 info_type: InfoType::File,
                 file_info_class: FILE_END_OF_FILE_INFORMATION,
@@ -107,39 +109,70 @@ impl SmbFile {
                 buffer: create.to_le_bytes().to_vec(),
             };
             let frame = conn
-                .execute(Command::SetInfo, &req, Some(tree.tree_id))
+                .execute(Command::SetInfo, &req, Some(session.tree.tree_id))
                 .await
                 .map_err(|e| smb_error("set size", e))?;
             if frame.header.status != NtStatus::SUCCESS {
                 return Err(status_error("set size", frame.header.status));
             }
-            size = create;
-            tracing::info!(path, size, "created image on the share");
+            tracing::info!(path, size = create, "created image on the share");
+            Ok((file_id, create))
         }
-        let params = conn.params();
-        let max_read = params
-            .as_ref()
-            .map_or(CREDIT_UNIT, |p| p.max_read_size as usize);
-        let max_write = params
-            .as_ref()
-            .map_or(CREDIT_UNIT, |p| p.max_write_size as usize);
+        _ => Ok((file_id, size)),
+    }
+}
+
+/// Counts a section as outstanding for the disk's credit share while it lives.
+struct Outstanding<'a>(&'a AtomicUsize);
+
+impl<'a> Outstanding<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Outstanding(counter)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl SmbFile {
+    /// Opens the image on `server`'s session; the disk counts as a user of the server's
+    /// credits from here until it is dropped.
+    pub(crate) async fn open(server: Arc<Server>, spec: ImageSpec) -> Result<SmbFile> {
+        let session = match server.session().await {
+            Ok(s) => s,
+            Err(e) => {
+                server.leave();
+                return Err(e);
+            }
+        };
+        let opened = open_image(&session, &spec).await;
+        let (file_id, size) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                server.leave();
+                return Err(e);
+            }
+        };
         tracing::info!(
-            server,
-            share,
-            path,
+            server = %server.describe(),
+            path = spec.path,
             size,
-            max_read,
-            max_write,
+            max_read = session.max_read,
+            max_write = session.max_write,
             "opened image on SMB share"
         );
         Ok(SmbFile {
-            _client: client,
-            conn,
-            tree,
-            file_id,
+            server,
+            spec,
             size,
-            max_read,
-            max_write,
+            open: Mutex::new(Some(Arc::new(Open { session, file_id }))),
+            reopen: tokio::sync::Mutex::new(()),
+            in_flight: AtomicUsize::new(0),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -147,13 +180,95 @@ impl SmbFile {
         self.size
     }
 
-    pub(crate) async fn flush(&self) -> Result<()> {
-        let req = FlushRequest {
-            file_id: self.file_id,
+    /// The handle, if it belongs to the live session.
+    fn current(&self) -> Option<Arc<Open>> {
+        lock(&self.open)
+            .as_ref()
+            .filter(|o| self.server.is_current(o.session.generation) && o.session.is_alive())
+            .cloned()
+    }
+
+    /// The handle on the live session, reopening the image after a reconnect.
+    async fn handle(&self) -> Result<Arc<Open>> {
+        if let Some(open) = self.current() {
+            return Ok(open);
+        }
+        let _one_reopen = self.reopen.lock().await;
+        if let Some(open) = self.current() {
+            return Ok(open);
+        }
+        let session = self.server.session().await?;
+        let spec = ImageSpec {
+            create_size: None,
+            ..self.spec.clone()
         };
-        self.call(Command::Flush, &req, 0, "flush")
+        let (file_id, size) = open_image(&session, &spec)
             .await
-            .map(|_| ())
+            .map_err(|e| e.within("reopen after reconnect"))?;
+        if size != self.size {
+            tracing::warn!(
+                path = self.spec.path,
+                was = self.size,
+                now = size,
+                "image size changed while disconnected; the disk keeps its size"
+            );
+        }
+        tracing::info!(path = self.spec.path, "reopened image");
+        let open = Arc::new(Open { session, file_id });
+        *lock(&self.open) = Some(open.clone());
+        Ok(open)
+    }
+
+    /// Sends one request on the image's handle, charging credits for `payload` bytes.
+    /// A lost connection or handle is noted so the next request reconnects or reopens.
+    async fn call<R: Pack + Sync>(
+        &self,
+        command: Command,
+        payload: usize,
+        what: &str,
+        build: impl FnOnce(FileId) -> R,
+    ) -> Result<Frame> {
+        let open = self.handle().await?;
+        let req = build(open.file_id);
+        let charge = CreditCharge(payload.div_ceil(CREDIT_UNIT).max(1) as u16);
+        let s = &open.session;
+        match s
+            .conn
+            .execute_with_credits(command, &req, Some(s.tree.tree_id), charge)
+            .await
+        {
+            Ok(frame) => {
+                if handle_gone(frame.header.status) {
+                    let mut slot = lock(&self.open);
+                    if slot.as_ref().is_some_and(|o| Arc::ptr_eq(o, &open)) {
+                        *slot = None;
+                    }
+                }
+                Ok(frame)
+            }
+            Err(e) => {
+                if e.kind() == smb2::ErrorKind::ConnectionLost || !s.is_alive() {
+                    self.server.lost(s.generation).await;
+                }
+                Err(smb_error(what, e))
+            }
+        }
+    }
+
+    pub(crate) async fn flush(&self) -> Result<()> {
+        // A read-only handle has nothing to flush, and servers refuse FLUSH on it.
+        if self.spec.read_only {
+            return Ok(());
+        }
+        let frame = self
+            .call(Command::Flush, 0, "flush", |file_id| FlushRequest {
+                file_id,
+            })
+            .await?;
+        match frame.header.status {
+            NtStatus::SUCCESS => Ok(()),
+            status => Err(status_error("flush", status)),
+        }
     }
 
     /// Makes `[offset, offset + len)` read as zeros with FSCTL_SET_ZERO_DATA. Returns
@@ -162,15 +277,18 @@ impl SmbFile {
         let mut input = Vec::with_capacity(16);
         input.extend_from_slice(&offset.to_le_bytes());
         input.extend_from_slice(&(offset + len).to_le_bytes());
-        let req = IoctlRequest {
-            ctl_code: FSCTL_SET_ZERO_DATA,
-            file_id: self.file_id,
-            max_input_response: 0,
-            max_output_response: 0,
-            flags: SMB2_0_IOCTL_IS_FSCTL,
-            input_data: input,
-        };
-        let frame = self.call(Command::Ioctl, &req, 16, "set zero data").await?;
+        let frame = self
+            .call(Command::Ioctl, 16, "set zero data", |file_id| {
+                IoctlRequest {
+                    ctl_code: FSCTL_SET_ZERO_DATA,
+                    file_id,
+                    max_input_response: 0,
+                    max_output_response: 0,
+                    flags: SMB2_0_IOCTL_IS_FSCTL,
+                    input_data: input,
+                }
+            })
+            .await?;
         match frame.header.status {
             NtStatus::SUCCESS => Ok(()),
             NtStatus::NOT_SUPPORTED | NtStatus::INVALID_DEVICE_REQUEST => Err(Error::new(
@@ -180,47 +298,58 @@ impl SmbFile {
             status => Err(status_error("set zero data", status)),
         }
     }
+}
 
-    async fn call(
-        &self,
-        command: Command,
-        body: &dyn Pack,
-        payload: usize,
-        what: &str,
-    ) -> Result<smb2::client::connection::Frame> {
-        let charge = CreditCharge(payload.div_ceil(CREDIT_UNIT).max(1) as u16);
-        let frame = self
-            .conn
-            .execute_with_credits(command, body, Some(self.tree.tree_id), charge)
-            .await
-            .map_err(|e| smb_error(what, e))?;
-        Ok(frame)
+impl Drop for SmbFile {
+    fn drop(&mut self) {
+        self.server.leave();
+        if let Some(open) = lock(&self.open).take() {
+            // Best effort: the server closes the handle with the session anyway.
+            self.runtime.spawn(async move {
+                let mut conn = open.session.conn.clone();
+                let _ = open
+                    .session
+                    .tree
+                    .close_handle(&mut conn, open.file_id)
+                    .await;
+            });
+        }
     }
 }
 
 #[async_trait]
 impl SectionIo for SmbFile {
     fn max_section_len(&self) -> usize {
-        self.max_read.min(self.max_write)
+        match self.current() {
+            Some(o) => o.session.max_read.min(o.session.max_write),
+            None => CREDIT_UNIT,
+        }
     }
 
     fn credits(&self) -> usize {
-        usize::from(self.conn.credits())
+        let share = self
+            .current()
+            .map_or(1, |o| self.server.credit_share(&o.session));
+        share
+            .saturating_sub(self.in_flight.load(Ordering::Relaxed))
+            .max(1)
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let req = ReadRequest {
-            padding: 0x50,
-            flags: 0,
-            length: len as u32,
-            offset,
-            file_id: self.file_id,
-            minimum_count: 0,
-            channel: 0,
-            remaining_bytes: 0,
-            read_channel_info: vec![],
-        };
-        let frame = self.call(Command::Read, &req, len, "read").await?;
+        let _counted = Outstanding::new(&self.in_flight);
+        let frame = self
+            .call(Command::Read, len, "read", |file_id| ReadRequest {
+                padding: 0x50,
+                flags: 0,
+                length: len as u32,
+                offset,
+                file_id,
+                minimum_count: 0,
+                channel: 0,
+                remaining_bytes: 0,
+                read_channel_info: vec![],
+            })
+            .await?;
         if frame.header.status == NtStatus::END_OF_FILE {
             return Ok(Vec::new());
         }
@@ -233,19 +362,21 @@ impl SectionIo for SmbFile {
     }
 
     async fn write_at(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        let _counted = Outstanding::new(&self.in_flight);
         let len = data.len();
-        let req = WriteRequest {
-            data_offset: 0x70,
-            offset,
-            file_id: self.file_id,
-            channel: 0,
-            remaining_bytes: 0,
-            write_channel_info_offset: 0,
-            write_channel_info_length: 0,
-            flags: 0,
-            data,
-        };
-        let frame = self.call(Command::Write, &req, len, "write").await?;
+        let frame = self
+            .call(Command::Write, len, "write", |file_id| WriteRequest {
+                data_offset: 0x70,
+                offset,
+                file_id,
+                channel: 0,
+                remaining_bytes: 0,
+                write_channel_info_offset: 0,
+                write_channel_info_length: 0,
+                flags: 0,
+                data,
+            })
+            .await?;
         if frame.header.status != NtStatus::SUCCESS {
             return Err(status_error("write", frame.header.status));
         }

@@ -16,6 +16,7 @@
 //! ```
 
 mod file;
+mod session;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +30,8 @@ use twinpath_core::{
 };
 use twinpath_pipeline::{Pipeline, PipelineConfig};
 
-use crate::file::SmbFile;
+use crate::file::{ImageSpec, SmbFile};
+use crate::session::{Login, Server};
 
 pub struct SmbPlugin;
 
@@ -161,17 +163,20 @@ impl BackendSpec for SmbSpec {
             None => String::new(),
         };
         let target = format!("//{}/{}/{}", self.server, self.share, self.path);
-        let file = SmbFile::open(
-            &self.server,
-            &self.share,
-            &self.path,
-            self.user.as_deref().unwrap_or(""),
-            &password,
-            self.create_size,
-            self.read_only,
-        )
-        .await
-        .map_err(|e| e.within(&target))?;
+        let login = Login {
+            server: self.server.clone(),
+            share: self.share.clone(),
+            user: self.user.clone().unwrap_or_default(),
+            password,
+        };
+        let image = ImageSpec {
+            path: self.path.clone(),
+            read_only: self.read_only,
+            create_size: self.create_size,
+        };
+        let file = async { SmbFile::open(Server::join(login).await?, image).await }
+            .await
+            .map_err(|e| e.within(&target))?;
         let mut info = DiskInfo::new(file.size());
         info.read_only = self.read_only;
         info.discard = true;
@@ -179,6 +184,7 @@ impl BackendSpec for SmbSpec {
         let shared = Arc::new(Shared {
             file,
             pipeline: Pipeline::new(self.pipeline),
+            timeout: self.pipeline.timeout,
             target,
         });
         Ok(Arc::new(SmbBackend {
@@ -193,13 +199,31 @@ impl BackendSpec for SmbSpec {
 struct Shared {
     file: SmbFile,
     pipeline: Pipeline,
+    /// Bounds the requests the pipeline does not (flush, zeroing).
+    timeout: Duration,
     target: String,
 }
 
 impl Shared {
+    async fn within_timeout(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        tokio::time::timeout(self.timeout, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("{what} not done after {:?}", self.timeout),
+                ))
+            })
+    }
+
     /// FSCTL_SET_ZERO_DATA, or zeros written through the pipeline where the server refuses it.
     async fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        match self.file.zero_range(offset, len).await {
+        let zeroed = self.within_timeout("set zero data", self.file.zero_range(offset, len));
+        match zeroed.await {
             Err(e) if e.kind() == ErrorKind::Unsupported => {
                 tracing::debug!("{}: {e}; writing zeros", self.target);
                 let (zeros, _) = GuestBuffers::from_vec(vec![0; len as usize]);
@@ -255,8 +279,10 @@ impl BlockBackend for SmbBackend {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.spawn("flush", |s| async move { s.file.flush().await })
-            .await
+        self.spawn("flush", |s| async move {
+            s.within_timeout("flush", s.file.flush()).await
+        })
+        .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -1,18 +1,23 @@
 //! A TCP relay that holds every chunk for a fixed delay in each direction: WAN-like latency
 //! on loopback, since this kernel has no netem. Order is kept; bandwidth is not limited.
+//!
+//! Plain threads and blocking sockets: `std::thread::sleep` is precise to tens of
+//! microseconds, where an async timer wheel's millisecond ticks would add up to a millisecond
+//! more each way than asked.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct LatencyRelay {
     port: u16,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Arc<AtomicBool>,
+    /// Both ends of every relayed connection, to cut them when the relay stops.
+    open: Arc<Mutex<Vec<TcpStream>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -20,32 +25,30 @@ impl LatencyRelay {
     /// Listens on a free loopback port and relays each connection to `target`, adding `delay`
     /// each way.
     pub fn start(target: SocketAddr, delay: Duration) -> LatencyRelay {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("relay bind");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("relay bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().unwrap().port();
-        let (stop, mut stopped) = oneshot::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("relay runtime");
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(listener).expect("relay listener");
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => break,
-                        accepted = listener.accept() => {
-                            if let Ok((client, _)) = accepted {
-                                tokio::spawn(relay(client, target, delay));
+        let stop = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, open) = (stop.clone(), open.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            if let Ok(server) = TcpStream::connect(target) {
+                                relay(client, server, delay, &open);
                             }
                         }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
-            });
-        });
+            })
+        };
         LatencyRelay {
             port,
-            stop: Some(stop),
+            stop,
+            open,
             thread: Some(thread),
         }
     }
@@ -57,8 +60,14 @@ impl LatencyRelay {
 
 impl Drop for LatencyRelay {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(Shutdown::Both);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -66,26 +75,27 @@ impl Drop for LatencyRelay {
     }
 }
 
-async fn relay(client: TcpStream, target: SocketAddr, delay: Duration) {
-    let Ok(server) = TcpStream::connect(target).await else {
-        return;
-    };
-    let _ = (client.set_nodelay(true), server.set_nodelay(true));
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
-    tokio::join!(delayed_pipe(cr, sw, delay), delayed_pipe(sr, cw, delay));
+fn relay(client: TcpStream, server: TcpStream, delay: Duration, open: &Mutex<Vec<TcpStream>>) {
+    for s in [&client, &server] {
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_nodelay(true);
+    }
+    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+    for (from, to) in [(&client, &server), (&server, &client)] {
+        let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+            return;
+        };
+        delayed_pipe(from, to, delay);
+    }
+    open.extend([client, server]);
 }
 
-/// Copies `from` to `to`, releasing each chunk `delay` after it arrived.
-async fn delayed_pipe(
-    mut from: impl AsyncReadExt + Unpin,
-    mut to: impl AsyncWriteExt + Unpin,
-    delay: Duration,
-) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let reader = async move {
+/// Copies `from` to `to` on two threads, releasing each chunk `delay` after it arrived.
+fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 << 10];
-        while let Ok(n) = from.read(&mut buf).await {
+        while let Ok(n) = from.read(&mut buf) {
             if n == 0
                 || tx
                     .send((Instant::now() + delay, buf[..n].to_vec()))
@@ -94,15 +104,14 @@ async fn delayed_pipe(
                 break;
             }
         }
-    };
-    let writer = async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            if to.write_all(&chunk).await.is_err() {
+    });
+    std::thread::spawn(move || {
+        while let Ok((due, chunk)) = rx.recv() {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&chunk).is_err() {
                 return;
             }
         }
-        let _ = to.shutdown().await;
-    };
-    tokio::join!(reader, writer);
+        let _ = to.shutdown(Shutdown::Write);
+    });
 }

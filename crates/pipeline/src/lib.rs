@@ -32,10 +32,41 @@ pub trait SectionIo: Send + Sync {
 
     /// Reads up to `len` bytes at `offset`. Fewer bytes mean end of file: the rest reads as
     /// zeros.
-    async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    async fn read_at(&self, offset: u64, len: usize) -> Result<SectionData>;
 
     /// Writes all of `data` at `offset`.
     async fn write_at(&self, offset: u64, data: Vec<u8>) -> Result<()>;
+}
+
+/// The bytes a section read returned: a part of a buffer the transport already holds (e.g.
+/// the payload inside a reply frame), so it reaches guest memory with one copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SectionData {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl SectionData {
+    /// `buf[range]`; `None` if the range is not inside `buf`.
+    pub fn slice(buf: Vec<u8>, range: std::ops::Range<usize>) -> Option<SectionData> {
+        (range.start <= range.end && range.end <= buf.len()).then_some(SectionData {
+            start: range.start,
+            end: range.end,
+            buf,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+impl From<Vec<u8>> for SectionData {
+    fn from(buf: Vec<u8>) -> Self {
+        let end = buf.len();
+        SectionData { buf, start: 0, end }
+    }
 }
 
 /// Engine settings.
@@ -212,6 +243,7 @@ impl Pipeline {
             match result {
                 Ok(data) => {
                     if let Some(data) = data {
+                        let data = data.as_slice();
                         let (start, len) = sections.range(i);
                         let got = bufs.copy_from_slice(start, &data[..data.len().min(len)]);
                         if got < len {

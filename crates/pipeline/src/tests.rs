@@ -83,7 +83,7 @@ impl SectionIo for Fake {
         self.credits
     }
 
-    async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+    async fn read_at(&self, offset: u64, len: usize) -> Result<SectionData> {
         assert!(
             len <= self.max,
             "section of {len} bytes over the maximum {}",
@@ -93,7 +93,7 @@ impl SectionIo for Fake {
         let data = self.data.lock().unwrap();
         let start = (offset as usize).min(data.len());
         let end = (start + len).min(data.len());
-        Ok(data[start..end].to_vec())
+        Ok(data[start..end].to_vec().into())
     }
 
     async fn write_at(&self, offset: u64, bytes: Vec<u8>) -> Result<()> {

@@ -9,14 +9,14 @@ use smb2::client::connection::Frame;
 use smb2::msg::flush::FlushRequest;
 use smb2::msg::ioctl::IoctlRequest;
 use smb2::msg::query_info::InfoType;
-use smb2::msg::read::{ReadRequest, ReadResponse};
+use smb2::msg::read::ReadRequest;
 use smb2::msg::set_info::SetInfoRequest;
 use smb2::msg::write::{WriteRequest, WriteResponse};
 use smb2::pack::{Pack, ReadCursor, Unpack};
 use smb2::types::status::NtStatus;
 use smb2::types::{Command, CreditCharge, FileId};
 use twinpath_core::{lock, Error, ErrorKind, Result};
-use twinpath_pipeline::SectionIo;
+use twinpath_pipeline::{SectionData, SectionIo};
 
 use crate::session::{Server, Session, CREDIT_UNIT};
 
@@ -73,8 +73,10 @@ pub(crate) struct SmbFile {
     size: u64,
     open: Mutex<Option<Arc<Open>>>,
     reopen: tokio::sync::Mutex<()>,
-    /// Sections of this disk outstanding on the shared connection.
+    /// Credits charged by this disk's requests outstanding on the shared connection.
     in_flight: AtomicUsize,
+    /// The configured section size cap, to turn credits into sections.
+    section_len: Option<usize>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -122,26 +124,45 @@ async fn open_image(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64)
     }
 }
 
-/// Counts a section as outstanding for the disk's credit share while it lives.
-struct Outstanding<'a>(&'a AtomicUsize);
+/// Credits one request pays: one per 64 KiB of payload (MS-SMB2 3.1.5.2).
+fn charge(payload: usize) -> usize {
+    payload.div_ceil(CREDIT_UNIT).max(1)
+}
+
+/// Counts a request's credits as outstanding, for the disk and for its connection, while it
+/// lives.
+struct Outstanding<'a> {
+    counters: [&'a AtomicUsize; 2],
+    credits: usize,
+}
 
 impl<'a> Outstanding<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Outstanding(counter)
+    fn new(file: &'a SmbFile, payload: usize) -> Self {
+        let credits = charge(payload);
+        let counters = [&file.in_flight, file.server.in_flight()];
+        for c in counters {
+            c.fetch_add(credits, Ordering::Relaxed);
+        }
+        Outstanding { counters, credits }
     }
 }
 
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        for c in self.counters {
+            c.fetch_sub(self.credits, Ordering::Relaxed);
+        }
     }
 }
 
 impl SmbFile {
     /// Opens the image on `server`'s session; the disk counts as a user of the server's
     /// credits from here until it is dropped.
-    pub(crate) async fn open(server: Arc<Server>, spec: ImageSpec) -> Result<SmbFile> {
+    pub(crate) async fn open(
+        server: Arc<Server>,
+        spec: ImageSpec,
+        section_len: Option<usize>,
+    ) -> Result<SmbFile> {
         let session = match server.session().await {
             Ok(s) => s,
             Err(e) => {
@@ -172,6 +193,7 @@ impl SmbFile {
             open: Mutex::new(Some(Arc::new(Open { session, file_id }))),
             reopen: tokio::sync::Mutex::new(()),
             in_flight: AtomicUsize::new(0),
+            section_len,
             runtime: tokio::runtime::Handle::current(),
         })
     }
@@ -230,7 +252,7 @@ impl SmbFile {
     ) -> Result<Frame> {
         let open = self.handle().await?;
         let req = build(open.file_id);
-        let charge = CreditCharge(payload.div_ceil(CREDIT_UNIT).max(1) as u16);
+        let charge = CreditCharge(charge(payload) as u16);
         let s = &open.session;
         match s
             .conn
@@ -317,6 +339,37 @@ impl Drop for SmbFile {
     }
 }
 
+/// The data of a READ reply body (MS-SMB2 2.2.20), left in place: StructureSize (17),
+/// DataOffset (from the start of the 64-byte header), Reserved, DataLength, ... A reply whose
+/// fields point outside the frame or carry more than was asked for is refused.
+fn read_payload(body: Vec<u8>, asked: usize) -> Result<SectionData> {
+    const HEADER: usize = 64;
+    const FIXED: usize = 16;
+    let malformed = |why: &str| Error::new(ErrorKind::Io, format!("malformed read reply: {why}"));
+    if body.len() < FIXED || u16::from_le_bytes([body[0], body[1]]) != 17 {
+        return Err(malformed("bad structure size"));
+    }
+    let offset = usize::from(body[2]);
+    let len = u32::from_le_bytes(body[4..8].try_into().unwrap()) as usize;
+    if len == 0 {
+        return Ok(Vec::new().into());
+    }
+    if len > asked {
+        return Err(malformed(&format!("{len} bytes for a read of {asked}")));
+    }
+    let start = offset
+        .checked_sub(HEADER)
+        .filter(|&s| s >= FIXED)
+        .ok_or_else(|| malformed(&format!("data offset {offset}")))?;
+    let end = start + len;
+    let body_len = body.len();
+    SectionData::slice(body, start..end).ok_or_else(|| {
+        malformed(&format!(
+            "data {start}..{end} beyond the {body_len}-byte body"
+        ))
+    })
+}
+
 #[async_trait]
 impl SectionIo for SmbFile {
     fn max_section_len(&self) -> usize {
@@ -326,17 +379,22 @@ impl SectionIo for SmbFile {
         }
     }
 
+    /// Sections this disk may start now: what is left of its share of the connection's
+    /// credits, in sections of the size the pipeline cuts.
     fn credits(&self) -> usize {
-        let share = self
-            .current()
-            .map_or(1, |o| self.server.credit_share(&o.session));
-        share
-            .saturating_sub(self.in_flight.load(Ordering::Relaxed))
-            .max(1)
+        let Some(open) = self.current() else {
+            return 1;
+        };
+        let share = self.server.credit_share(&open.session);
+        let left = share.saturating_sub(self.in_flight.load(Ordering::Relaxed));
+        let section = self
+            .section_len
+            .map_or(self.max_section_len(), |l| l.min(self.max_section_len()));
+        (left / charge(section)).max(1)
     }
 
-    async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let _counted = Outstanding::new(&self.in_flight);
+    async fn read_at(&self, offset: u64, len: usize) -> Result<SectionData> {
+        let _counted = Outstanding::new(self, len);
         let frame = self
             .call(Command::Read, len, "read", |file_id| ReadRequest {
                 padding: 0x50,
@@ -351,19 +409,17 @@ impl SectionIo for SmbFile {
             })
             .await?;
         if frame.header.status == NtStatus::END_OF_FILE {
-            return Ok(Vec::new());
+            return Ok(Vec::new().into());
         }
         if frame.header.status != NtStatus::SUCCESS {
             return Err(status_error("read", frame.header.status));
         }
-        let resp = ReadResponse::unpack(&mut ReadCursor::new(&frame.body))
-            .map_err(|e| smb_error("read reply", e))?;
-        Ok(resp.data)
+        read_payload(frame.body, len)
     }
 
     async fn write_at(&self, offset: u64, data: Vec<u8>) -> Result<()> {
-        let _counted = Outstanding::new(&self.in_flight);
         let len = data.len();
+        let _counted = Outstanding::new(self, len);
         let frame = self
             .call(Command::Write, len, "write", |file_id| WriteRequest {
                 data_offset: 0x70,
@@ -389,5 +445,44 @@ impl SectionIo for SmbFile {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_payload;
+
+    fn reply(offset: u8, len: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = vec![17, 0, offset, 0];
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn read_payload_is_taken_in_place() {
+        let d = read_payload(reply(0x50, 3, b"abc"), 4096).unwrap();
+        assert_eq!(d.as_slice(), b"abc");
+        assert!(read_payload(reply(0x50, 0, b""), 4096)
+            .unwrap()
+            .as_slice()
+            .is_empty());
+    }
+
+    #[test]
+    fn broken_read_replies_are_refused() {
+        for (body, why) in [
+            (vec![17, 0, 0x50], "bad structure size"),
+            (reply(0x50, 4, b"abc"), "beyond"),
+            (reply(0x10, 3, b"abc"), "data offset 16"),
+            (
+                reply(0x50, 8192, &[0; 8192]),
+                "8192 bytes for a read of 4096",
+            ),
+        ] {
+            let e = read_payload(body, 4096).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
     }
 }

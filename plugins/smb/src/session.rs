@@ -110,6 +110,8 @@ pub(crate) struct Server {
     /// handle without taking the lock.
     live: AtomicU64,
     disks: AtomicUsize,
+    /// Credits charged by requests of all disks outstanding on the connection.
+    in_flight: AtomicUsize,
 }
 
 fn pool() -> &'static Mutex<HashMap<Login, Weak<Server>>> {
@@ -137,6 +139,7 @@ impl Server {
                     }),
                     live: AtomicU64::new(1),
                     disks: AtomicUsize::new(0),
+                    in_flight: AtomicUsize::new(0),
                 });
                 let mut pool = lock(pool());
                 pool.retain(|_, w| w.strong_count() > 0);
@@ -163,13 +166,16 @@ impl Server {
         format!("//{}/{}", self.login.server, self.login.share)
     }
 
-    /// This disk's fair part of the server's credits: the connection's credits divided among
-    /// the disks that use it.
+    /// One disk's fair part of the connection's credit window (the credits on hand plus those
+    /// held by outstanding requests), split evenly among the disks that use it.
     pub fn credit_share(&self, session: &Session) -> usize {
-        fair_share(
-            usize::from(session.conn.credits()),
-            self.disks.load(Ordering::Relaxed),
-        )
+        let window = usize::from(session.conn.credits()) + self.in_flight.load(Ordering::Relaxed);
+        fair_share(window, self.disks.load(Ordering::Relaxed))
+    }
+
+    /// The counter of outstanding credits that [`Server::credit_share`] adds in.
+    pub fn in_flight(&self) -> &AtomicUsize {
+        &self.in_flight
     }
 
     /// True while `generation` is the live session.

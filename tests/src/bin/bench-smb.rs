@@ -1,0 +1,247 @@
+//! The network-path benchmark: `smb` disks through the vhost-user device, driven by
+//! `twinpath bench`, against `smbclient get`/`put` of a file of the same size on the same
+//! private smbd, on loopback and through a relay adding 1 ms each way. Also the engine's
+//! serial (window 1) vs pipelined ratio at +1 ms with 64 KiB sections. Targets are measured
+//! in interleaved rounds; the report gives medians and replaces the SMB section of
+//! docs/benchmarks.md. Run it with `scripts/bench-smb.sh` (ROUNDS, RUNTIME, SIZE_MIB).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use twinpath_tests::relay::LatencyRelay;
+use twinpath_tests::samba::{Samba, PASSWORD, SHARE, USER};
+use twinpath_tests::{pattern, scratch, twinpath_bin, Daemon};
+
+const DISK_TESTS: &str =
+    "read-1m-q1,read-1m-q4,read-1m-q32,write-1m-q1,write-1m-q4,write-1m-q32,randread-4k-q1,randread-4k-q32,randwrite-4k-q32";
+const ENGINE_TESTS: &str = "read-1m-q1,write-1m-q1,read-4m-q1,write-4m-q1";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Medians per (target, test) of one figure each: MB/s for 1M and smbclient, IOPS for 4k.
+#[derive(Default)]
+struct Results(BTreeMap<(String, String), Vec<f64>>);
+
+impl Results {
+    fn add(&mut self, target: &str, test: &str, value: f64) {
+        self.0
+            .entry((target.to_owned(), test.to_owned()))
+            .or_default()
+            .push(value);
+    }
+
+    fn median(&self, target: &str, test: &str) -> f64 {
+        let mut v = self
+            .0
+            .get(&(target.to_owned(), test.to_owned()))
+            .unwrap_or_else(|| panic!("no result for {target} {test}"))
+            .clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+}
+
+fn p50(test: &str) -> String {
+    format!("{test}/p50")
+}
+
+fn bench_disk(sock: &Path, tests: &str, runtime: u64, results: &mut Results, target: &str) {
+    let out = Command::new(twinpath_bin())
+        .arg("bench")
+        .arg("--socket")
+        .arg(sock)
+        .args(["--runtime", &runtime.to_string(), "--tests", tests])
+        .args(["--json", "--quiet"])
+        .output()
+        .expect("twinpath bench");
+    assert!(
+        out.status.success(),
+        "twinpath bench on {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bench JSON");
+    for row in rows {
+        let test = row["test"].as_str().unwrap();
+        let key = if test.contains("4k") {
+            "iops"
+        } else {
+            "mb_per_s"
+        };
+        results.add(target, test, row[key].as_f64().unwrap());
+        results.add(target, &p50(test), row["lat_p50_us"].as_f64().unwrap());
+    }
+}
+
+/// Runs smbclient against `addr` and returns the MB/s it reports for the transfer
+/// ("... (123456.7 KiloBytes/sec) ...", KiB per second).
+fn smbclient_rate(addr: std::net::SocketAddr, cmd: &str) -> f64 {
+    let out = Command::new("smbclient")
+        .arg(format!("//{}/{SHARE}", addr.ip()))
+        .args(["-p", &addr.port().to_string()])
+        .args(["-U", &format!("{USER}%{PASSWORD}"), "-c", cmd])
+        .output()
+        .expect("smbclient");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "smbclient {cmd}: {text}");
+    let kib: f64 = text
+        .split("(average ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no rate in smbclient output: {text}"));
+    kib * 1024.0 / 1e6
+}
+
+fn main() {
+    let rounds = env_or("ROUNDS", 3);
+    let runtime = env_or("RUNTIME", 5);
+    let size = env_or("SIZE_MIB", 1024) << 20;
+
+    let smb = Samba::start();
+    let relay = LatencyRelay::start(smb.addr(), Duration::from_millis(1));
+    let dir = scratch();
+    // Written, not sparse: tmpfs would otherwise allocate pages while being measured.
+    let chunk = pattern(1, 1 << 20);
+    let mut image = Vec::with_capacity(size as usize);
+    while (image.len() as u64) < size {
+        image.extend_from_slice(&chunk);
+    }
+    std::fs::write(smb.share_dir().join("bench.raw"), &image).unwrap();
+    let put_source = dir.path().join("put.raw");
+    std::fs::write(&put_source, &image).unwrap();
+    drop(image);
+    let pass = dir.path().join("smb.pass");
+    std::fs::write(&pass, PASSWORD).unwrap();
+
+    let disks: [(&str, std::net::SocketAddr, &str); 4] = [
+        ("loopback", smb.addr(), ""),
+        ("wan", relay.addr(), ""),
+        (
+            "wan-serial",
+            relay.addr(),
+            "section_size: 64K, max_in_flight: 1, ",
+        ),
+        (
+            "wan-pipelined",
+            relay.addr(),
+            "section_size: 64K, max_in_flight: 64, ",
+        ),
+    ];
+    let mut cfg = String::from("disks:\n");
+    for (name, addr, extra) in disks {
+        cfg += &format!(
+            "  - name: {name}\n    socket: {}\n    backend: {{type: smb, server: \"{addr}\", share: {SHARE}, path: bench.raw, {extra}user: {USER}, password_file: {}}}\n",
+            dir.path().join(format!("{name}.sock")).display(),
+            pass.display()
+        );
+    }
+    let daemon = Daemon::start(dir.path(), &cfg);
+
+    let mut results = Results::default();
+    for round in 1..=rounds {
+        for (target, addr) in [("loopback", smb.addr()), ("wan", relay.addr())] {
+            eprintln!("round {round}/{rounds}: smbclient {target}");
+            let get = smbclient_rate(addr, "get bench.raw /dev/null");
+            results.add(&format!("smbclient-{target}"), "read", get);
+            let put = smbclient_rate(addr, &format!("put {} put.raw", put_source.display()));
+            results.add(&format!("smbclient-{target}"), "write", put);
+        }
+        for (target, _, _) in disks {
+            eprintln!("round {round}/{rounds}: disk {target}");
+            let tests = if target.starts_with("wan-") {
+                ENGINE_TESTS
+            } else {
+                DISK_TESTS
+            };
+            let sock = dir.path().join(format!("{target}.sock"));
+            bench_disk(&sock, tests, runtime, &mut results, target);
+        }
+    }
+    assert!(daemon.stop().success());
+
+    let report = report(&results, rounds, runtime, size);
+    println!("{report}");
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+    let text = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let (start, end) = ("<!-- smb:start -->", "<!-- smb:end -->");
+    let section = format!("{start}\n{report}\n{end}");
+    let text = match (text.find(start), text.find(end)) {
+        (Some(a), Some(b)) => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
+        _ => format!("{text}\n{section}\n"),
+    };
+    std::fs::write(&doc, text).unwrap();
+}
+
+fn report(r: &Results, rounds: u64, runtime: u64, size: u64) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut out = vec![
+        format!(
+            "Command: `ROUNDS={rounds} RUNTIME={runtime} SIZE_MIB={} scripts/bench-smb.sh` \
+             (medians of {rounds} interleaved rounds, {runtime} s per disk test; {cpus} CPUs; \
+             private smbd on loopback, share on tmpfs; `wan` = through a relay adding 1 ms each \
+             way; disks use the defaults: sections of the server's 8 MiB maximum, 64 in \
+             flight; one queue).",
+            size >> 20
+        ),
+        String::new(),
+        "| test | smbclient | twinpath smb disk | ratio | smbclient +1 ms | twinpath +1 ms | ratio |"
+            .into(),
+        "|---|---|---|---|---|---|---|".into(),
+    ];
+    let tests: Vec<&str> = DISK_TESTS.split(',').collect();
+    for test in tests {
+        let peer = |t: &str| {
+            if test.contains("4k") {
+                None
+            } else if test.starts_with("read") {
+                Some(r.median(&format!("smbclient-{t}"), "read"))
+            } else {
+                Some(r.median(&format!("smbclient-{t}"), "write"))
+            }
+        };
+        let cell = |t: &str, v: f64| {
+            if test.contains("4k") {
+                let p50 = r.median(t, &p50(test));
+                format!("{:.1}k IOPS, p50 {p50:.0} us", v / 1000.0)
+            } else {
+                format!("{v:.0} MB/s")
+            }
+        };
+        let mut row = format!("| {test} |");
+        for t in ["loopback", "wan"] {
+            let ours = r.median(t, test);
+            let cell = |v| cell(t, v);
+            match peer(t) {
+                Some(p) => row += &format!(" {p:.0} MB/s | {} | {:.2}x |", cell(ours), ours / p),
+                None => row += &format!(" - | {} | - |", cell(ours)),
+            }
+        }
+        out.push(row);
+    }
+    out.push(String::new());
+    out.push(
+        "Engine at +1 ms each way, 64 KiB sections, one request at a time (QD1): window 1 \
+         (serial) vs window 64 (pipelined)."
+            .into(),
+    );
+    out.push(String::new());
+    out.push("| test | serial | pipelined | ratio |".into());
+    out.push("|---|---|---|---|".into());
+    for test in ENGINE_TESTS.split(',') {
+        let serial = r.median("wan-serial", test);
+        let piped = r.median("wan-pipelined", test);
+        out.push(format!(
+            "| {test} | {serial:.1} MB/s | {piped:.1} MB/s | {:.1}x |",
+            piped / serial
+        ));
+    }
+    out.join("\n")
+}

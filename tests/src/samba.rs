@@ -120,6 +120,11 @@ impl Samba {
         }
     }
 
+    /// smbd's PID, which also leads the process group of its connection processes.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("smbd running").id()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }

@@ -98,42 +98,66 @@ impl GuestDisk {
     }
 }
 
-#[test]
-#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
-fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
-    let _one = one_guest();
-    let (
-        GuestDisk {
-            dir: _dir,
-            img,
-            sock,
-            log,
-        },
-        daemon,
-    ) = GuestDisk::serve("guest0", "    serial: tp-guest0\n");
+/// Boots a guest on `sock` that writes, reads and compares data, runs fio with crc32c
+/// verification and leaves a marker in the first sector; checks all of it, including the
+/// marker in `img` (the image as the backend stores it) and the disk's serial.
+fn verify_in_guest(daemon: Daemon, sock: &Path, log: &Path, img: &Path, serial: &str) {
     let nonce = std::process::id().to_string();
     let ok = boot(
-        &sock,
-        &log,
+        sock,
+        log,
         &[&format!("twinpath.nonce={nonce}"), "twinpath.fio=1"],
     );
-    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    let console = std::fs::read_to_string(log).unwrap_or_default();
     assert!(
         ok,
         "guest failed:\n{console}\n--- daemon ---\n{}",
         daemon.log()
     );
     assert!(
-        console.contains("serial tp-guest0"),
+        console.contains(&format!("serial {serial}")),
         "GET_ID reached the guest:\n{console}"
     );
     assert!(console.contains("fio verify ok"), "{console}");
-    // The guest's marker went through the device into the image file.
-    let head = std::fs::read(&img).unwrap();
+    // The guest's marker went through the device into the image.
+    let head = std::fs::read(img).unwrap();
     let marker = format!("twinpath-guest-{nonce}\n");
     assert_eq!(&head[..marker.len()], marker.as_bytes());
     assert!(daemon.log().contains("frontend connected"));
     assert!(daemon.stop().success());
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
+fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
+    let _one = one_guest();
+    let (disk, daemon) = GuestDisk::serve("guest0", "    serial: tp-guest0\n");
+    verify_in_guest(daemon, &disk.sock, &disk.log, &disk.img, "tp-guest0");
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
+fn qemu_guest_writes_reads_and_verifies_an_smb_disk() {
+    let _one = one_guest();
+    let smb = samba::Samba::start();
+    let dir = scratch();
+    let img = smb.share_dir().join("guest.raw");
+    make_image(&img, 64 << 20);
+    let (sock, log) = (dir.path().join("g.sock"), dir.path().join("guest.log"));
+    let pass = dir.path().join("smb.pass");
+    std::fs::write(&pass, samba::PASSWORD).unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!(
+            "disks:\n  - name: smbguest\n    socket: {}\n    serial: tp-smb0\n    backend:\n      type: smb\n      server: {}\n      share: {}\n      path: guest.raw\n      user: {}\n      password_file: {}\n",
+            sock.display(),
+            smb.addr(),
+            samba::SHARE,
+            samba::USER,
+            pass.display()
+        ),
+    );
+    verify_in_guest(daemon, &sock, &log, &img, "tp-smb0");
 }
 
 #[test]

@@ -404,3 +404,50 @@ fn a_flushed_write_survives_kill_9_of_smbd() {
     drop(c);
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn a_server_that_stops_answering_fails_requests_at_the_timeout() {
+    let smb = Samba::start();
+    let dir = scratch();
+    std::fs::write(
+        smb.share_dir().join("vm.raw"),
+        pattern(31, 4 * MIB as usize),
+    )
+    .unwrap();
+    let sock = dir.path().join("vm.sock");
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!(
+            "disks:\n{}",
+            smb_disk_yaml("vm", &sock, &smb, "vm.raw", "      timeout: 2\n")
+        ),
+    );
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    assert_eq!(
+        c.read(0, 0, 4096).unwrap(),
+        pattern(31, 4 * MIB as usize)[..4096]
+    );
+    // smbd and its connection's process freeze: the socket stays open, nothing answers.
+    signal_group(smb.pid(), libc::SIGSTOP);
+    let asked = std::time::Instant::now();
+    let err = c.read(0, MIB, 65536).unwrap_err();
+    let took = asked.elapsed();
+    signal_group(smb.pid(), libc::SIGCONT);
+    assert_eq!(err.errno, -libc::EIO, "{err}");
+    assert!(
+        took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(10),
+        "failed after {took:?}"
+    );
+    assert!(
+        daemon.log().contains("not done after 2s"),
+        "{}",
+        daemon.log()
+    );
+    // Answering again: the same connection serves the next request.
+    assert_eq!(
+        c.read(0, MIB, 65536).unwrap(),
+        pattern(31, 4 * MIB as usize)[MIB as usize..MIB as usize + 65536]
+    );
+    drop(c);
+    assert!(daemon.stop().success());
+}

@@ -3,25 +3,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 
-use twinpath_filemap::{file_extents, ExtentClass};
+use twinpath_filemap::{file_extents, read_direct, ExtentClass, FsType, VolumeId};
 use twinpath_tests::lun::{Fs, LoopLun};
 use twinpath_tests::pattern;
 
 const MIB: u64 = 1 << 20;
-
-/// A 4096-aligned buffer for O_DIRECT.
-fn read_direct(dev: &File, offset: u64, len: usize) -> Vec<u8> {
-    let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-    // SAFETY: non-zero size, freed below after copying out.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    dev.read_exact_at(buf, offset).unwrap();
-    let out = buf.to_vec();
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    out
-}
 
 fn maps_point_at_the_data(fs: Fs) {
     let lun = LoopLun::new(512 * MIB, fs);
@@ -37,12 +25,33 @@ fn maps_point_at_the_data(fs: Fs) {
         .custom_flags(libc::O_DIRECT)
         .open(lun.device())
         .unwrap();
+    // The superblock read from the raw device names the filesystem blkid sees.
+    let id = VolumeId::read(&dev).unwrap().expect("a filesystem");
+    assert_eq!(
+        id.fs_type,
+        if fs == Fs::Xfs {
+            FsType::Xfs
+        } else {
+            FsType::Ext4
+        }
+    );
+    let blkid = std::process::Command::new("blkid")
+        .args(["-s", "UUID", "-o", "value"])
+        .arg(lun.device())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&blkid.stdout)
+            .trim()
+            .replace('-', ""),
+        id.uuid_hex()
+    );
     let mut covered = 0;
     // xfs preallocates speculatively past the end of file: unwritten extents there.
     for e in extents.iter().filter(|e| e.logical < data.len() as u64) {
         assert_eq!(e.class, ExtentClass::Written, "{fs:?}: {e:?}");
         let len = e.len.min(data.len() as u64 - e.logical) as usize;
-        let on_device = read_direct(&dev, e.physical, e.len as usize);
+        let on_device = read_direct(&dev, e.physical, e.len as usize).unwrap();
         assert_eq!(
             &on_device[..len],
             &data[e.logical as usize..e.logical as usize + len],

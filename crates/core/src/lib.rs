@@ -7,6 +7,7 @@
 //! - [`Config`]: the YAML disk list.
 
 mod backend;
+pub mod blockdev;
 mod buffers;
 pub mod config;
 mod error;

@@ -8,12 +8,15 @@
 //!   unwritten extents: no device I/O at all).
 //! - [`Guard`] is the last check before any direct device I/O: a write outside the extents
 //!   granted for writing is refused, whatever the code above it computed.
+//! - [`VolumeId`] recognises the server's filesystem on a raw device (type and UUID).
 
 mod fiemap_io;
 mod grant;
+mod volume;
 
 pub use fiemap_io::{file_extents, ExtentClass, FileExtent};
 pub use grant::{Access, Grant, GrantError, Guard, Piece, Span, SpanKind};
+pub use volume::{read_direct, FsType, VolumeId};
 
 /// Device offsets and lengths of direct I/O must be multiples of this (the logical sector
 /// size every LUN and filesystem here supports).

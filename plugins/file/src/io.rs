@@ -14,7 +14,6 @@ use twinpath_core::{Error, ErrorKind, GuestBuffers, Result};
 use crate::uring::Rings;
 
 // <linux/fs.h> ioctls the libc crate does not define.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
@@ -25,16 +24,6 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub(crate) enum FileKind {
     Regular,
     BlockDevice,
-}
-
-pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
-    let mut size = 0u64;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size)
 }
 
 pub(crate) fn block_device_sector_size(file: &File) -> io::Result<u32> {

@@ -152,8 +152,8 @@ impl FileBackend {
         let file = opts.open(path).map_err(|e| Error::io(ctx("open"), e))?;
         let meta = file.metadata().map_err(|e| Error::io(ctx("stat"), e))?;
         let (kind, capacity, block_size) = if meta.file_type().is_block_device() {
-            let size =
-                io::block_device_size(&file).map_err(|e| Error::io(ctx("BLKGETSIZE64"), e))?;
+            let size = twinpath_core::blockdev::size(&file)
+                .map_err(|e| Error::io(ctx("BLKGETSIZE64"), e))?;
             let bs = if spec.direct {
                 io::block_device_sector_size(&file).map_err(|e| Error::io(ctx("BLKSSZGET"), e))?
             } else {

@@ -68,10 +68,24 @@ impl Daemon {
     }
 
     fn spawn(cfg: &Path, dir: &Path) -> Daemon {
-        let log = dir.join("daemon.log");
+        Self::spawn_command("serve", cfg, &dir.join("daemon.log"))
+    }
+
+    /// Starts `twinpath map-server` on `config` (written into `dir`), logging to
+    /// `dir/map-server.log`, and waits for its "ready" line.
+    pub fn start_map_server(dir: &Path, config: &str) -> Daemon {
+        let cfg = dir.join("map-server.yaml");
+        std::fs::write(&cfg, config).expect("write config");
+        let mut d = Self::spawn_command("map-server", &cfg, &dir.join("map-server.log"));
+        d.wait_for_log("ready:", Duration::from_secs(20));
+        d
+    }
+
+    fn spawn_command(command: &str, cfg: &Path, log: &Path) -> Daemon {
+        let log = log.to_path_buf();
         let out = std::fs::File::create(&log).expect("log file");
         let child = Command::new(twinpath_bin())
-            .args(["serve", "--config"])
+            .args([command, "--config"])
             .arg(cfg)
             .args(["--log-level", "debug"])
             .stdout(Stdio::null())

@@ -76,8 +76,10 @@ pub enum Request {
         len: u64,
         write: bool,
     },
-    /// Grow `path` to at least `size` bytes, allocated and written (zeros).
-    Allocate { path: String, size: u64 },
+    /// Make `[offset, offset + len)` of `path` allocated and written (zeros where it was a
+    /// hole or unwritten), in the server's allocation chunks, so later write maps need no
+    /// allocation. Never changes the file's size.
+    Allocate { path: String, offset: u64, len: u64 },
     /// Direct writes under `lease` are done and durable on the device; `size` is the file's
     /// size as the host sees it.
     Commit { lease: u64, size: u64 },
@@ -90,8 +92,10 @@ pub enum Request {
 pub enum Reply {
     Identity(VolumeIdentity),
     Map(MapGrant),
+    /// The range now allocated (chunk-aligned, within the file).
     Allocated {
-        size: u64,
+        offset: u64,
+        len: u64,
     },
     Done,
     /// The server will not do it; the host uses the network path.

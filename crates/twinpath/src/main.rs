@@ -1,6 +1,7 @@
 //! `twinpath`: serve virtual disks to VM guests over vhost-user-blk.
 
 mod bench;
+mod map_server;
 mod serve;
 
 use std::path::PathBuf;
@@ -45,6 +46,13 @@ enum Command {
     ///
     /// Write tests overwrite the disk's data: point it at scratch disks only.
     Bench(bench::BenchArgs),
+    /// Run the map service on a file server: hand VM hosts the extent maps of the images
+    /// under an exported directory that lives on a shared LUN (the direct path).
+    MapServer {
+        /// YAML config: listen, export, key_file, allocation_chunk.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// List the backend plugins this binary was built with.
     Plugins,
 }
@@ -106,6 +114,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Bench(args) => bench::run(args),
+        Command::MapServer { config } => map_server::run(&config),
         Command::Plugins => {
             for name in registry.names() {
                 println!("{name}");

@@ -1,0 +1,210 @@
+//! Building maps of files on the server's filesystem (blocking; run off the async threads).
+//!
+//! The order of operations is what keeps the host's direct I/O and the server's page cache
+//! from overwriting each other: the file is fsynced before a map is taken (no dirty server
+//! pages can be written back over a host's direct write later), its cached pages are dropped
+//! (the server's next read goes to the device), and ranges granted for writing are made
+//! written first (a device write into an unwritten extent would stay invisible).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use twinpath_filemap::{file_extents, Access, ExtentClass, FileExtent, Span, SpanKind, SECTOR};
+
+fn drop_cache(file: &File) {
+    // SAFETY: advice on a file we hold open; failure only costs coherency we re-check later.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+fn open(path: &Path, write: bool) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Ranges of `[start, end)` that are holes or unwritten in `extents`. Refused extents hold
+/// data (shared, encoded, ...) and are never among them.
+fn unwritten_ranges(extents: &[FileExtent], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    for e in extents {
+        let (lo, hi) = (e.logical.max(start), (e.logical + e.len).min(end));
+        if lo >= hi {
+            continue;
+        }
+        if lo > at {
+            out.push((at, lo));
+        }
+        if e.class == ExtentClass::Unwritten {
+            out.push((lo, hi));
+        }
+        at = hi;
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
+}
+
+/// Writes zeros over the holes and unwritten parts of `[start, end)`, then makes them durable.
+fn fill_zeros(file: &File, extents: &[FileExtent], start: u64, end: u64) -> std::io::Result<bool> {
+    let ranges = unwritten_ranges(extents, start, end);
+    if ranges.is_empty() {
+        return Ok(false);
+    }
+    let zeros = vec![0u8; 1 << 20];
+    for (lo, hi) in ranges {
+        let mut at = lo;
+        while at < hi {
+            let n = ((hi - at) as usize).min(zeros.len());
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+    }
+    file.sync_all()?;
+    Ok(true)
+}
+
+/// The map of `[offset, offset + len)` of `path` (clipped to the file), for reading or
+/// writing. Extents that may not be used directly are left out: the host takes the network
+/// path there. `chunk` is the allocation granularity for ranges made written.
+pub fn get_map(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    write: bool,
+    chunk: u64,
+) -> Result<(u64, Vec<Span>), String> {
+    let file = open(path, write)?;
+    let err = |what: &str, e: std::io::Error| format!("{}: {what}: {e}", path.display());
+    file.sync_all().map_err(|e| err("fsync", e))?;
+    let size = file.metadata().map_err(|e| err("stat", e))?.len();
+    let start = offset - offset % SECTOR;
+    let end = offset.saturating_add(len).min(size) / SECTOR * SECTOR;
+    if start >= end {
+        return Ok((size, Vec::new()));
+    }
+    let mut extents = file_extents(&file).map_err(|e| err("FIEMAP", e))?;
+    if write {
+        let (lo, hi) = (
+            start - start % chunk,
+            end.div_ceil(chunk).saturating_mul(chunk).min(size),
+        );
+        if fill_zeros(&file, &extents, lo, hi).map_err(|e| err("zero-fill", e))? {
+            extents = file_extents(&file).map_err(|e| err("FIEMAP", e))?;
+        }
+    }
+    drop_cache(&file);
+    Ok((size, spans(&extents, start, end, write)))
+}
+
+/// Spans for `[start, end)`: written extents as data, holes and unwritten extents as zeros
+/// (for reading only), refused extents left out.
+fn spans(extents: &[FileExtent], start: u64, end: u64, write: bool) -> Vec<Span> {
+    let access = if write {
+        Access::ReadWrite
+    } else {
+        Access::Read
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    let zero = |lo: u64, hi: u64| Span {
+        logical: lo,
+        len: hi - lo,
+        kind: SpanKind::Zero,
+        access: Access::Read,
+    };
+    for e in extents {
+        let (lo, hi) = (e.logical.max(start), (e.logical + e.len).min(end));
+        if lo >= hi {
+            continue;
+        }
+        if lo > at {
+            out.push(zero(at, lo));
+        }
+        match e.class {
+            ExtentClass::Written => out.push(Span {
+                logical: lo,
+                len: hi - lo,
+                kind: SpanKind::Data {
+                    physical: e.physical + (lo - e.logical),
+                },
+                access,
+            }),
+            ExtentClass::Unwritten => out.push(zero(lo, hi)),
+            ExtentClass::Refused => {}
+        }
+        at = hi;
+    }
+    if at < end {
+        out.push(zero(at, end));
+    }
+    out
+}
+
+/// Makes `[offset, offset + len)` (widened to whole chunks, within the file) written.
+pub fn allocate(path: &Path, offset: u64, len: u64, chunk: u64) -> Result<(u64, u64), String> {
+    let file = open(path, true)?;
+    let err = |what: &str, e: std::io::Error| format!("{}: {what}: {e}", path.display());
+    let size = file.metadata().map_err(|e| err("stat", e))?.len();
+    let lo = (offset - offset % chunk).min(size);
+    let hi = offset
+        .saturating_add(len)
+        .div_ceil(chunk)
+        .saturating_mul(chunk)
+        .min(size);
+    let extents = file_extents(&file).map_err(|e| err("FIEMAP", e))?;
+    fill_zeros(&file, &extents, lo, hi).map_err(|e| err("zero-fill", e))?;
+    drop_cache(&file);
+    Ok((lo, hi - lo))
+}
+
+/// After direct writes: the server's cached pages of the file are stale; drop them.
+pub fn commit(path: &Path) -> Result<(), String> {
+    let file = open(path, false)?;
+    drop_cache(&file);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(logical: u64, len: u64, physical: u64, class: ExtentClass) -> FileExtent {
+        FileExtent {
+            logical,
+            physical,
+            len,
+            class,
+        }
+    }
+
+    #[test]
+    fn spans_cover_the_range_and_leave_refused_extents_out() {
+        let extents = [
+            ext(0, 8192, 100_000, ExtentClass::Written),
+            ext(16384, 4096, 200_000, ExtentClass::Unwritten),
+            ext(20480, 4096, 300_000, ExtentClass::Refused),
+        ];
+        let s = spans(&extents, 4096, 28672, false);
+        let kinds: Vec<_> = s.iter().map(|s| (s.logical, s.len, s.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (4096, 4096, SpanKind::Data { physical: 104_096 }),
+                (8192, 8192, SpanKind::Zero),
+                (16384, 4096, SpanKind::Zero),
+                (24576, 4096, SpanKind::Zero),
+            ]
+        );
+        assert_eq!(
+            unwritten_ranges(&extents, 0, 28672),
+            vec![(8192, 16384), (16384, 20480), (24576, 28672)],
+            "the refused extent holds data and is never overwritten"
+        );
+    }
+}

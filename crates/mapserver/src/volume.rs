@@ -1,0 +1,78 @@
+//! The volume the export lives on: its device, identity, and this session's token file.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use twinpath_filemap::{file_extents, ExtentClass, VolumeId};
+use twinpath_mapproto::VolumeIdentity;
+
+/// Name of the token file in the export's root.
+pub const TOKEN_FILE: &str = ".twinpath-token";
+const TOKEN_LEN: usize = 4096;
+
+/// The block device holding the filesystem `path` is on (from its st_dev, via sysfs).
+pub fn device_of(path: &Path) -> Result<PathBuf, String> {
+    let dev = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .dev();
+    // SAFETY: major/minor only split the number.
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let uevent = format!("/sys/dev/block/{major}:{minor}/uevent");
+    let text = std::fs::read_to_string(&uevent).map_err(|e| {
+        format!(
+            "{} is not on a block device ({uevent}: {e})",
+            path.display()
+        )
+    })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .map(|name| Path::new("/dev").join(name))
+        .ok_or_else(|| format!("{uevent} names no device"))
+}
+
+/// Identifies the volume under `export` and writes a fresh token file for this session.
+pub fn identify(export: &Path) -> Result<VolumeIdentity, String> {
+    let device = device_of(export)?;
+    let dev = File::open(&device).map_err(|e| format!("{}: {e}", device.display()))?;
+    let id = VolumeId::read(&dev)
+        .map_err(|e| format!("{}: {e}", device.display()))?
+        .ok_or_else(|| format!("{} holds neither xfs nor ext4", device.display()))?;
+    let size = twinpath_core::blockdev::size(&dev)
+        .map_err(|e| format!("{}: size: {e}", device.display()))?;
+
+    let mut token = vec![0u8; TOKEN_LEN];
+    getrandom::fill(&mut token).map_err(|e| format!("random token: {e}"))?;
+    let path = export.join(TOKEN_FILE);
+    let mut f = File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(&token)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let extents = file_extents(&f).map_err(|e| format!("{}: FIEMAP: {e}", path.display()))?;
+    let first = extents
+        .first()
+        .filter(|e| e.logical == 0 && e.len >= TOKEN_LEN as u64 && e.class == ExtentClass::Written)
+        .ok_or_else(|| {
+            format!(
+                "{}: token not in one written extent: {extents:?}",
+                path.display()
+            )
+        })?;
+    tracing::info!(
+        device = %device.display(),
+        fs = id.fs_type.name(),
+        uuid = id.uuid_hex(),
+        size,
+        "volume identified"
+    );
+    Ok(VolumeIdentity {
+        fs_type: id.fs_type.name().to_owned(),
+        uuid: id.uuid_hex(),
+        size,
+        token_offset: first.physical,
+        token_len: TOKEN_LEN as u64,
+        token_sha256: hex::encode(Sha256::digest(&token)),
+    })
+}

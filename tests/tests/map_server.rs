@@ -1,0 +1,299 @@
+//! `twinpath map-server` on a real filesystem on a loop device, talked to by real hosts over
+//! TCP: identity and token, read and write maps that point at the right device bytes, direct
+//! writes visible to the server after commit, leases recalled for another host, and refusals.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use sha2::{Digest, Sha256};
+use twinpath_filemap::{read_direct, Grant, Piece, SpanKind};
+use twinpath_mapproto::{Key, MapClient, MapGrant, ProtoError, Reply, Request};
+use twinpath_tests::lun::{Fs, LoopLun};
+use twinpath_tests::{pattern, samba::free_port, scratch, Daemon};
+
+const MIB: u64 = 1 << 20;
+const KEY: &str = "map-server-test-key-0123456789";
+
+struct Setup {
+    lun: LoopLun,
+    _dir: tempfile::TempDir,
+    server: Daemon,
+    addr: String,
+    device_size: u64,
+}
+
+fn setup(fs: Fs) -> Setup {
+    let lun = LoopLun::new(512 * MIB, fs);
+    let dir = scratch();
+    let key = dir.path().join("map.key");
+    std::fs::write(&key, format!("{KEY}\n")).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let server = Daemon::start_map_server(
+        dir.path(),
+        &format!(
+            "listen: {addr}\nexport: {}\nkey_file: {}\nallocation_chunk: 4M\n",
+            lun.mount_point().display(),
+            key.display()
+        ),
+    );
+    Setup {
+        device_size: 512 * MIB,
+        lun,
+        _dir: dir,
+        server,
+        addr,
+    }
+}
+
+fn key() -> Key {
+    Key::new(KEY.as_bytes().to_vec()).unwrap()
+}
+
+async fn map(c: &MapClient, path: &str, offset: u64, len: u64, write: bool) -> Reply {
+    c.call(Request::GetMap {
+        path: path.into(),
+        offset,
+        len,
+        write,
+    })
+    .await
+    .unwrap()
+}
+
+fn granted(reply: Reply) -> MapGrant {
+    match reply {
+        Reply::Map(m) => m,
+        other => panic!("expected a map, got {other:?}"),
+    }
+}
+
+fn device(s: &Setup, write: bool) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(s.lun.device())
+        .unwrap()
+}
+
+/// Writes `data` at `physical` with O_DIRECT (4096-aligned buffer).
+fn write_direct(dev: &File, physical: u64, data: &[u8]) {
+    let layout = std::alloc::Layout::from_size_align(data.len(), 4096).unwrap();
+    // SAFETY: non-zero size; filled, written and freed here.
+    let ptr = unsafe { std::alloc::alloc(layout) };
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, data.len()) };
+    buf.copy_from_slice(data);
+    let r = dev.write_all_at(buf, physical);
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    r.unwrap();
+}
+
+async fn identity_and_maps(fs: Fs) {
+    let s = setup(fs);
+    let (c, _recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
+
+    // Identity: the volume the host must find, and a token only that volume holds.
+    let Reply::Identity(id) = c.call(Request::Identity).await.unwrap() else {
+        panic!("no identity");
+    };
+    assert_eq!(id.fs_type, if fs == Fs::Xfs { "xfs" } else { "ext4" });
+    assert_eq!(id.size, s.device_size);
+    let dev = device(&s, true);
+    let token = read_direct(&dev, id.token_offset, id.token_len as usize).unwrap();
+    assert_eq!(hex(&Sha256::digest(&token)), id.token_sha256);
+
+    // A read map of a written file points at its bytes.
+    let data = pattern(51, 8 * MIB as usize);
+    let img = s.lun.mount_point().join("vm.raw");
+    std::fs::write(&img, &data).unwrap();
+    let m = granted(map(&c, "vm.raw", 0, 8 * MIB, false).await);
+    assert_eq!(m.file_size, 8 * MIB);
+    let grant = Grant::new(m.spans.clone(), s.device_size).unwrap();
+    let pieces = grant.resolve(0, 8 * MIB, false).expect("all of it mapped");
+    let mut at = 0usize;
+    for p in pieces {
+        let Piece::Device { physical, len } = p else {
+            panic!("written file mapped as zeros: {:?}", m.spans);
+        };
+        let got = read_direct(&dev, physical, len as usize).unwrap();
+        assert_eq!(got, data[at..at + len as usize], "{fs:?} at {at}");
+        at += len as usize;
+    }
+    assert!(
+        grant.resolve(0, 4096, true).is_none(),
+        "a read map grants no writes"
+    );
+
+    // A preallocated file maps as zeros for reading; a write map makes the range written
+    // first, and a direct write under it is what the server reads after commit.
+    let pre = s.lun.mount_point().join("pre.raw");
+    let f = File::create(&pre).unwrap();
+    // SAFETY: fallocate on a file we own.
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 8 * MIB as i64) };
+    assert_eq!(r, 0);
+    drop(f);
+    let m = granted(map(&c, "pre.raw", 0, 8 * MIB, false).await);
+    assert!(
+        m.spans.iter().all(|s| s.kind == SpanKind::Zero),
+        "{:?}",
+        m.spans
+    );
+    let w = granted(map(&c, "pre.raw", MIB, MIB, true).await);
+    let grant = Grant::new(w.spans, s.device_size).unwrap();
+    let pieces = grant.resolve(MIB, MIB, true).expect("writable");
+    let new = pattern(52, MIB as usize);
+    // The server's page cache now holds the zeros; commit must drop them.
+    let mut back = vec![1u8; MIB as usize];
+    File::open(&pre)
+        .unwrap()
+        .read_exact_at(&mut back, MIB)
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    let mut at = 0usize;
+    for p in pieces {
+        let Piece::Device { physical, len } = p else {
+            panic!("write map with zeros");
+        };
+        grant.guard().check(physical, len, true).unwrap();
+        write_direct(&dev, physical, &new[at..at + len as usize]);
+        at += len as usize;
+    }
+    dev.sync_all().unwrap();
+    assert_eq!(
+        c.call(Request::Commit {
+            lease: w.lease,
+            size: 8 * MIB
+        })
+        .await
+        .unwrap(),
+        Reply::Done
+    );
+    let mut back = vec![0u8; MIB as usize];
+    File::open(&pre)
+        .unwrap()
+        .read_exact_at(&mut back, MIB)
+        .unwrap();
+    assert!(
+        back == new,
+        "{fs:?}: the server reads the host's direct write"
+    );
+
+    // Paths outside the export are refused, the key never shows in the log.
+    for bad in ["../etc/passwd", "/etc/passwd", "nope.raw"] {
+        match map(&c, bad, 0, 4096, false).await {
+            Reply::Refused { reason } => assert!(
+                reason.contains(bad.trim_start_matches('/')) || reason.contains("relative"),
+                "{reason}"
+            ),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    assert!(!s.server.log().contains(KEY));
+    drop(c);
+    assert!(s.server.stop().success());
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test]
+async fn xfs_identity_maps_and_direct_writes() {
+    identity_and_maps(Fs::Xfs).await;
+}
+
+#[tokio::test]
+async fn ext4_identity_maps_and_direct_writes() {
+    identity_and_maps(Fs::Ext4).await;
+}
+
+#[tokio::test]
+async fn a_second_hosts_write_map_recalls_the_first() {
+    let s = setup(Fs::Xfs);
+    let img = s.lun.mount_point().join("vm.raw");
+    let mut f = File::create(&img).unwrap();
+    f.write_all(&pattern(53, 4 * MIB as usize)).unwrap();
+    drop(f);
+    let (a, mut a_recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
+    let (b, _) = MapClient::connect(&s.addr, &key(), "host-b").await.unwrap();
+    let lease = granted(map(&a, "vm.raw", 0, MIB, true).await).lease;
+    match map(&b, "vm.raw", 0, MIB, true).await {
+        Reply::Refused { reason } => assert!(reason.contains("host-a"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let recall = tokio::time::timeout(std::time::Duration::from_secs(5), a_recalls.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(recall.lease, lease);
+    assert_eq!(
+        a.call(Request::Return { lease }).await.unwrap(),
+        Reply::Done
+    );
+    granted(map(&b, "vm.raw", 0, MIB, true).await);
+    // Now host A's read is in the way of B's write lease.
+    match map(&a, "vm.raw", 0, MIB, false).await {
+        Reply::Refused { reason } => assert!(reason.contains("host-b"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    drop((a, b));
+    assert!(s.server.stop().success());
+}
+
+#[tokio::test]
+async fn a_host_with_the_wrong_key_is_refused() {
+    let mut s = setup(Fs::Ext4);
+    let wrong = Key::new(b"not-the-right-key-at-all".to_vec()).unwrap();
+    match MapClient::connect(&s.addr, &wrong, "intruder").await {
+        Err(ProtoError::Auth(m)) => assert!(m.contains("authentication failed"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected with the wrong key"),
+    }
+    // The server logs the refusal after sending it.
+    s.server
+        .wait_for_log("did not prove the key", std::time::Duration::from_secs(5));
+    let log = s.server.log();
+    assert!(log.contains("intruder"), "{log}");
+    assert!(!log.contains(KEY) && !log.contains("not-the-right-key"));
+    assert!(s.server.stop().success());
+}
+
+#[test]
+fn bad_map_server_configs_name_the_key() {
+    let dir = scratch();
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, "tiny\n").unwrap();
+    for (yaml, code, needle) in [
+        (
+            "listen: 127.0.0.1:1\nexport: /tmp\nkey_file: /k\nexprot: x\n",
+            2,
+            "exprot",
+        ),
+        (
+            "listen: 127.0.0.1:1\nexport: rel\nkey_file: /k\n",
+            2,
+            "key `export`",
+        ),
+        (
+            "listen: 127.0.0.1:1\nexport: /tmp\nkey_file: /k\nallocation_chunk: 3M\n",
+            2,
+            "allocation_chunk",
+        ),
+        (
+            &format!(
+                "listen: 127.0.0.1:1\nexport: /tmp\nkey_file: {}\n",
+                short.display()
+            ),
+            1,
+            "at least 16",
+        ),
+    ] {
+        let cfg = dir.path().join("m.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let (status, _, stderr) =
+            twinpath_tests::run_twinpath(&["map-server", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(status.code(), Some(code), "{yaml}: {stderr}");
+        assert!(stderr.contains(needle), "{yaml}: {stderr}");
+    }
+}

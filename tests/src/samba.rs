@@ -17,6 +17,7 @@ pub struct Samba {
     child: Option<Child>,
     dir: tempfile::TempDir,
     port: u16,
+    share: PathBuf,
 }
 
 /// A loopback port nobody listens on right now.
@@ -31,6 +32,12 @@ impl Samba {
     /// Starts smbd sharing a fresh directory as `vmstore` (user `root`, guest allowed) and
     /// waits until it accepts connections.
     pub fn start() -> Samba {
+        Self::start_sharing(None)
+    }
+
+    /// Like [`Samba::start`], sharing `share` (e.g. a mounted volume) instead of a fresh
+    /// directory.
+    pub fn start_sharing(share: Option<&Path>) -> Samba {
         let dir = tempfile::Builder::new()
             .prefix("twinpath-smbd-")
             .tempdir_in("/dev/shm")
@@ -42,8 +49,9 @@ impl Samba {
             std::fs::create_dir_all(d.join(sub)).expect("smbd subdir");
         }
         let port = free_port();
+        let share = share.map_or_else(|| d.join("share"), Path::to_path_buf);
         let conf = d.join("smb.conf");
-        std::fs::write(&conf, config(d, port)).expect("smb.conf");
+        std::fs::write(&conf, config(d, port, &share)).expect("smb.conf");
         let mut add = Command::new("smbpasswd")
             .args(["-c"])
             .arg(&conf)
@@ -66,6 +74,7 @@ impl Samba {
             child: None,
             dir,
             port,
+            share,
         };
         samba.restart();
         samba
@@ -131,7 +140,7 @@ impl Samba {
 
     /// The directory behind the share, as the server sees it.
     pub fn share_dir(&self) -> PathBuf {
-        self.dir.path().join("share")
+        self.share.clone()
     }
 
     pub fn log(&self) -> String {
@@ -173,7 +182,7 @@ impl Drop for Samba {
     }
 }
 
-fn config(d: &Path, port: u16) -> String {
+fn config(d: &Path, port: u16, share: &Path) -> String {
     let p = |s: &str| d.join(s).display().to_string();
     format!(
         "[global]
@@ -223,6 +232,6 @@ fn config(d: &Path, port: u16) -> String {
         pid = p("pid"),
         ncalrpc = p("ncalrpc"),
         log = p("smbd.log"),
-        share = p("share"),
+        share = share.display(),
     )
 }

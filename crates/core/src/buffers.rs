@@ -98,6 +98,18 @@ impl GuestBuffers {
         IoVecs(out)
     }
 
+    /// A view of `[offset, offset + len)` of these buffers (clipped to their end) that keeps
+    /// the same memory alive: for handing parts of one request to different places.
+    pub fn slice(&self, offset: usize, len: usize) -> GuestBuffers {
+        let IoVecs(iovecs) = self.iovecs_range(offset, len);
+        let len = iovecs.iter().map(|v| v.iov_len).sum();
+        GuestBuffers {
+            iovecs,
+            len,
+            _keepalive: self._keepalive.clone(),
+        }
+    }
+
     /// Copies `src` into the buffers starting at byte `offset` (bounded by the buffer end).
     /// Returns the number of bytes copied.
     pub fn copy_from_slice(&self, offset: usize, src: &[u8]) -> usize {
@@ -208,5 +220,16 @@ mod tests {
                 .sum::<usize>(),
             2
         );
+    }
+
+    #[test]
+    fn slices_write_through_to_the_same_memory() {
+        let (bufs, shared) = two_segments();
+        let part = bufs.slice(3, 4);
+        assert_eq!(part.len(), 4);
+        assert_eq!(part.iovecs().len(), 2);
+        part.copy_from_slice(0, &[9, 8, 7, 6]);
+        assert_eq!(&shared.lock().unwrap()[..], &[0, 0, 0, 9, 8, 7, 6, 0, 0, 0]);
+        assert_eq!(bufs.slice(8, 10).len(), 2);
     }
 }

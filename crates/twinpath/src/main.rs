@@ -64,6 +64,8 @@ fn registry() -> Registry {
     registry.register(twinpath_plugin_file::plugin());
     #[cfg(feature = "smb")]
     registry.register(twinpath_plugin_smb::plugin());
+    #[cfg(feature = "san")]
+    registry.register(twinpath_plugin_san::plugin());
     registry
 }
 

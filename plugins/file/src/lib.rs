@@ -33,7 +33,8 @@ use twinpath_core::{
     GuestBuffers, OptionError, Plugin, Result,
 };
 
-use crate::io::{Engine, EngineKind, FileKind};
+pub use crate::io::EngineKind;
+use crate::io::{Engine, FileKind};
 
 pub struct FilePlugin;
 
@@ -117,6 +118,23 @@ impl BackendSpec for FileSpec {
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         Ok(Arc::new(FileBackend::open(self)?))
     }
+}
+
+/// Opens a block device (or file) for direct I/O with O_DIRECT on the chosen engine: how the
+/// `san` plugin reads and writes a shared LUN.
+pub fn open_direct(
+    path: &std::path::Path,
+    read_only: bool,
+    engine: EngineKind,
+) -> Result<Arc<dyn BlockBackend>> {
+    let spec = FileSpec {
+        path: path.to_path_buf(),
+        direct: true,
+        create_size: None,
+        read_only,
+        engine,
+    };
+    Ok(Arc::new(FileBackend::open(&spec)?))
 }
 
 struct FileBackend {

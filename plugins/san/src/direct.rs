@@ -1,0 +1,454 @@
+//! The direct path of one disk: maps fetched per window of the image, device I/O under them,
+//! and the bookkeeping that keeps the server's view and the host's writes apart.
+//!
+//! Rules, each for a reason:
+//! - A request is done directly only when one window's grant covers all of it with the access
+//!   it needs; otherwise it goes over SMB whole (never split between the paths).
+//! - Every device I/O passes the grant's [`Guard`] first.
+//! - A network write in a window first retires that window's grant (waits for its direct I/O,
+//!   commits it, returns the lease): the next direct use re-maps, and the server fsyncs before
+//!   mapping, so its dirty pages can never be written back over a direct write.
+//! - A network read in a window with uncommitted direct writes commits them first, so the
+//!   server drops cached pages that predate them.
+//! - A recall, a lost map connection or a device error takes grants away at once; the
+//!   requests continue over SMB and the direct path is tried again after [`RETRY_AFTER`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+use tokio::sync::mpsc;
+use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
+use twinpath_filemap::{Grant, Guard, Piece};
+use twinpath_mapproto::{Key, MapClient, Recall, Reply, Request};
+
+/// Maps are asked for in windows of the image this large (the map server's default
+/// allocation chunk, so a write map allocates one chunk).
+pub const WINDOW: u64 = 64 << 20;
+
+/// How long a refusal, a lost map server or a device error keeps a window (or the whole
+/// direct path) on the network before it is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// A granted window: its map, its lease, and what is going on under it.
+struct Window {
+    grant: Grant,
+    guard: Guard,
+    lease: u64,
+    write: bool,
+    /// Direct I/Os under this grant still running.
+    inflight: AtomicUsize,
+    /// Direct writes not yet committed to the server.
+    dirty: AtomicBool,
+}
+
+enum Slot {
+    Mapped(Arc<Window>),
+    /// The server refused, or the grant was taken back: network until then.
+    Resting(Instant),
+}
+
+/// Counts a direct I/O against its window while it lives.
+struct InFlight(Arc<Window>);
+
+impl InFlight {
+    fn new(w: &Arc<Window>) -> InFlight {
+        w.inflight.fetch_add(1, Ordering::AcqRel);
+        InFlight(w.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How to reach the map server.
+pub struct MapServerAddr {
+    pub addr: String,
+    pub key: Key,
+    pub host: String,
+}
+
+/// What happened to a request offered to the direct path.
+pub enum Outcome {
+    Done,
+    /// Not possible directly (no grant, not covered, resting): use the network.
+    Network,
+}
+
+pub struct Direct {
+    server: MapServerAddr,
+    /// The image's path in the export (the same as on the share).
+    path: String,
+    device: PathBuf,
+    device_size: u64,
+    lun: Arc<dyn BlockBackend>,
+    client: tokio::sync::Mutex<Option<Arc<MapClient>>>,
+    windows: Mutex<HashMap<u64, Slot>>,
+    /// The whole direct path rests until then (map server lost, device error).
+    down_until: Mutex<Option<Instant>>,
+    /// One map request at a time.
+    fetching: tokio::sync::Mutex<()>,
+    /// Direct writes since the last device flush.
+    device_dirty: AtomicBool,
+}
+
+impl Direct {
+    pub fn new(
+        server: MapServerAddr,
+        client: MapClient,
+        recalls: mpsc::UnboundedReceiver<Recall>,
+        path: String,
+        device: PathBuf,
+        device_size: u64,
+        lun: Arc<dyn BlockBackend>,
+    ) -> Arc<Direct> {
+        let client = Arc::new(client);
+        let d = Arc::new(Direct {
+            server,
+            path,
+            device,
+            device_size,
+            lun,
+            client: tokio::sync::Mutex::new(Some(client)),
+            windows: Mutex::default(),
+            down_until: Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
+            device_dirty: AtomicBool::new(false),
+        });
+        d.watch_recalls(recalls);
+        d
+    }
+
+    fn describe(&self) -> String {
+        format!("{} on {}", self.path, self.device.display())
+    }
+
+    fn resting(&self) -> bool {
+        lock(&self.down_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Takes every grant away and rests the whole direct path.
+    fn go_down(&self, why: &str) {
+        tracing::warn!(image = %self.describe(), "direct path off for {RETRY_AFTER:?}: {why}");
+        *lock(&self.down_until) = Some(Instant::now() + RETRY_AFTER);
+        lock(&self.windows).clear();
+    }
+
+    /// Handles recalls for as long as the map connection lives; then takes grants away.
+    fn watch_recalls(self: &Arc<Self>, mut recalls: mpsc::UnboundedReceiver<Recall>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(r) = recalls.recv().await {
+                let Some(d) = me.upgrade() else { return };
+                tracing::info!(image = %d.describe(), lease = r.lease, "recalled: {}", r.reason);
+                let found = {
+                    let mut windows = lock(&d.windows);
+                    let hit = windows.iter().find_map(|(&w, s)| match s {
+                        Slot::Mapped(win) if win.lease == r.lease => Some((w, win.clone())),
+                        _ => None,
+                    });
+                    if let Some((w, _)) = hit {
+                        windows.insert(w, Slot::Resting(Instant::now() + RETRY_AFTER));
+                    }
+                    hit
+                };
+                match found {
+                    Some((_, win)) => d.retire(win).await,
+                    None => d.give_back(r.lease).await,
+                }
+            }
+            if let Some(d) = me.upgrade() {
+                *d.client.lock().await = None;
+                d.go_down("map server connection lost");
+            }
+        });
+    }
+
+    /// The map connection, reconnecting (and re-checking the LUN) when it was lost.
+    async fn client(self: &Arc<Self>) -> Option<Arc<MapClient>> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Some(c.clone());
+        }
+        if self.resting() {
+            return None;
+        }
+        let s = &self.server;
+        let connected = async {
+            let (c, recalls) = MapClient::connect(&s.addr, &s.key, &s.host)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Reply::Identity(id) = c.call(Request::Identity).await.map_err(|e| e.to_string())?
+            else {
+                return Err("no identity".to_owned());
+            };
+            let device = self.device.clone();
+            tokio::task::spawn_blocking(move || crate::lun::check(&device, &id))
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok::<_, String>((c, recalls))
+        };
+        match connected.await {
+            Ok((c, recalls)) => {
+                tracing::info!(image = %self.describe(), "map server connection back");
+                let c = Arc::new(c);
+                *slot = Some(c.clone());
+                self.watch_recalls(recalls);
+                Some(c)
+            }
+            Err(e) => {
+                drop(slot);
+                self.go_down(&format!("map server {}: {e}", s.addr));
+                None
+            }
+        }
+    }
+
+    /// The grant of window `w` good for `write`, asking the map server if there is none.
+    async fn window(self: &Arc<Self>, w: u64, write: bool) -> Option<Arc<Window>> {
+        let usable = |d: &Direct| -> std::result::Result<Arc<Window>, bool> {
+            match lock(&d.windows).get(&w) {
+                Some(Slot::Mapped(win)) if !write || win.write => Ok(win.clone()),
+                Some(Slot::Resting(until)) if Instant::now() < *until => Err(false),
+                _ => Err(true),
+            }
+        };
+        if self.resting() {
+            return None;
+        }
+        match usable(self) {
+            Ok(win) => return Some(win),
+            Err(false) => return None,
+            Err(true) => {}
+        }
+        let _one = self.fetching.lock().await;
+        match usable(self) {
+            Ok(win) => return Some(win),
+            Err(false) => return None,
+            Err(true) => {}
+        }
+        let client = self.client().await?;
+        let asked = client
+            .call(Request::GetMap {
+                path: self.path.clone(),
+                offset: w * WINDOW,
+                len: WINDOW,
+                write,
+            })
+            .await;
+        let rest = |d: &Direct| {
+            lock(&d.windows).insert(w, Slot::Resting(Instant::now() + RETRY_AFTER));
+        };
+        match asked {
+            Ok(Reply::Map(m)) => match Grant::new(m.spans, self.device_size) {
+                Ok(grant) => {
+                    let win = Arc::new(Window {
+                        guard: grant.guard(),
+                        grant,
+                        lease: m.lease,
+                        write,
+                        inflight: AtomicUsize::new(0),
+                        dirty: AtomicBool::new(false),
+                    });
+                    let old = lock(&self.windows).insert(w, Slot::Mapped(win.clone()));
+                    if let Some(Slot::Mapped(old)) = old {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.retire(old).await });
+                    }
+                    Some(win)
+                }
+                Err(e) => {
+                    tracing::warn!(image = %self.describe(), window = w, "map refused here: {e}");
+                    rest(self);
+                    self.give_back(m.lease).await;
+                    None
+                }
+            },
+            Ok(Reply::Refused { reason }) => {
+                tracing::debug!(image = %self.describe(), window = w, "no map: {reason}");
+                rest(self);
+                None
+            }
+            Ok(other) => {
+                tracing::warn!(image = %self.describe(), "unexpected map reply {other:?}");
+                rest(self);
+                None
+            }
+            Err(e) => {
+                *self.client.lock().await = None;
+                self.go_down(&format!("map request: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Returns a lease the host no longer uses.
+    async fn give_back(&self, lease: u64) {
+        let client = self.client.lock().await.clone();
+        if let Some(c) = client {
+            if let Err(e) = c.call(Request::Return { lease }).await {
+                tracing::debug!(lease, "return: {e}");
+            }
+        }
+    }
+
+    /// Waits for a grant's direct I/O, commits its writes and returns its lease.
+    async fn retire(&self, win: Arc<Window>) {
+        while win.inflight.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if win.dirty.load(Ordering::Acquire) {
+            if let Err(e) = self.commit(&win).await {
+                tracing::warn!(image = %self.describe(), lease = win.lease, "commit: {e}");
+            }
+        }
+        self.give_back(win.lease).await;
+    }
+
+    /// Makes the window's direct writes durable on the device and tells the server.
+    async fn commit(&self, win: &Window) -> Result<()> {
+        self.flush_device().await?;
+        win.dirty.store(false, Ordering::Release);
+        let client = self.client.lock().await.clone();
+        let Some(c) = client else {
+            return Err(Error::new(ErrorKind::Io, "map server not connected"));
+        };
+        match c
+            .call(Request::Commit {
+                lease: win.lease,
+                size: 0,
+            })
+            .await
+        {
+            Ok(Reply::Done) => Ok(()),
+            Ok(other) => Err(Error::new(ErrorKind::Io, format!("commit: {other:?}"))),
+            Err(e) => Err(Error::new(ErrorKind::Io, format!("commit: {e}"))),
+        }
+    }
+
+    /// The one window `[offset, offset + len)` lies in, if it lies in one.
+    fn window_of(offset: u64, len: u64) -> Option<u64> {
+        let w = offset / WINDOW;
+        (len > 0 && (offset + len - 1) / WINDOW == w).then_some(w)
+    }
+
+    /// Tries the request on the device. `Network` when it cannot be done directly; an error
+    /// only when device I/O was issued and failed (the caller then uses the network).
+    pub async fn io(
+        self: &Arc<Self>,
+        offset: u64,
+        bufs: &GuestBuffers,
+        write: bool,
+    ) -> Result<Outcome> {
+        let len = bufs.len() as u64;
+        let Some(w) = Self::window_of(offset, len) else {
+            return Ok(Outcome::Network);
+        };
+        let Some(win) = self.window(w, write).await else {
+            return Ok(Outcome::Network);
+        };
+        let Some(pieces) = win.grant.resolve(offset, len, write) else {
+            return Ok(Outcome::Network);
+        };
+        let _counted = InFlight::new(&win);
+        // The window may have been taken away between the lookup and the count.
+        if !matches!(lock(&self.windows).get(&w), Some(Slot::Mapped(cur)) if Arc::ptr_eq(cur, &win))
+        {
+            return Ok(Outcome::Network);
+        }
+        let mut at = 0usize;
+        let mut ops = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::Device { physical, len } => {
+                    win.guard.check(physical, len, write).map_err(|e| {
+                        Error::new(ErrorKind::Io, format!("{}: {e}", self.describe()))
+                    })?;
+                    let part = bufs.slice(at, len as usize);
+                    let lun = self.lun.clone();
+                    ops.push(async move {
+                        if write {
+                            lun.write(physical, part).await
+                        } else {
+                            lun.read(physical, part).await
+                        }
+                    });
+                    at += len as usize;
+                }
+                Piece::Zero { len } => {
+                    bufs.fill_zero(at, len as usize);
+                    at += len as usize;
+                }
+            }
+        }
+        if write {
+            win.dirty.store(true, Ordering::Release);
+            self.device_dirty.store(true, Ordering::Release);
+        }
+        match try_join_all(ops).await {
+            Ok(_) => Ok(Outcome::Done),
+            Err(e) => {
+                self.go_down(&format!("device I/O at file offset {offset}: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Called before a request goes over the network: see the module rules.
+    pub async fn before_network(self: &Arc<Self>, offset: u64, len: u64, write: bool) {
+        let first = offset / WINDOW;
+        let last = (offset + len.max(1) - 1) / WINDOW;
+        for w in first..=last {
+            let win = match lock(&self.windows).get(&w) {
+                Some(Slot::Mapped(win)) => win.clone(),
+                _ => continue,
+            };
+            if write {
+                lock(&self.windows).insert(w, Slot::Resting(Instant::now()));
+                self.retire(win).await;
+            } else if win.dirty.load(Ordering::Acquire) {
+                if let Err(e) = self.commit(&win).await {
+                    tracing::warn!(image = %self.describe(), "commit before network read: {e}");
+                }
+            }
+        }
+    }
+
+    async fn flush_device(&self) -> Result<()> {
+        if self.device_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.lun.flush().await {
+                self.device_dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Device flush (an error here is the guest's: direct writes may not be durable), then
+    /// commit of every window written since its last commit (an error there only costs the
+    /// server a re-map, which fsyncs and drops its cache anyway).
+    pub async fn flush(&self) -> Result<()> {
+        self.flush_device()
+            .await
+            .map_err(|e| e.within(format!("flush {}", self.describe())))?;
+        let dirty: Vec<Arc<Window>> = lock(&self.windows)
+            .values()
+            .filter_map(|s| match s {
+                Slot::Mapped(w) if w.dirty.load(Ordering::Acquire) => Some(w.clone()),
+                _ => None,
+            })
+            .collect();
+        for w in dirty {
+            if let Err(e) = self.commit(&w).await {
+                tracing::warn!(image = %self.describe(), lease = w.lease, "commit: {e}");
+            }
+        }
+        Ok(())
+    }
+}

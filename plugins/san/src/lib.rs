@@ -1,0 +1,358 @@
+//! The `san` backend: an image on an SMB share that is also read and written directly on the
+//! shared LUN holding the server's volume, at the offsets a map server grants. The SMB path
+//! (the `smb` plugin, reused as is) is always open; the direct path is used where it may be
+//! and falls back to SMB wherever anything is in doubt, so its failures are never the guest's.
+//!
+//! ```yaml
+//! backend:
+//!   type: san
+//!   server: 192.0.2.10:445            # every `smb` key: the network path
+//!   share: vmstore
+//!   path: images/vm1.raw              # also the image's path under the map server's export
+//!   user: svc-vmhost
+//!   password_file: /etc/twinpath/smb.pass
+//!   map_server: 192.0.2.10:7410       # the map service on the file server
+//!   map_key_file: /etc/twinpath/map.key
+//!   lun: auto                         # or the device path, e.g. /dev/mapper/mpatha
+//!   host_name: vmhost-07              # how this host is named to the map server (default:
+//!                                     # the system's host name)
+//! ```
+
+mod direct;
+mod lun;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use twinpath_core::{
+    parse_options, BackendSpec, BlockBackend, DiskContext, DiskInfo, Error, ErrorKind,
+    GuestBuffers, OptionError, Plugin, Result,
+};
+use twinpath_mapproto::{Key, MapClient, Reply, Request};
+
+use crate::direct::{Direct, MapServerAddr, Outcome};
+
+/// The keys this plugin reads itself; every other key belongs to the `smb` plugin.
+const OWN_KEYS: [&str; 4] = ["map_server", "map_key_file", "lun", "host_name"];
+
+/// How long setting up the direct path may take at start before the disk goes on without it.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct SanPlugin;
+
+/// The plugin, to register in the binary's [`twinpath_core::Registry`].
+pub fn plugin() -> Box<dyn Plugin> {
+    Box::new(SanPlugin)
+}
+
+fn default_lun() -> String {
+    "auto".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    map_server: String,
+    map_key_file: PathBuf,
+    #[serde(default = "default_lun")]
+    lun: String,
+    #[serde(default)]
+    host_name: Option<String>,
+}
+
+#[derive(Debug)]
+struct SanSpec {
+    network: Box<dyn BackendSpec>,
+    path: String,
+    map_server: String,
+    map_key_file: PathBuf,
+    lun: Option<PathBuf>,
+    host_name: String,
+    read_only: bool,
+}
+
+fn system_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "twinpath-host".into())
+}
+
+impl Plugin for SanPlugin {
+    fn name(&self) -> &'static str {
+        "san"
+    }
+
+    fn parse(
+        &self,
+        disk: &DiskContext,
+        options: serde_yaml::Value,
+    ) -> std::result::Result<Box<dyn BackendSpec>, OptionError> {
+        let serde_yaml::Value::Mapping(mut rest) = options else {
+            return Err(OptionError {
+                key: None,
+                message: "backend options must be a mapping".into(),
+            });
+        };
+        let mut own = serde_yaml::Mapping::new();
+        for k in OWN_KEYS {
+            if let Some(v) = rest.remove(k) {
+                own.insert(k.into(), v);
+            }
+        }
+        let o: Options = parse_options(serde_yaml::Value::Mapping(own))?;
+        if !o.map_server.contains(':') {
+            return Err(OptionError::new(
+                "map_server",
+                "must be host:port, e.g. 192.0.2.10:7410",
+            ));
+        }
+        let lun = match o.lun.as_str() {
+            "auto" => None,
+            p if p.starts_with('/') => Some(PathBuf::from(p)),
+            _ => {
+                return Err(OptionError::new(
+                    "lun",
+                    "must be `auto` or an absolute device path",
+                ))
+            }
+        };
+        let path = rest
+            .get("path")
+            .and_then(|p| p.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let network =
+            twinpath_plugin_smb::plugin().parse(disk, serde_yaml::Value::Mapping(rest))?;
+        Ok(Box::new(SanSpec {
+            network,
+            path,
+            map_server: o.map_server,
+            map_key_file: o.map_key_file,
+            lun,
+            host_name: o.host_name.unwrap_or_else(system_host_name),
+            read_only: disk.read_only,
+        }))
+    }
+}
+
+impl SanSpec {
+    /// Connects to the map server, finds the LUN and opens it for direct I/O.
+    async fn open_direct(&self) -> std::result::Result<Arc<Direct>, String> {
+        let key = Key::from_file(&self.map_key_file)?;
+        let (client, recalls) = MapClient::connect(&self.map_server, &key, &self.host_name)
+            .await
+            .map_err(|e| format!("map server {}: {e}", self.map_server))?;
+        let Reply::Identity(id) = client
+            .call(Request::Identity)
+            .await
+            .map_err(|e| format!("map server {}: {e}", self.map_server))?
+        else {
+            return Err("the map server sent no volume identity".into());
+        };
+        let lun = self.lun.clone();
+        let checked = id.clone();
+        let device = tokio::task::spawn_blocking(move || match lun {
+            Some(p) => lun::check(&p, &checked).map(|()| p),
+            None => lun::find(&checked),
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let backend = twinpath_plugin_file::open_direct(
+            &device,
+            self.read_only,
+            twinpath_plugin_file::EngineKind::Auto,
+        )
+        .map_err(|e| e.to_string())?;
+        tracing::info!(
+            image = self.path,
+            device = %device.display(),
+            fs = id.fs_type,
+            "direct path ready"
+        );
+        Ok(Direct::new(
+            MapServerAddr {
+                addr: self.map_server.clone(),
+                key,
+                host: self.host_name.clone(),
+            },
+            client,
+            recalls,
+            self.path.clone(),
+            device,
+            id.size,
+            backend,
+        ))
+    }
+}
+
+#[async_trait]
+impl BackendSpec for SanSpec {
+    fn describe(&self) -> String {
+        let lun = self
+            .lun
+            .as_ref()
+            .map_or("auto".to_owned(), |p| p.display().to_string());
+        format!(
+            "san: {}, direct on LUN {lun} via map server {}",
+            self.network.describe(),
+            self.map_server
+        )
+    }
+
+    async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
+        let network = self.network.open().await?;
+        let direct = match tokio::time::timeout(SETUP_TIMEOUT, self.open_direct()).await {
+            Ok(Ok(d)) => Some(d),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    image = self.path,
+                    "direct path unavailable, serving over SMB: {e}"
+                );
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    image = self.path,
+                    "direct path setup timed out, serving over SMB"
+                );
+                None
+            }
+        };
+        Ok(Arc::new(SanBackend {
+            network,
+            direct,
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+}
+
+/// Each request tries the direct path, then the network path. Requests run on the tokio
+/// runtime, where the map connection and timers live.
+struct SanBackend {
+    network: Arc<dyn BlockBackend>,
+    direct: Option<Arc<Direct>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SanBackend {
+    async fn run<F>(&self, what: &'static str, task: F) -> Result<()>
+    where
+        F: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        self.runtime
+            .spawn(task)
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Io, format!("{what} task failed"), e))?
+    }
+
+    async fn data(&self, offset: u64, bufs: GuestBuffers, write: bool) -> Result<()> {
+        let network = self.network.clone();
+        let direct = self.direct.clone();
+        self.run(if write { "write" } else { "read" }, async move {
+            if let Some(d) = &direct {
+                match d.io(offset, &bufs, write).await {
+                    Ok(Outcome::Done) => return Ok(()),
+                    Ok(Outcome::Network) => {}
+                    Err(e) => tracing::warn!("direct I/O failed, retrying over SMB: {e}"),
+                }
+                d.before_network(offset, bufs.len() as u64, write).await;
+            }
+            if write {
+                network.write(offset, bufs).await
+            } else {
+                network.read(offset, bufs).await
+            }
+        })
+        .await
+    }
+
+    /// Metadata-changing requests (discard, write-zeroes) go over SMB; the grants they touch
+    /// are retired first, since the server may deallocate there.
+    async fn metadata(&self, offset: u64, len: u64) -> Option<Arc<Direct>> {
+        let d = self.direct.clone()?;
+        let d2 = d.clone();
+        let _ = self
+            .run("retire", async move {
+                d2.before_network(offset, len, true).await;
+                Ok(())
+            })
+            .await;
+        Some(d)
+    }
+}
+
+#[async_trait]
+impl BlockBackend for SanBackend {
+    fn info(&self) -> DiskInfo {
+        self.network.info()
+    }
+
+    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        self.data(offset, bufs, false).await
+    }
+
+    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        self.data(offset, bufs, true).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if let Some(d) = self.direct.clone() {
+            self.run("flush", async move { d.flush().await }).await?;
+        }
+        self.network.flush().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.metadata(offset, len).await;
+        self.network.discard(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.metadata(offset, len).await;
+        self.network.write_zeroes(offset, len, unmap).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> std::result::Result<String, String> {
+        let mut options: serde_yaml::Mapping = serde_yaml::from_str(
+            "{server: '127.0.0.1:445', share: vmstore, path: vm.raw, \
+             map_server: '127.0.0.1:7410', map_key_file: /k}",
+        )
+        .unwrap();
+        options.extend(serde_yaml::from_str::<serde_yaml::Mapping>(extra).unwrap());
+        let disk = DiskContext {
+            name: "vm".into(),
+            read_only: false,
+        };
+        SanPlugin
+            .parse(&disk, serde_yaml::Value::Mapping(options))
+            .map(|spec| spec.describe())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn own_keys_here_smb_keys_there() {
+        let d = parse("{lun: /dev/sdb}").unwrap();
+        assert!(
+            d.contains("//127.0.0.1:445/vmstore/vm.raw") && d.contains("/dev/sdb"),
+            "{d}"
+        );
+        for (extra, key) in [
+            ("{map_server: nohost}", "map_server"),
+            ("{lun: sdb}", "lun"),
+            ("{max_in_flight: 0}", "max_in_flight"),
+            ("{mapserver: x}", "mapserver"),
+            ("{server: nas}", "server"),
+        ] {
+            let e = parse(extra).unwrap_err();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+    }
+}

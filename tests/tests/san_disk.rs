@@ -1,0 +1,447 @@
+//! `san` disks end to end: a loop device with xfs as the shared LUN, mounted and shared by a
+//! private smbd, the map server on it, and the daemon opening the loop device as its LUN,
+//! driven by the real vhost-user client.
+
+use std::path::{Path, PathBuf};
+
+use twinpath_tests::lun::{Fs, LoopLun};
+use twinpath_tests::samba::{free_port, Samba, PASSWORD, SHARE, USER};
+use twinpath_tests::*;
+
+const MIB: u64 = 1 << 20;
+const MAP_KEY: &str = "san-test-map-key-0123456789";
+
+struct Rig {
+    lun: LoopLun,
+    smb: Samba,
+    map: Option<Daemon>,
+    map_addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn start(fs: Fs) -> Rig {
+        let lun = LoopLun::new(512 * MIB, fs);
+        let smb = Samba::start_sharing(Some(&lun.mount_point()));
+        let dir = scratch();
+        std::fs::write(dir.path().join("map.key"), MAP_KEY).unwrap();
+        std::fs::write(dir.path().join("smb.pass"), PASSWORD).unwrap();
+        let map_addr = format!("127.0.0.1:{}", free_port());
+        let map = Daemon::start_map_server(
+            dir.path(),
+            &format!(
+                "listen: {map_addr}\nexport: {}\nkey_file: {}\n",
+                lun.mount_point().display(),
+                dir.path().join("map.key").display()
+            ),
+        );
+        Rig {
+            lun,
+            smb,
+            map: Some(map),
+            map_addr,
+            dir,
+        }
+    }
+
+    /// An image written through the server's filesystem, so all of it is allocated.
+    fn image(&self, name: &str, seed: u64, size: u64) -> Vec<u8> {
+        let data = pattern(seed, size as usize);
+        std::fs::write(self.lun.mount_point().join(name), &data).unwrap();
+        data
+    }
+
+    fn disk_yaml(&self, name: &str, image: &str, lun: &str) -> String {
+        format!(
+            "  - name: {name}\n    socket: {}\n    backend:\n      type: san\n      server: {}\n      share: {SHARE}\n      path: {image}\n      user: {USER}\n      password_file: {}\n      map_server: {}\n      map_key_file: {}\n      lun: {lun}\n      host_name: test-host\n",
+            self.sock(name).display(),
+            self.smb.addr(),
+            self.dir.path().join("smb.pass").display(),
+            self.map_addr,
+            self.dir.path().join("map.key").display(),
+        )
+    }
+
+    fn sock(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.sock"))
+    }
+
+    fn serve(&self, disks: &str) -> Daemon {
+        let d = self.dir.path().join("daemon");
+        std::fs::create_dir_all(&d).unwrap();
+        Daemon::start(&d, &format!("disks:\n{disks}"))
+    }
+
+    /// Sectors written to the LUN so far (from the block layer's counters).
+    fn lun_sectors_written(&self) -> u64 {
+        let name = self
+            .lun
+            .device()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        stat.split_whitespace().nth(6).unwrap().parse().unwrap()
+    }
+
+    fn server_file(&self, image: &str) -> Vec<u8> {
+        std::fs::read(self.lun.mount_point().join(image)).unwrap()
+    }
+}
+
+fn client(sock: &Path) -> Client {
+    Client::connect(
+        sock,
+        &ClientOptions {
+            buffer_size: 4 * MIB as usize,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn san_disk_writes_go_to_the_lun_and_read_back_everywhere() {
+    let rig = Rig::start(Fs::Xfs);
+    let original = rig.image("vm.raw", 61, 72 * MIB);
+    let lun = rig.lun.device().display().to_string();
+    let daemon = rig.serve(&rig.disk_yaml("san0", "vm.raw", &lun));
+    assert!(
+        daemon.log().contains("direct path ready"),
+        "{}",
+        daemon.log()
+    );
+    let mut c = client(&rig.sock("san0"));
+    assert_eq!(c.capacity(), 72 * MIB);
+
+    assert_eq!(
+        c.read(0, 3 * MIB, MIB as usize).unwrap(),
+        original[3 * MIB as usize..4 * MIB as usize]
+    );
+    // A direct write reaches the device at once; over SMB it would sit in the server's
+    // page cache until a flush.
+    let before = rig.lun_sectors_written();
+    let data = pattern(62, 2 * MIB as usize);
+    c.write(0, 5 * MIB, &data).unwrap();
+    let written = rig.lun_sectors_written() - before;
+    assert!(
+        written >= 2 * MIB / 512,
+        "only {written} sectors reached the LUN"
+    );
+    c.flush(0).unwrap();
+    assert_eq!(c.read(0, 5 * MIB, data.len()).unwrap(), data);
+    // The server sees it through its filesystem, and smbclient through the share.
+    let on_server = rig.server_file("vm.raw");
+    assert_eq!(on_server[5 * MIB as usize..7 * MIB as usize], data[..]);
+    let out = rig.smb.smbclient("get vm.raw /dev/stdout", false);
+    assert!(out.status.success());
+    assert_eq!(out.stdout[5 * MIB as usize..7 * MIB as usize], data[..]);
+    // A write across a map window (64 MiB) goes over SMB whole and reads back the same.
+    let across = pattern(63, MIB as usize);
+    let at = 64 * MIB - MIB / 2;
+    c.write(0, at, &across).unwrap();
+    c.flush(0).unwrap();
+    assert_eq!(c.read(0, at, across.len()).unwrap(), across);
+    assert_eq!(
+        rig.server_file("vm.raw")[at as usize..(at + MIB) as usize],
+        across[..]
+    );
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_wrong_lun_means_smb_only_and_no_errors() {
+    let rig = Rig::start(Fs::Xfs);
+    let other = LoopLun::new(512 * MIB, Fs::Xfs);
+    rig.image("vm.raw", 64, 16 * MIB);
+    let daemon = rig.serve(&rig.disk_yaml("san1", "vm.raw", &other.device().display().to_string()));
+    let log = daemon.log();
+    assert!(
+        log.contains("direct path unavailable") && log.contains("the server's volume is"),
+        "{log}"
+    );
+    let mut c = client(&rig.sock("san1"));
+    let data = pattern(65, MIB as usize);
+    c.write(0, MIB, &data).unwrap();
+    c.flush(0).unwrap();
+    assert_eq!(c.read(0, MIB, data.len()).unwrap(), data);
+    assert_eq!(
+        rig.server_file("vm.raw")[MIB as usize..2 * MIB as usize],
+        data[..]
+    );
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn lun_auto_finds_the_servers_volume() {
+    let rig = Rig::start(Fs::Ext4);
+    // A second volume that is not the server's: auto must pick the right one.
+    let _decoy = LoopLun::new(512 * MIB, Fs::Ext4);
+    rig.image("vm.raw", 66, 8 * MIB);
+    let daemon = rig.serve(&rig.disk_yaml("san2", "vm.raw", "auto"));
+    let log = daemon.log();
+    let device = rig.lun.device().display().to_string();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("direct path ready") && l.contains(&device)),
+        "{log}"
+    );
+    let mut c = client(&rig.sock("san2"));
+    let data = pattern(67, MIB as usize);
+    c.write(0, 0, &data).unwrap();
+    c.flush(0).unwrap();
+    assert_eq!(rig.server_file("vm.raw")[..MIB as usize], data[..]);
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+/// The image as the guest should see it, and random I/O checked against it.
+struct Model {
+    data: Vec<u8>,
+    rng: u64,
+}
+
+impl Model {
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// `ops` random writes (4 KiB to 256 KiB, 4 KiB aligned), each read back and compared;
+    /// every read also checks a random other range.
+    fn churn(&mut self, c: &mut Client, ops: usize) {
+        for _ in 0..ops {
+            let blocks = self.data.len() as u64 / 4096;
+            let len = (1 + self.next() % 64) * 4096;
+            let at = (self.next() % (blocks - len / 4096)) * 4096;
+            let seed = self.next();
+            let data = pattern(seed, len as usize);
+            c.write(0, at, &data).unwrap();
+            self.data[at as usize..(at + len) as usize].copy_from_slice(&data);
+            assert!(
+                c.read(0, at, len as usize).unwrap() == data,
+                "read back at {at}"
+            );
+            let other = (self.next() % (blocks - 16)) * 4096;
+            assert!(
+                c.read(0, other, 65536).unwrap()[..]
+                    == self.data[other as usize..other as usize + 65536],
+                "read at {other}"
+            );
+            if self.next().is_multiple_of(8) {
+                c.flush(0).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn map_server_lost_mid_run_costs_no_guest_error_and_comes_back() {
+    let mut rig = Rig::start(Fs::Xfs);
+    let data = rig.image("vm.raw", 71, 32 * MIB);
+    let daemon =
+        rig.serve(&rig.disk_yaml("san3", "vm.raw", &rig.lun.device().display().to_string()));
+    let mut c = client(&rig.sock("san3"));
+    let mut model = Model { data, rng: 71 };
+    model.churn(&mut c, 40);
+    // SIGKILL: the connection drops with grants outstanding.
+    drop(rig.map.take());
+    model.churn(&mut c, 40);
+    c.flush(0).unwrap();
+    assert_eq!(
+        rig.server_file("vm.raw"),
+        model.data,
+        "after the map server died"
+    );
+    assert!(daemon.log().contains("direct path off"), "{}", daemon.log());
+
+    // The map server comes back: after the rest period writes go direct again.
+    rig.map = Some(Daemon::start_map_server(
+        rig.dir.path(),
+        &std::fs::read_to_string(rig.dir.path().join("map-server.yaml")).unwrap(),
+    ));
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    model.churn(&mut c, 5);
+    let before = rig.lun_sectors_written();
+    c.write(0, MIB, &pattern(72, MIB as usize)).unwrap();
+    model.data[MIB as usize..2 * MIB as usize].copy_from_slice(&pattern(72, MIB as usize));
+    assert!(
+        rig.lun_sectors_written() - before >= MIB / 512,
+        "direct again:\n{}",
+        daemon.log()
+    );
+    c.flush(0).unwrap();
+    assert!(
+        rig.server_file("vm.raw") == model.data,
+        "image differs after the map server came back"
+    );
+    assert!(daemon.log().contains("map server connection back"));
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
+    use twinpath_mapproto::{Key, MapClient, Reply, Request};
+    let rig = Rig::start(Fs::Xfs);
+    let data = rig.image("vm.raw", 81, 32 * MIB);
+    let daemon =
+        rig.serve(&rig.disk_yaml("san4", "vm.raw", &rig.lun.device().display().to_string()));
+    let mut c = client(&rig.sock("san4"));
+    let mut model = Model { data, rng: 81 };
+    model.churn(&mut c, 20);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
+    let (other, _) = rt
+        .block_on(MapClient::connect(&rig.map_addr, &key, "host-b"))
+        .unwrap();
+    let ask = || {
+        rt.block_on(other.call(Request::GetMap {
+            path: "vm.raw".into(),
+            offset: 0,
+            len: 32 * MIB,
+            write: true,
+        }))
+        .unwrap()
+    };
+    match ask() {
+        Reply::Refused { reason } => assert!(reason.contains("test-host"), "{reason}"),
+        r => panic!("host-b got {r:?} while test-host held the file"),
+    }
+    // test-host gives the file up (it keeps serving the guest over SMB meanwhile).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let lease = loop {
+        model.churn(&mut c, 2);
+        match ask() {
+            Reply::Map(m) => break m.lease,
+            Reply::Refused { .. } => {
+                assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+            }
+            r => panic!("{r:?}"),
+        }
+    };
+    model.churn(&mut c, 20);
+    c.flush(0).unwrap();
+    assert!(rig.server_file("vm.raw") == model.data, "image differs");
+    assert!(daemon.log().contains("recalled"), "{}", daemon.log());
+    // host-b is done; test-host regains the direct path after its rest.
+    rt.block_on(other.call(Request::Return { lease })).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    model.churn(&mut c, 2);
+    let before = rig.lun_sectors_written();
+    let fresh = pattern(82, MIB as usize);
+    c.write(0, 2 * MIB, &fresh).unwrap();
+    model.data[2 * MIB as usize..3 * MIB as usize].copy_from_slice(&fresh);
+    assert!(
+        rig.lun_sectors_written() - before >= MIB / 512,
+        "direct again"
+    );
+    c.flush(0).unwrap();
+    assert!(rig.server_file("vm.raw") == model.data, "image differs");
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+/// Runs random I/O through a san disk while other files (canaries) fill most of the volume;
+/// afterwards every canary block on the device is unchanged, the image holds exactly what
+/// the guest wrote, and the filesystem checks clean. SAN_CANARY_SECS sets the run time.
+fn canaries_stay_untouched(fs: Fs) {
+    use twinpath_filemap::{file_extents, read_direct};
+    let mut rig = Rig::start(fs);
+    let data = rig.image("vm.raw", 91, 48 * MIB);
+    // Canaries: 6 files of 48 MiB around the image, read back from the device as they are.
+    // O_DIRECT: the block device's own page cache may hold stale pages from mkfs.
+    let dev = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(rig.lun.device())
+            .unwrap()
+    };
+    let mut canaries = Vec::new();
+    for i in 0..6u64 {
+        let path = rig.lun.mount_point().join(format!("canary-{i}.bin"));
+        let content = pattern(900 + i, 48 * MIB as usize);
+        std::fs::write(&path, &content).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        for e in file_extents(&f).unwrap() {
+            let len = e
+                .len
+                .min(content.len() as u64 - e.logical.min(content.len() as u64));
+            if len == 0 {
+                continue;
+            }
+            let on_dev = read_direct(&dev, e.physical, len as usize).unwrap();
+            assert!(
+                on_dev[..] == content[e.logical as usize..(e.logical + len) as usize],
+                "canary {i} is not where FIEMAP says: {e:?}"
+            );
+            canaries.push((e.physical, on_dev));
+        }
+    }
+    let daemon =
+        rig.serve(&rig.disk_yaml("san5", "vm.raw", &rig.lun.device().display().to_string()));
+    let mut c = client(&rig.sock("san5"));
+    let mut model = Model { data, rng: 91 };
+    let secs: u64 = std::env::var("SAN_CANARY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut ops = 0;
+    while std::time::Instant::now() < until {
+        model.churn(&mut c, 10);
+        ops += 10;
+    }
+    c.flush(0).unwrap();
+    drop(c);
+    assert!(daemon.stop().success());
+    assert!(
+        rig.server_file("vm.raw") == model.data,
+        "the image differs from what the guest wrote ({ops} writes)"
+    );
+    for (physical, before) in &canaries {
+        let now = read_direct(&dev, *physical, before.len()).unwrap();
+        assert!(now == *before, "canary at device offset {physical} changed");
+    }
+    // Stop the map server (it holds the token file open) and check the filesystem offline.
+    drop(rig.map.take());
+    drop(rig.smb);
+    rig.lun.unmount();
+    let (tool, args): (&str, &[&str]) = match fs {
+        Fs::Xfs => ("xfs_repair", &["-n"]),
+        Fs::Ext4 => ("e2fsck", &["-fn"]),
+    };
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .arg(rig.lun.device())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{fs:?}: {ops} random writes (+reads) in {secs} s; {} canary extents unchanged; {tool} clean",
+        canaries.len()
+    );
+}
+
+#[test]
+fn xfs_canaries_stay_untouched_and_the_fs_checks_clean() {
+    canaries_stay_untouched(Fs::Xfs);
+}
+
+#[test]
+fn ext4_canaries_stay_untouched_and_the_fs_checks_clean() {
+    canaries_stay_untouched(Fs::Ext4);
+}

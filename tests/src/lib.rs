@@ -132,6 +132,13 @@ impl Daemon {
         }
     }
 
+    /// Stops the daemon (asserting a clean exit) and returns its whole log.
+    pub fn log_after_stop(self) -> String {
+        let log = self.log.clone();
+        assert!(self.stop().success(), "twinpath did not exit cleanly");
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
+
     /// Sends SIGTERM and waits for the exit status; a failed exit shows the log on stderr.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");

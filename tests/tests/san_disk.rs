@@ -351,8 +351,16 @@ fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
 /// Runs random I/O through a san disk while other files (canaries) fill most of the volume;
 /// afterwards every canary block on the device is unchanged, the image holds exactly what
 /// the guest wrote, and the filesystem checks clean. SAN_CANARY_SECS sets the run time.
+/// Tests that load the machine for seconds, or measure a rate, run one at a time.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn canaries_stay_untouched(fs: Fs) {
     use twinpath_filemap::{file_extents, read_direct};
+    let _one = heavy();
     let mut rig = Rig::start(fs);
     let data = rig.image("vm.raw", 91, 48 * MIB);
     // Canaries: 6 files of 48 MiB around the image, read back from the device as they are.
@@ -444,4 +452,84 @@ fn xfs_canaries_stay_untouched_and_the_fs_checks_clean() {
 #[test]
 fn ext4_canaries_stay_untouched_and_the_fs_checks_clean() {
     canaries_stay_untouched(Fs::Ext4);
+}
+
+/// The figure `key=` of the "direct path totals" line the daemon logs when it stops.
+fn direct_total(log: &str, key: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains("direct path totals"))
+        .unwrap_or_else(|| panic!("no totals in the log:\n{log}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// Writes 256 KiB blocks in a loop for `secs`; returns (bytes written, seconds taken).
+fn write_for(c: &mut Client, model: &mut Model, secs: f64) -> (u64, f64) {
+    let start = std::time::Instant::now();
+    let mut at = 0u64;
+    let mut total = 0;
+    let block = 256 * 1024;
+    while start.elapsed().as_secs_f64() < secs {
+        let data = pattern(at ^ 0x5a5a, block);
+        c.write(0, at, &data).unwrap();
+        model.data[at as usize..at as usize + block].copy_from_slice(&data);
+        total += block as u64;
+        at = (at + block as u64) % model.data.len() as u64;
+    }
+    (total, start.elapsed().as_secs_f64())
+}
+
+fn throttled(on_exceed: &str) -> (u64, u64, u64, f64) {
+    let _one = heavy();
+    let rig = Rig::start(Fs::Xfs);
+    let data = rig.image("vm.raw", 95, 64 * MIB);
+    let disk = rig.disk_yaml("san6", "vm.raw", &rig.lun.device().display().to_string())
+        + &format!("      throttle: {{bytes_per_sec: 32M, on_exceed: {on_exceed}}}\n");
+    let daemon = rig.serve(&disk);
+    let mut c = client(&rig.sock("san6"));
+    let mut model = Model { data, rng: 95 };
+    let (written, secs) = write_for(&mut c, &mut model, 4.0);
+    c.flush(0).unwrap();
+    assert!(rig.server_file("vm.raw") == model.data, "image differs");
+    drop(c);
+    let log = daemon.log_after_stop();
+    (
+        direct_total(&log, "bytes"),
+        direct_total(&log, "throttled_to_network"),
+        written,
+        secs,
+    )
+}
+
+#[test]
+fn throttle_delay_holds_the_direct_rate() {
+    let (direct, throttled, written, secs) = throttled("delay");
+    let rate = direct as f64 / secs / MIB as f64;
+    eprintln!("delay: {rate:.1} MiB/s direct of {written} bytes written, limit 32");
+    assert_eq!(throttled, 0);
+    assert_eq!(direct, written, "everything went direct, delayed");
+    assert!(
+        (28.8..=35.2).contains(&rate),
+        "{rate} MiB/s against a 32 MiB/s limit"
+    );
+}
+
+#[test]
+fn throttle_network_sends_the_excess_over_smb() {
+    let (direct, throttled, written, secs) = throttled("network");
+    let rate = direct as f64 / secs / MIB as f64;
+    eprintln!(
+        "network: {rate:.1} MiB/s direct, {:.1} MiB/s in all, {throttled} requests to SMB",
+        written as f64 / secs / MIB as f64
+    );
+    // Every request the throttle turned away went over SMB instead, whole.
+    assert!(throttled > 0);
+    assert_eq!(written, direct + throttled * 256 * 1024);
+    assert!(
+        (28.8..=35.2).contains(&rate),
+        "{rate} MiB/s against a 32 MiB/s limit"
+    );
 }

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
 use twinpath_filemap::{Grant, Guard, Piece};
 use twinpath_mapproto::{Key, MapClient, Recall, Reply, Request};
+
+use crate::throttle::Throttle;
 
 /// Maps are asked for in windows of the image this large (the map server's default
 /// allocation chunk, so a write map allocates one chunk).
@@ -74,6 +76,14 @@ pub struct MapServerAddr {
     pub host: String,
 }
 
+/// The shared volume as this host sees it.
+pub struct LunDevice {
+    pub path: PathBuf,
+    pub size: u64,
+    /// O_DIRECT I/O on it.
+    pub io: Arc<dyn BlockBackend>,
+}
+
 /// What happened to a request offered to the direct path.
 pub enum Outcome {
     Done,
@@ -96,30 +106,54 @@ pub struct Direct {
     fetching: tokio::sync::Mutex<()>,
     /// Direct writes since the last device flush.
     device_dirty: AtomicBool,
+    throttle: Option<Arc<Throttle>>,
+    stats: Stats,
+}
+
+/// What the direct path did, summed up in the log when the disk closes (metrics come later).
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    throttled: AtomicU64,
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        tracing::info!(
+            image = %self.describe(),
+            requests = s.requests.load(Ordering::Relaxed),
+            bytes = s.bytes.load(Ordering::Relaxed),
+            throttled_to_network = s.throttled.load(Ordering::Relaxed),
+            "direct path totals"
+        );
+    }
 }
 
 impl Direct {
+    /// The direct path for image `path`, on a live map connection (`client`, `recalls`).
     pub fn new(
         server: MapServerAddr,
-        client: MapClient,
-        recalls: mpsc::UnboundedReceiver<Recall>,
+        (client, recalls): (MapClient, mpsc::UnboundedReceiver<Recall>),
         path: String,
-        device: PathBuf,
-        device_size: u64,
-        lun: Arc<dyn BlockBackend>,
+        lun: LunDevice,
+        throttle: Option<Arc<Throttle>>,
     ) -> Arc<Direct> {
         let client = Arc::new(client);
         let d = Arc::new(Direct {
             server,
             path,
-            device,
-            device_size,
-            lun,
+            device: lun.path,
+            device_size: lun.size,
+            lun: lun.io,
             client: tokio::sync::Mutex::new(Some(client)),
             windows: Mutex::default(),
             down_until: Mutex::default(),
             fetching: tokio::sync::Mutex::new(()),
             device_dirty: AtomicBool::new(false),
+            throttle,
+            stats: Stats::default(),
         });
         d.watch_recalls(recalls);
         d
@@ -356,6 +390,12 @@ impl Direct {
         let Some(pieces) = win.grant.resolve(offset, len, write) else {
             return Ok(Outcome::Network);
         };
+        if let Some(t) = &self.throttle {
+            if !t.admit(len).await {
+                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                return Ok(Outcome::Network);
+            }
+        }
         let _counted = InFlight::new(&win);
         // The window may have been taken away between the lookup and the count.
         if !matches!(lock(&self.windows).get(&w), Some(Slot::Mapped(cur)) if Arc::ptr_eq(cur, &win))
@@ -392,7 +432,11 @@ impl Direct {
             self.device_dirty.store(true, Ordering::Release);
         }
         match try_join_all(ops).await {
-            Ok(_) => Ok(Outcome::Done),
+            Ok(_) => {
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(Outcome::Done)
+            }
             Err(e) => {
                 self.go_down(&format!("device I/O at file offset {offset}: {e}"));
                 Err(e)

@@ -16,10 +16,15 @@
 //!   lun: auto                         # or the device path, e.g. /dev/mapper/mpatha
 //!   host_name: vmhost-07              # how this host is named to the map server (default:
 //!                                     # the system's host name)
+//!   throttle:                         # optional, per host (all disks of one map server)
+//!     bytes_per_sec: 400M             # direct-path bytes per second
+//!     iops: 20000                     # direct-path requests per second
+//!     on_exceed: network              # or `delay`
 //! ```
 
 mod direct;
 mod lun;
+mod throttle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,10 +38,11 @@ use twinpath_core::{
 };
 use twinpath_mapproto::{Key, MapClient, Reply, Request};
 
-use crate::direct::{Direct, MapServerAddr, Outcome};
+use crate::direct::{Direct, LunDevice, MapServerAddr, Outcome};
+use crate::throttle::ThrottleConfig;
 
 /// The keys this plugin reads itself; every other key belongs to the `smb` plugin.
-const OWN_KEYS: [&str; 4] = ["map_server", "map_key_file", "lun", "host_name"];
+const OWN_KEYS: [&str; 5] = ["map_server", "map_key_file", "lun", "host_name", "throttle"];
 
 /// How long setting up the direct path may take at start before the disk goes on without it.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -61,6 +67,8 @@ struct Options {
     lun: String,
     #[serde(default)]
     host_name: Option<String>,
+    #[serde(default)]
+    throttle: Option<ThrottleConfig>,
 }
 
 #[derive(Debug)]
@@ -71,6 +79,7 @@ struct SanSpec {
     map_key_file: PathBuf,
     lun: Option<PathBuf>,
     host_name: String,
+    throttle: Option<ThrottleConfig>,
     read_only: bool,
 }
 
@@ -109,6 +118,17 @@ impl Plugin for SanPlugin {
                 "must be host:port, e.g. 192.0.2.10:7410",
             ));
         }
+        if let Some(t) = &o.throttle {
+            if t.bytes_per_sec.is_none() && t.iops.is_none() {
+                return Err(OptionError::new(
+                    "throttle",
+                    "give bytes_per_sec, iops or both",
+                ));
+            }
+            if t.bytes_per_sec.is_some_and(|b| b.0 == 0) || t.iops == Some(0) {
+                return Err(OptionError::new("throttle", "limits must be above zero"));
+            }
+        }
         let lun = match o.lun.as_str() {
             "auto" => None,
             p if p.starts_with('/') => Some(PathBuf::from(p)),
@@ -133,6 +153,7 @@ impl Plugin for SanPlugin {
             map_key_file: o.map_key_file,
             lun,
             host_name: o.host_name.unwrap_or_else(system_host_name),
+            throttle: o.throttle,
             read_only: disk.read_only,
         }))
     }
@@ -178,12 +199,15 @@ impl SanSpec {
                 key,
                 host: self.host_name.clone(),
             },
-            client,
-            recalls,
+            (client, recalls),
             self.path.clone(),
-            device,
-            id.size,
-            backend,
+            LunDevice {
+                path: device,
+                size: id.size,
+                io: backend,
+            },
+            self.throttle
+                .map(|t| throttle::Throttle::shared(&self.map_server, t)),
         ))
     }
 }

@@ -1,6 +1,7 @@
 //! Fixtures for the integration tests: start the real `twinpath` binary on a config, wait until
 //! it serves, stop it by PID. Images live on tmpfs (/dev/shm) so tests do not wait on the disk.
 
+pub mod bench;
 pub mod lun;
 pub mod relay;
 pub mod samba;

@@ -495,3 +495,29 @@ fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
         assert!(daemon.stop().success(), "{engine}");
     }
 }
+
+#[test]
+fn a_block_device_never_gets_the_inline_engine() {
+    // A device node lives on devtmpfs; `auto` must look at the device, not at /dev.
+    let lun = twinpath_tests::lun::LoopLun::new(512 << 20, twinpath_tests::lun::Fs::Ext4);
+    let dir = scratch();
+    let sock = dir.path().join("dev.sock");
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!(
+            "disks:\n{}      direct: true\n",
+            file_disk_yaml("dev", &sock, lun.device(), "")
+        ),
+    );
+    let log = daemon.log();
+    let engine = log
+        .lines()
+        .find(|l| l.contains("I/O engine"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(!engine.contains("inline"), "{engine}");
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    assert_eq!(c.capacity(), 512 << 20);
+    assert!(c.read(0, 0, 4096).is_ok());
+    drop(c);
+    assert!(daemon.stop().success());
+}

@@ -116,7 +116,10 @@ impl Engine {
         };
         let submit = match engine {
             EngineKind::Inline => Submit::Inline,
-            EngineKind::Auto if is_memory_backed(&file) => Submit::Inline,
+            // A device node sits on devtmpfs, which says nothing about the device behind it.
+            EngineKind::Auto if kind == FileKind::Regular && is_memory_backed(&file) => {
+                Submit::Inline
+            }
             EngineKind::Threads => threads(),
             EngineKind::Uring => Submit::Uring(Box::new(
                 Rings::new(pool.clone())

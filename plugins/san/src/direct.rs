@@ -76,6 +76,15 @@ pub struct MapServerAddr {
     pub host: String,
 }
 
+/// A request resolved under a grant and counted against it, ready for the device.
+pub struct Ready {
+    pieces: Vec<Piece>,
+    offset: u64,
+    len: u64,
+    write: bool,
+    counted: InFlight,
+}
+
 /// The shared volume as this host sees it.
 pub struct LunDevice {
     pub path: PathBuf,
@@ -387,38 +396,77 @@ impl Direct {
         let Some(win) = self.window(w, write).await else {
             return Ok(Outcome::Network);
         };
-        let Some(pieces) = win.grant.resolve(offset, len, write) else {
-            return Ok(Outcome::Network);
-        };
         if let Some(t) = &self.throttle {
-            if !t.admit(len).await {
+            if win.grant.resolve(offset, len, write).is_some() && !t.admit(len).await {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                 return Ok(Outcome::Network);
             }
         }
-        let _counted = InFlight::new(&win);
+        let Some(ready) = self.prepare(w, win, offset, len, write) else {
+            return Ok(Outcome::Network);
+        };
+        self.run(ready, bufs).await.map(|()| Outcome::Done)
+    }
+
+    /// A request that can go to the device right now, without asking the map server or
+    /// waiting for the throttle: the common case, taken without leaving the calling thread.
+    pub fn ready(&self, offset: u64, len: u64, write: bool) -> Option<Ready> {
+        if self.throttle.is_some() || self.resting() {
+            return None;
+        }
+        let w = Self::window_of(offset, len)?;
+        let win = match lock(&self.windows).get(&w) {
+            Some(Slot::Mapped(win)) if !write || win.write => win.clone(),
+            _ => return None,
+        };
+        self.prepare(w, win, offset, len, write)
+    }
+
+    /// Resolves the request under `win` and counts it as running there.
+    fn prepare(
+        &self,
+        w: u64,
+        win: Arc<Window>,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Option<Ready> {
+        let pieces = win.grant.resolve(offset, len, write)?;
+        let counted = InFlight::new(&win);
         // The window may have been taken away between the lookup and the count.
         if !matches!(lock(&self.windows).get(&w), Some(Slot::Mapped(cur)) if Arc::ptr_eq(cur, &win))
         {
-            return Ok(Outcome::Network);
+            return None;
         }
+        Some(Ready {
+            pieces,
+            offset,
+            len,
+            write,
+            counted,
+        })
+    }
+
+    /// Carries out a prepared request on the device, every piece checked by the guard first.
+    /// An error takes the direct path down; the caller retries over the network.
+    pub async fn run(&self, ready: Ready, bufs: &GuestBuffers) -> Result<()> {
+        let Ready {
+            pieces,
+            offset,
+            len,
+            write,
+            counted,
+        } = ready;
+        let win = &counted.0;
         let mut at = 0usize;
-        let mut ops = Vec::new();
+        let mut ops = Vec::with_capacity(pieces.len());
         for p in pieces {
             match p {
                 Piece::Device { physical, len } => {
                     win.guard.check(physical, len, write).map_err(|e| {
                         Error::new(ErrorKind::Io, format!("{}: {e}", self.describe()))
                     })?;
-                    let part = bufs.slice(at, len as usize);
-                    let lun = self.lun.clone();
-                    ops.push(async move {
-                        if write {
-                            lun.write(physical, part).await
-                        } else {
-                            lun.read(physical, part).await
-                        }
-                    });
+                    ops.push((physical, bufs.slice(at, len as usize)));
                     at += len as usize;
                 }
                 Piece::Zero { len } => {
@@ -431,11 +479,24 @@ impl Direct {
             win.dirty.store(true, Ordering::Release);
             self.device_dirty.store(true, Ordering::Release);
         }
-        match try_join_all(ops).await {
-            Ok(_) => {
+        let lun = &self.lun;
+        let one = |(physical, part): (u64, GuestBuffers)| async move {
+            if write {
+                lun.write(physical, part).await
+            } else {
+                lun.read(physical, part).await
+            }
+        };
+        let done = match ops.len() {
+            0 => Ok(()),
+            1 => one(ops.pop().expect("one piece")).await,
+            _ => try_join_all(ops.into_iter().map(one)).await.map(|_| ()),
+        };
+        match done {
+            Ok(()) => {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 self.stats.bytes.fetch_add(len, Ordering::Relaxed);
-                Ok(Outcome::Done)
+                Ok(())
             }
             Err(e) => {
                 self.go_down(&format!("device I/O at file offset {offset}: {e}"));

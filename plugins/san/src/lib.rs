@@ -273,6 +273,15 @@ impl SanBackend {
     }
 
     async fn data(&self, offset: u64, bufs: GuestBuffers, write: bool) -> Result<()> {
+        // The common case stays on the queue's thread: grant at hand, device I/O only.
+        if let Some(d) = &self.direct {
+            if let Some(ready) = d.ready(offset, bufs.len() as u64, write) {
+                match d.run(ready, &bufs).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => tracing::warn!("direct I/O failed, retrying over SMB: {e}"),
+                }
+            }
+        }
         let network = self.network.clone();
         let direct = self.direct.clone();
         self.run(if write { "write" } else { "read" }, async move {

@@ -5,79 +5,17 @@
 //! in interleaved rounds; the report gives medians and replaces the SMB section of
 //! docs/benchmarks.md. Run it with `scripts/bench-smb.sh` (ROUNDS, RUNTIME, SIZE_MIB).
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use twinpath_tests::bench::{bench_disk, env_or, is_iops, p50, update_doc, Results};
 use twinpath_tests::relay::LatencyRelay;
 use twinpath_tests::samba::{Samba, PASSWORD, SHARE, USER};
-use twinpath_tests::{pattern, scratch, twinpath_bin, Daemon};
+use twinpath_tests::{pattern, scratch, Daemon};
 
 const DISK_TESTS: &str =
     "read-1m-q1,read-1m-q4,read-1m-q32,write-1m-q1,write-1m-q4,write-1m-q32,randread-4k-q1,randread-4k-q32,randwrite-4k-q32";
 const ENGINE_TESTS: &str = "read-1m-q1,write-1m-q1,read-4m-q1,write-4m-q1";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Medians per (target, test) of one figure each: MB/s for 1M and smbclient, IOPS for 4k.
-#[derive(Default)]
-struct Results(BTreeMap<(String, String), Vec<f64>>);
-
-impl Results {
-    fn add(&mut self, target: &str, test: &str, value: f64) {
-        self.0
-            .entry((target.to_owned(), test.to_owned()))
-            .or_default()
-            .push(value);
-    }
-
-    fn median(&self, target: &str, test: &str) -> f64 {
-        let mut v = self
-            .0
-            .get(&(target.to_owned(), test.to_owned()))
-            .unwrap_or_else(|| panic!("no result for {target} {test}"))
-            .clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    }
-}
-
-fn p50(test: &str) -> String {
-    format!("{test}/p50")
-}
-
-fn bench_disk(sock: &Path, tests: &str, runtime: u64, results: &mut Results, target: &str) {
-    let out = Command::new(twinpath_bin())
-        .arg("bench")
-        .arg("--socket")
-        .arg(sock)
-        .args(["--runtime", &runtime.to_string(), "--tests", tests])
-        .args(["--json", "--quiet"])
-        .output()
-        .expect("twinpath bench");
-    assert!(
-        out.status.success(),
-        "twinpath bench on {target}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bench JSON");
-    for row in rows {
-        let test = row["test"].as_str().unwrap();
-        let key = if test.contains("4k") {
-            "iops"
-        } else {
-            "mb_per_s"
-        };
-        results.add(target, test, row[key].as_f64().unwrap());
-        results.add(target, &p50(test), row["lat_p50_us"].as_f64().unwrap());
-    }
-}
 
 /// Runs smbclient against `addr` and returns the MB/s it reports for the transfer
 /// ("... (123456.7 KiloBytes/sec) ...", KiB per second).
@@ -174,15 +112,7 @@ fn main() {
 
     let report = report(&results, rounds, runtime, size);
     println!("{report}");
-    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-    let text = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let (start, end) = ("<!-- smb:start -->", "<!-- smb:end -->");
-    let section = format!("{start}\n{report}\n{end}");
-    let text = match (text.find(start), text.find(end)) {
-        (Some(a), Some(b)) => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
-        _ => format!("{text}\n{section}\n"),
-    };
-    std::fs::write(&doc, text).unwrap();
+    update_doc("smb", &report);
 }
 
 fn report(r: &Results, rounds: u64, runtime: u64, size: u64) -> String {
@@ -211,7 +141,7 @@ fn report(r: &Results, rounds: u64, runtime: u64, size: u64) -> String {
         out.push("|---|---|---|---|---|---|".into());
         for test in DISK_TESTS.split(',') {
             let ours = r.median(net, test);
-            if test.contains("4k") {
+            if is_iops(test) {
                 let p50 = r.median(net, &p50(test));
                 out.push(format!(
                     "| {test} | {:.1}k IOPS, p50 {p50:.0} us | - | - | - | - |",

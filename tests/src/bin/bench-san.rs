@@ -1,0 +1,210 @@
+//! The direct-path benchmark: a `san` disk and an `smb` disk through the vhost-user device
+//! (driven by `twinpath bench`) against fio on the raw LUN, in the same run. The LUN is a
+//! loop device over a file on tmpfs holding xfs, shared by a private smbd, with the map
+//! server on it. fio runs inside the san image's largest extent, so it overwrites nothing
+//! else. Rounds are interleaved; the report gives medians and replaces the san section of
+//! docs/benchmarks.md. Run it with `scripts/bench-san.sh` (ROUNDS, RUNTIME, SIZE_MIB).
+
+use std::path::Path;
+use std::process::Command;
+
+use twinpath_filemap::{file_extents, ExtentClass};
+use twinpath_tests::bench::{bench_disk, env_or, is_iops, p50, update_doc, Results};
+use twinpath_tests::lun::{Fs, LoopLun};
+use twinpath_tests::samba::{free_port, Samba, PASSWORD, SHARE, USER};
+use twinpath_tests::{pattern, scratch, Daemon};
+
+const TESTS: &str =
+    "read-1m-q1,read-1m-q16,write-1m-q1,write-1m-q16,randread-4k-q1,randread-4k-q32,randwrite-4k-q32";
+
+/// One fio job on `dev` inside `[offset, offset + size)`, as `twinpath bench` names tests.
+fn fio(dev: &Path, offset: u64, size: u64, test: &str, runtime: u64, results: &mut Results) {
+    let mut parts = test.split('-');
+    let (rw, bs, depth) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap().trim_start_matches('q'),
+    );
+    let out = Command::new("fio")
+        .args([
+            "--name=raw",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--time_based",
+            // The device holds the server's mounted filesystem; fio stays inside one extent
+            // of the benchmark's own image.
+            "--allow_mounted_write=1",
+        ])
+        .arg(format!("--filename={}", dev.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--offset={offset}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--runtime={runtime}"))
+        .arg("--output-format=json")
+        .output()
+        .expect("fio (apt install fio)");
+    assert!(
+        out.status.success(),
+        "fio {test}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio JSON");
+    let side = if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    let job = &json["jobs"][0][side];
+    let value = if is_iops(test) {
+        job["iops"].as_f64().unwrap()
+    } else {
+        job["bw_bytes"].as_f64().unwrap() / 1e6
+    };
+    results.add("fio", test, value);
+    let p50_ns = job["clat_ns"]["percentile"]["50.000000"]
+        .as_f64()
+        .unwrap_or(0.0);
+    results.add("fio", &p50(test), p50_ns / 1000.0);
+}
+
+fn main() {
+    let rounds = env_or("ROUNDS", 3);
+    let runtime = env_or("RUNTIME", 5);
+    let size = env_or("SIZE_MIB", 512) << 20;
+
+    let lun = LoopLun::new(2 * size + (512 << 20), Fs::Xfs);
+    let smb = Samba::start_sharing(Some(&lun.mount_point()));
+    let dir = scratch();
+    let key = dir.path().join("map.key");
+    std::fs::write(&key, "bench-san-map-key-0123456789").unwrap();
+    let pass = dir.path().join("smb.pass");
+    std::fs::write(&pass, PASSWORD).unwrap();
+    let map_addr = format!("127.0.0.1:{}", free_port());
+    let _map = Daemon::start_map_server(
+        dir.path(),
+        &format!(
+            "listen: {map_addr}\nexport: {}\nkey_file: {}\n",
+            lun.mount_point().display(),
+            key.display()
+        ),
+    );
+    let chunk = pattern(3, 1 << 20);
+    for name in ["san.raw", "smb.raw"] {
+        let mut f = std::fs::File::create(lun.mount_point().join(name)).unwrap();
+        for _ in 0..size >> 20 {
+            std::io::Write::write_all(&mut f, &chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let extents =
+        file_extents(&std::fs::File::open(lun.mount_point().join("san.raw")).unwrap()).unwrap();
+    let biggest = extents
+        .iter()
+        .filter(|e| e.class == ExtentClass::Written)
+        .max_by_key(|e| e.len)
+        .expect("an extent");
+    let fio_size = biggest.len.min(size);
+    eprintln!(
+        "san.raw: {} extents; fio uses {} MiB at device offset {}",
+        extents.len(),
+        fio_size >> 20,
+        biggest.physical
+    );
+
+    let common = format!(
+        "server: \"{}\", share: {SHARE}, user: {USER}, password_file: {}",
+        smb.addr(),
+        pass.display()
+    );
+    let cfg = format!(
+        "disks:\n  - name: san\n    socket: {}\n    backend: {{type: san, path: san.raw, {common}, map_server: \"{map_addr}\", map_key_file: {}, lun: {}}}\n  - name: smb\n    socket: {}\n    backend: {{type: smb, path: smb.raw, {common}}}\n",
+        dir.path().join("san.sock").display(),
+        key.display(),
+        lun.device().display(),
+        dir.path().join("smb.sock").display(),
+    );
+    let daemon = Daemon::start(dir.path(), &cfg);
+    assert!(
+        daemon.log().contains("direct path ready"),
+        "{}",
+        daemon.log()
+    );
+
+    let mut results = Results::default();
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}: fio on the raw LUN");
+        for test in TESTS.split(',') {
+            fio(
+                lun.device(),
+                biggest.physical,
+                fio_size,
+                test,
+                runtime,
+                &mut results,
+            );
+        }
+        for target in ["san", "smb"] {
+            eprintln!("round {round}/{rounds}: {target} disk");
+            let sock = dir.path().join(format!("{target}.sock"));
+            bench_disk(&sock, TESTS, runtime, &mut results, target);
+        }
+    }
+    let log = daemon.log_after_stop();
+    let report = report(&results, rounds, runtime, size, &log);
+    println!("{report}");
+    update_doc("san", &report);
+}
+
+fn report(r: &Results, rounds: u64, runtime: u64, size: u64, log: &str) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let totals = log
+        .lines()
+        .find(|l| l.contains("direct path totals"))
+        .and_then(|l| l.split("direct path totals").nth(1).map(str::trim))
+        .unwrap_or("(no totals logged)")
+        .to_owned();
+    let mut out = vec![
+        format!(
+            "Command: `ROUNDS={rounds} RUNTIME={runtime} SIZE_MIB={} scripts/bench-san.sh` \
+             (medians of {rounds} interleaved rounds, {runtime} s per test; {cpus} CPUs; \
+             loop device over tmpfs with xfs, {} MiB images; fio: io_uring, O_DIRECT, inside the \
+             san image's largest extent; disks: one queue, defaults).",
+            size >> 20,
+            size >> 20
+        ),
+        String::new(),
+        "| test | fio raw LUN | san disk | san/fio | smb disk | san/smb |".into(),
+        "|---|---|---|---|---|---|".into(),
+    ];
+    for test in TESTS.split(',') {
+        let cell = |t: &str| {
+            let v = r.median(t, test);
+            let lat = r.median(t, &p50(test));
+            if is_iops(test) {
+                format!("{:.1}k IOPS, p50 {lat:.0} us", v / 1000.0)
+            } else {
+                format!("{v:.0} MB/s")
+            }
+        };
+        let (fio, san, smb) = (
+            r.median("fio", test),
+            r.median("san", test),
+            r.median("smb", test),
+        );
+        out.push(format!(
+            "| {test} | {} | {} | {:.2}x | {} | {:.2}x |",
+            cell("fio"),
+            cell("san"),
+            san / fio,
+            cell("smb"),
+            san / smb
+        ));
+    }
+    out.push(String::new());
+    out.push(format!(
+        "Direct path of the san disk over the whole run: {totals}."
+    ));
+    out.join("\n")
+}

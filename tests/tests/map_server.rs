@@ -297,3 +297,63 @@ fn bad_map_server_configs_name_the_key() {
         assert!(stderr.contains(needle), "{yaml}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn changes_by_others_recall_leases_but_the_servers_own_writes_do_not() {
+    let s = setup(Fs::Xfs);
+    let mnt = s.lun.mount_point();
+    for name in ["a.raw", "b.raw", "c.raw"] {
+        std::fs::write(mnt.join(name), pattern(54, MIB as usize)).unwrap();
+    }
+    // d.raw is preallocated: a write map makes the server zero-fill it itself.
+    let f = File::create(mnt.join("d.raw")).unwrap();
+    // SAFETY: fallocate on a file we own.
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 8 * MIB as i64) };
+    assert_eq!(r, 0);
+    drop(f);
+    let (c, mut recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
+    let mut leases = std::collections::HashMap::new();
+    for (name, write) in [
+        ("a.raw", false),
+        ("b.raw", false),
+        ("c.raw", true),
+        ("d.raw", true),
+    ] {
+        leases.insert(granted(map(&c, name, 0, MIB, write).await).lease, name);
+    }
+    let next = |recalls: &mut tokio::sync::mpsc::UnboundedReceiver<twinpath_mapproto::Recall>| {
+        recalls.try_recv().ok()
+    };
+    // The server's own zero-fill of d.raw recalled nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        next(&mut recalls).is_none(),
+        "the server's own writes recall nothing"
+    );
+
+    // Another writer, a rename and a delete, each on a leased file.
+    let w = OpenOptions::new()
+        .write(true)
+        .open(mnt.join("a.raw"))
+        .unwrap();
+    w.write_all_at(b"someone else", 4096).unwrap();
+    drop(w);
+    std::fs::rename(mnt.join("b.raw"), mnt.join("b-moved.raw")).unwrap();
+    std::fs::remove_file(mnt.join("c.raw")).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen.len() < 3 && std::time::Instant::now() < deadline {
+        match tokio::time::timeout(std::time::Duration::from_millis(200), recalls.recv()).await {
+            Ok(Some(r)) => {
+                seen.insert(leases[&r.lease], r.reason);
+            }
+            _ => continue,
+        }
+    }
+    assert!(seen["a.raw"].contains("written"), "{seen:?}");
+    assert!(seen["b.raw"].contains("renamed"), "{seen:?}");
+    assert!(seen["c.raw"].contains("deleted"), "{seen:?}");
+    assert!(!seen.contains_key("d.raw"), "{seen:?}");
+    drop(c);
+    assert!(s.server.stop().success());
+}

@@ -11,6 +11,7 @@ mod config;
 mod export;
 mod maps;
 mod volume;
+mod watch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,6 +53,48 @@ struct State {
     chunk: u64,
     identity: VolumeIdentity,
     leases: Mutex<Leases>,
+    /// Reports changes to leased files by others; `None` where fanotify is unavailable.
+    watcher: Option<watch::Watcher>,
+}
+
+impl Leases {
+    /// Sends a recall for every lease that `pred` selects and that was not recalled yet.
+    /// Returns the hosts holding selected leases.
+    fn recall(&mut self, pred: impl Fn(&Lease) -> bool, reason: &str) -> Vec<String> {
+        let mut holders = Vec::new();
+        let mut recalls = Vec::new();
+        for (&id, lease) in self.by_id.iter_mut() {
+            if pred(lease) {
+                holders.push(lease.host.clone());
+                if !lease.recalled {
+                    lease.recalled = true;
+                    recalls.push((lease.conn, id, lease.path.clone()));
+                }
+            }
+        }
+        for (holder, id, path) in recalls {
+            tracing::info!(lease = id, path = %path.display(), "recalling lease: {reason}");
+            if let Some(outbox) = self.outboxes.get(&holder) {
+                let _ = outbox.send(Frame::Recall {
+                    lease: id,
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+        holders.sort();
+        holders.dedup();
+        holders
+    }
+}
+
+impl State {
+    /// Stops watching `path` once no lease refers to it.
+    fn forget_if_unleased(&self, path: &std::path::Path) {
+        let leased = lock(&self.leases).by_id.values().any(|l| l.path == path);
+        if let (false, Some(w)) = (leased, &self.watcher) {
+            w.unwatch(path);
+        }
+    }
 }
 
 /// A running map server.
@@ -71,6 +114,16 @@ impl MapServer {
         let identity = tokio::task::spawn_blocking(move || volume::identify(&root))
             .await
             .map_err(|e| e.to_string())??;
+        let watcher = match watch::Watcher::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch files with fanotify ({e}); changes made on the server by others \
+                     will not recall leases"
+                );
+                None
+            }
+        };
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
@@ -85,12 +138,31 @@ impl MapServer {
                 chunk: cfg.allocation_chunk.0,
                 identity,
                 leases: Mutex::default(),
+                watcher,
             }),
         })
     }
 
     /// Serves hosts until the task is dropped.
     pub async fn serve(self) {
+        let watching = self.state.clone();
+        let _changes = tokio::spawn(async move {
+            let Some(w) = &watching.watcher else { return };
+            loop {
+                match w.changes().await {
+                    Ok(changes) => {
+                        let mut l = lock(&watching.leases);
+                        for (path, why) in changes {
+                            l.recall(|lease| lease.path == path, why);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("watching leased files: {e}");
+                        return;
+                    }
+                }
+            }
+        });
         let mut next_conn = 0u64;
         loop {
             let (stream, peer) = match self.listener.accept().await {
@@ -108,9 +180,21 @@ impl MapServer {
                 if let Err(e) = serve_host(state.clone(), conn, stream).await {
                     tracing::warn!(%peer, "map connection: {e}");
                 }
-                let mut l = lock(&state.leases);
-                l.outboxes.remove(&conn);
-                l.by_id.retain(|_, lease| lease.conn != conn);
+                let gone: Vec<PathBuf> = {
+                    let mut l = lock(&state.leases);
+                    l.outboxes.remove(&conn);
+                    let gone = l
+                        .by_id
+                        .values()
+                        .filter(|lease| lease.conn == conn)
+                        .map(|lease| lease.path.clone())
+                        .collect();
+                    l.by_id.retain(|_, lease| lease.conn != conn);
+                    gone
+                };
+                for path in gone {
+                    state.forget_if_unleased(&path);
+                }
             });
         }
     }
@@ -186,6 +270,11 @@ async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> 
             match mapped {
                 Err(e) => refused(e),
                 Ok((file_size, spans)) => {
+                    if let Some(w) = &state.watcher {
+                        if let Err(e) = w.watch(&real) {
+                            tracing::warn!(path, "cannot watch for changes: {e}");
+                        }
+                    }
                     let mut l = lock(&state.leases);
                     l.next += 1;
                     let lease = l.next;
@@ -240,13 +329,19 @@ async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> 
             }
         }
         Request::Return { lease } => {
-            let mut l = lock(&state.leases);
-            match l.by_id.get(&lease) {
-                Some(x) if x.conn == conn => {
-                    l.by_id.remove(&lease);
+            let returned = {
+                let mut l = lock(&state.leases);
+                match l.by_id.get(&lease) {
+                    Some(x) if x.conn == conn => l.by_id.remove(&lease),
+                    _ => None,
+                }
+            };
+            match returned {
+                Some(x) => {
+                    state.forget_if_unleased(&x.path);
                     Reply::Done
                 }
-                _ => refused(format!("lease {lease} is not held by this host")),
+                None => refused(format!("lease {lease} is not held by this host")),
             }
         }
     }
@@ -255,28 +350,9 @@ async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> 
 /// Recalls other hosts' leases on `path` that conflict with a new lease (any lease against a
 /// write, a write lease against a read). Returns who held them, or `None` if nobody did.
 fn recall_conflicts(state: &State, conn: u64, path: &PathBuf, write: bool) -> Option<String> {
-    let mut l = lock(&state.leases);
-    let mut holders = Vec::new();
-    let mut recalls = Vec::new();
-    for (&id, lease) in l.by_id.iter_mut() {
-        if lease.conn != conn && &lease.path == path && (write || lease.write) {
-            holders.push(lease.host.clone());
-            if !lease.recalled {
-                lease.recalled = true;
-                recalls.push((lease.conn, id));
-            }
-        }
-    }
-    for (holder, id) in recalls {
-        tracing::info!(lease = id, path = %path.display(), "recalling lease for another host");
-        if let Some(outbox) = l.outboxes.get(&holder) {
-            let _ = outbox.send(Frame::Recall {
-                lease: id,
-                reason: "another host asked for the file".into(),
-            });
-        }
-    }
-    holders.sort();
-    holders.dedup();
+    let holders = lock(&state.leases).recall(
+        |lease| lease.conn != conn && &lease.path == path && (write || lease.write),
+        "another host asked for the file",
+    );
     (!holders.is_empty()).then(|| holders.join(", "))
 }

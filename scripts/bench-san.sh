@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "bench-san: needs root (loop devices, mount)" >&2; exit 1; }
-for tool in smbd fio mkfs.xfs; do
+for tool in smbd fio mkfs.xfs qemu-storage-daemon; do
     command -v "$tool" >/dev/null || { echo "bench-san: $tool missing" >&2; exit 1; }
 done
 cargo build --release -q -p twinpath -p twinpath-tests

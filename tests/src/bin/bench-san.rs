@@ -1,5 +1,6 @@
 //! The direct-path benchmark: a `san` disk and an `smb` disk through the vhost-user device
-//! (driven by `twinpath bench`) against fio on the raw LUN, in the same run. The LUN is a
+//! (driven by `twinpath bench`) against fio on the raw LUN and against qemu-storage-daemon
+//! serving the same LUN range over vhost-user, in the same run. The LUN is a
 //! loop device over a file on tmpfs holding xfs, shared by a private smbd, with the map
 //! server on it. fio runs inside the san image's largest extent, so it overwrites nothing
 //! else. Rounds are interleaved; the report gives medians and replaces the san section of
@@ -131,6 +132,36 @@ fn main() {
         "{}",
         daemon.log()
     );
+    // The vhost-user peer on the same LUN: qemu-storage-daemon serving exactly the extent fio
+    // uses (a raw node with offset and size over the device), io_uring, O_DIRECT.
+    let qsd_sock = dir.path().join("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .args(["--object", "iothread,id=iot0", "--blockdev"])
+        .arg(format!(
+            "host_device,node-name=dev0,filename={},aio=io_uring,cache.direct=on",
+            lun.device().display()
+        ))
+        .arg("--blockdev")
+        .arg(format!(
+            "raw,node-name=f0,file=dev0,offset={},size={fio_size}",
+            biggest.physical
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=1,iothread=iot0",
+            qsd_sock.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (apt install qemu-utils)");
+    while !qsd_sock.exists() {
+        assert!(
+            qsd.try_wait().unwrap().is_none(),
+            "qemu-storage-daemon exited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     let mut results = Results::default();
     for round in 1..=rounds {
@@ -145,12 +176,14 @@ fn main() {
                 &mut results,
             );
         }
-        for target in ["san", "smb"] {
+        for target in ["san", "qsd", "smb"] {
             eprintln!("round {round}/{rounds}: {target} disk");
             let sock = dir.path().join(format!("{target}.sock"));
             bench_disk(&sock, TESTS, runtime, &mut results, target);
         }
     }
+    let _ = qsd.kill();
+    let _ = qsd.wait();
     let log = daemon.log_after_stop();
     let report = report(&results, rounds, runtime, size, &log);
     println!("{report}");
@@ -170,13 +203,16 @@ fn report(r: &Results, rounds: u64, runtime: u64, size: u64, log: &str) -> Strin
             "Command: `ROUNDS={rounds} RUNTIME={runtime} SIZE_MIB={} scripts/bench-san.sh` \
              (medians of {rounds} interleaved rounds, {runtime} s per test; {cpus} CPUs; \
              loop device over tmpfs with xfs, {} MiB images; fio: io_uring, O_DIRECT, inside the \
-             san image's largest extent; disks: one queue, defaults).",
+             san image's largest extent; qsd: qemu-storage-daemon exporting that same extent \
+             over vhost-user-blk, io_uring, O_DIRECT, own iothread; disks: one queue, \
+             defaults).",
             size >> 20,
             size >> 20
         ),
         String::new(),
-        "| test | fio raw LUN | san disk | san/fio | smb disk | san/smb |".into(),
-        "|---|---|---|---|---|---|".into(),
+        "| test | fio raw LUN | san disk | san/fio | qsd on the LUN | san/qsd | smb disk | san/smb |"
+            .into(),
+        "|---|---|---|---|---|---|---|---|".into(),
     ];
     for test in TESTS.split(',') {
         let cell = |t: &str| {
@@ -188,16 +224,19 @@ fn report(r: &Results, rounds: u64, runtime: u64, size: u64, log: &str) -> Strin
                 format!("{v:.0} MB/s")
             }
         };
-        let (fio, san, smb) = (
+        let (fio, san, qsd, smb) = (
             r.median("fio", test),
             r.median("san", test),
+            r.median("qsd", test),
             r.median("smb", test),
         );
         out.push(format!(
-            "| {test} | {} | {} | {:.2}x | {} | {:.2}x |",
+            "| {test} | {} | {} | {:.2}x | {} | {:.2}x | {} | {:.2}x |",
             cell("fio"),
             cell("san"),
             san / fio,
+            cell("qsd"),
+            san / qsd,
             cell("smb"),
             san / smb
         ));

@@ -179,6 +179,42 @@ async fn identity_and_maps(fs: Fs) {
         "{fs:?}: the server reads the host's direct write"
     );
 
+    // Allocation: a sparse file gets whole chunks (4 MiB here) written, its size unchanged.
+    let sparse = s.lun.mount_point().join("sparse.raw");
+    File::create(&sparse).unwrap().set_len(16 * MIB).unwrap();
+    assert_eq!(
+        c.call(Request::Allocate {
+            path: "sparse.raw".into(),
+            offset: MIB,
+            len: 4096
+        })
+        .await
+        .unwrap(),
+        Reply::Allocated {
+            offset: 0,
+            len: 4 * MIB
+        }
+    );
+    assert_eq!(std::fs::metadata(&sparse).unwrap().len(), 16 * MIB);
+    let m = granted(map(&c, "sparse.raw", 0, 8 * MIB, false).await);
+    let grant = Grant::new(m.spans, s.device_size).unwrap();
+    assert!(
+        grant
+            .resolve(0, 4 * MIB, false)
+            .unwrap()
+            .iter()
+            .all(|p| matches!(p, Piece::Device { .. })),
+        "the allocated chunk is on the device"
+    );
+    assert!(
+        grant
+            .resolve(4 * MIB, 4 * MIB, false)
+            .unwrap()
+            .iter()
+            .all(|p| matches!(p, Piece::Zero { .. })),
+        "the rest is still a hole"
+    );
+
     // Paths outside the export are refused, the key never shows in the log.
     for bad in ["../etc/passwd", "/etc/passwd", "nope.raw"] {
         match map(&c, bad, 0, 4096, false).await {

@@ -141,12 +141,6 @@ impl Sections {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Read,
-    Write,
-}
-
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     config: PipelineConfig,
@@ -159,37 +153,65 @@ impl Pipeline {
 
     /// Reads `bufs.len()` bytes at `offset` into `bufs`, section by section.
     pub async fn read(&self, io: &dyn SectionIo, offset: u64, bufs: &GuestBuffers) -> Result<()> {
-        self.run(io, offset, bufs, Direction::Read).await
+        let section = self.section_len(io.max_section_len());
+        let op = |s: Section| async move {
+            let data = io.read_at(s.at, s.len).await?;
+            let data = data.as_slice();
+            let got = bufs.copy_from_slice(s.start, &data[..data.len().min(s.len)]);
+            if got < s.len {
+                bufs.fill_zero(s.start + got, s.len - got);
+            }
+            Ok(())
+        };
+        let credits = || io.credits();
+        self.sections("read", offset, bufs.len(), section, &credits, op)
+            .await
     }
 
     /// Writes `bufs` at `offset`, section by section.
     pub async fn write(&self, io: &dyn SectionIo, offset: u64, bufs: &GuestBuffers) -> Result<()> {
-        self.run(io, offset, bufs, Direction::Write).await
+        let section = self.section_len(io.max_section_len());
+        let op = |s: Section| async move {
+            let mut data = vec![0u8; s.len];
+            bufs.copy_to_slice(s.start, &mut data);
+            io.write_at(s.at, data).await
+        };
+        let credits = || io.credits();
+        self.sections("write", offset, bufs.len(), section, &credits, op)
+            .await
     }
 
-    async fn run(
+    /// The section size: the configured cap, below the transport's maximum.
+    fn section_len(&self, max: usize) -> usize {
+        self.config.section_len.map_or(max, |l| l.min(max)).max(1)
+    }
+
+    /// The engine itself, for any transport: cuts `[offset, offset + total)` into sections of
+    /// at most `section` bytes and runs `op` on each, up to min(max in flight, `credits()`)
+    /// at once, in any order of completion; the first error stops further sections and fails
+    /// the request once those under way are done; the whole request has the configured
+    /// deadline. `op` does the section's I/O and puts its data in place (zero-copy where the
+    /// transport allows).
+    pub async fn sections<F, Fut>(
         &self,
-        io: &dyn SectionIo,
+        what: &str,
         offset: u64,
-        bufs: &GuestBuffers,
-        dir: Direction,
-    ) -> Result<()> {
-        let len = self
-            .config
-            .section_len
-            .map_or(io.max_section_len(), |l| l.min(io.max_section_len()))
-            .max(1);
+        total: usize,
+        section: usize,
+        credits: &dyn Fn() -> usize,
+        op: F,
+    ) -> Result<()>
+    where
+        F: Fn(Section) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let sections = Sections {
-            total: bufs.len(),
-            len,
-        };
-        let what = match dir {
-            Direction::Read => "read",
-            Direction::Write => "write",
+            total,
+            len: section.max(1),
         };
         match tokio::time::timeout(
             self.config.timeout,
-            self.pump(io, offset, bufs, dir, sections),
+            self.pump(offset, sections, credits, op),
         )
         .await
         {
@@ -197,61 +219,47 @@ impl Pipeline {
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "{what} at offset {offset} length {} not done after {:?}",
-                    bufs.len(),
+                    "{what} at offset {offset} length {total} not done after {:?}",
                     self.config.timeout
                 ),
             )),
         }
     }
 
-    async fn pump(
+    async fn pump<F, Fut>(
         &self,
-        io: &dyn SectionIo,
         offset: u64,
-        bufs: &GuestBuffers,
-        dir: Direction,
         sections: Sections,
-    ) -> Result<()> {
+        credits: &dyn Fn() -> usize,
+        op: F,
+    ) -> Result<()>
+    where
+        F: Fn(Section) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let count = sections.count();
         let mut tracker = SectionTracker::new(count);
         let mut in_flight = FuturesUnordered::new();
         let mut next = 0;
         let mut failure: Option<Error> = None;
         loop {
-            let window = self.config.max_in_flight.min(io.credits()).max(1);
+            let window = self.config.max_in_flight.min(credits()).max(1);
             while failure.is_none() && next < count && in_flight.len() < window {
                 let i = next;
                 next += 1;
                 let (start, len) = sections.range(i);
-                let at = offset + start as u64;
-                in_flight.push(async move {
-                    let result = match dir {
-                        Direction::Read => io.read_at(at, len).await.map(Some),
-                        Direction::Write => {
-                            let mut data = vec![0u8; len];
-                            bufs.copy_to_slice(start, &mut data);
-                            io.write_at(at, data).await.map(|()| None)
-                        }
-                    };
-                    (i, result)
+                let run = op(Section {
+                    at: offset + start as u64,
+                    start,
+                    len,
                 });
+                in_flight.push(async move { (i, run.await) });
             }
             let Some((i, result)) = in_flight.next().await else {
                 break;
             };
             match result {
-                Ok(data) => {
-                    if let Some(data) = data {
-                        let data = data.as_slice();
-                        let (start, len) = sections.range(i);
-                        let got = bufs.copy_from_slice(start, &data[..data.len().min(len)]);
-                        if got < len {
-                            bufs.fill_zero(start + got, len - got);
-                        }
-                    }
-                    tracker.succeeded(i);
-                }
+                Ok(()) => tracker.succeeded(i),
                 Err(e) => {
                     let (start, len) = sections.range(i);
                     let e = e.within(format!(
@@ -274,6 +282,16 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// One section of a request, as the engine hands it to the operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Section {
+    /// Where it goes on the transport (request offset + `start`).
+    pub at: u64,
+    /// Where it sits in the request's buffers.
+    pub start: usize,
+    pub len: usize,
 }
 
 #[cfg(test)]

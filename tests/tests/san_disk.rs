@@ -137,12 +137,19 @@ fn san_disk_writes_go_to_the_lun_and_read_back_everywhere() {
     let out = rig.smb.smbclient("get vm.raw /dev/stdout", false);
     assert!(out.status.success());
     assert_eq!(out.stdout[5 * MIB as usize..7 * MIB as usize], data[..]);
+    // A 4 MiB request goes to the device through the pipeline engine, in sections.
+    let before = rig.lun_sectors_written();
+    let big = pattern(64, 4 * MIB as usize);
+    c.write(0, 8 * MIB, &big).unwrap();
+    assert!(rig.lun_sectors_written() - before >= 4 * MIB / 512);
+    assert!(c.read(0, 8 * MIB, big.len()).unwrap() == big);
     // A write across a map window (64 MiB) goes over SMB whole and reads back the same.
     let across = pattern(63, MIB as usize);
     let at = 64 * MIB - MIB / 2;
     c.write(0, at, &across).unwrap();
     c.flush(0).unwrap();
     assert_eq!(c.read(0, at, across.len()).unwrap(), across);
+    assert!(rig.server_file("vm.raw")[8 * MIB as usize..12 * MIB as usize] == big[..]);
     assert_eq!(
         rig.server_file("vm.raw")[at as usize..(at + MIB) as usize],
         across[..]

@@ -198,7 +198,7 @@ impl Pipeline {
         offset: u64,
         total: usize,
         section: usize,
-        credits: &dyn Fn() -> usize,
+        credits: &(dyn Fn() -> usize + Sync),
         op: F,
     ) -> Result<()>
     where
@@ -230,7 +230,7 @@ impl Pipeline {
         &self,
         offset: u64,
         sections: Sections,
-        credits: &dyn Fn() -> usize,
+        credits: &(dyn Fn() -> usize + Sync),
         op: F,
     ) -> Result<()>
     where

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
 use twinpath_filemap::{Grant, Guard, Piece};
 use twinpath_mapproto::{Key, MapClient, Recall, Reply, Request};
+use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
 
 use crate::throttle::Throttle;
 
@@ -34,6 +35,19 @@ pub const WINDOW: u64 = 64 << 20;
 /// How long a refusal, a lost map server or a device error keeps a window (or the whole
 /// direct path) on the network before it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Device pieces larger than this go through the pipeline engine in sections of this size.
+const DEVICE_SECTION: usize = 1 << 20;
+
+/// The pipeline for large device pieces: many sections in flight, a deadline after which the
+/// request goes over the network instead.
+fn device_pipeline() -> Pipeline {
+    Pipeline::new(PipelineConfig {
+        section_len: Some(DEVICE_SECTION),
+        max_in_flight: 16,
+        timeout: Duration::from_secs(10),
+    })
+}
 
 /// A granted window: its map, its lease, and what is going on under it.
 struct Window {
@@ -409,9 +423,10 @@ impl Direct {
     }
 
     /// A request that can go to the device right now, without asking the map server or
-    /// waiting for the throttle: the common case, taken without leaving the calling thread.
+    /// waiting for the throttle, and small enough for one device operation: the common case,
+    /// taken without leaving the calling thread (which has no timers for the pipeline).
     pub fn ready(&self, offset: u64, len: u64, write: bool) -> Option<Ready> {
-        if self.throttle.is_some() || self.resting() {
+        if self.throttle.is_some() || self.resting() || len > DEVICE_SECTION as u64 {
             return None;
         }
         let w = Self::window_of(offset, len)?;
@@ -480,12 +495,29 @@ impl Direct {
             self.device_dirty.store(true, Ordering::Release);
         }
         let lun = &self.lun;
-        let one = |(physical, part): (u64, GuestBuffers)| async move {
+        let device_op = move |physical: u64, part: GuestBuffers| async move {
             if write {
                 lun.write(physical, part).await
             } else {
                 lun.read(physical, part).await
             }
+        };
+        let one = |(physical, part): (u64, GuestBuffers)| async move {
+            if part.len() <= DEVICE_SECTION {
+                return device_op(physical, part).await;
+            }
+            let what = if write { "device write" } else { "device read" };
+            let part = &part;
+            device_pipeline()
+                .sections(
+                    what,
+                    physical,
+                    part.len(),
+                    DEVICE_SECTION,
+                    &|| usize::MAX,
+                    |s: Section| device_op(s.at, part.slice(s.start, s.len)),
+                )
+                .await
         };
         let done = match ops.len() {
             0 => Ok(()),

@@ -540,3 +540,37 @@ fn throttle_network_sends_the_excess_over_smb() {
         "{rate} MiB/s against a 32 MiB/s limit"
     );
 }
+
+#[test]
+fn a_map_server_down_at_start_is_tried_again_and_the_direct_path_comes_up() {
+    let mut rig = Rig::start(Fs::Xfs);
+    let data = rig.image("vm.raw", 97, 16 * MIB);
+    let map_cfg = std::fs::read_to_string(rig.dir.path().join("map-server.yaml")).unwrap();
+    drop(rig.map.take());
+    let mut daemon =
+        rig.serve(&rig.disk_yaml("san7", "vm.raw", &rig.lun.device().display().to_string()));
+    assert!(
+        daemon.log().contains("direct path unavailable"),
+        "{}",
+        daemon.log()
+    );
+    let mut c = client(&rig.sock("san7"));
+    let mut model = Model { data, rng: 97 };
+    model.churn(&mut c, 10);
+    // The map server starts; the disk finds it on its next try (every 10 s).
+    rig.map = Some(Daemon::start_map_server(rig.dir.path(), &map_cfg));
+    daemon.wait_for_log("direct path ready", std::time::Duration::from_secs(25));
+    let before = rig.lun_sectors_written();
+    let fresh = pattern(98, MIB as usize);
+    c.write(0, 4 * MIB, &fresh).unwrap();
+    model.data[4 * MIB as usize..5 * MIB as usize].copy_from_slice(&fresh);
+    assert!(
+        rig.lun_sectors_written() - before >= MIB / 512,
+        "direct now"
+    );
+    model.churn(&mut c, 10);
+    c.flush(0).unwrap();
+    assert!(rig.server_file("vm.raw") == model.data, "image differs");
+    drop(c);
+    assert!(daemon.stop().success());
+}

@@ -27,7 +27,7 @@ mod lun;
 mod throttle;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,8 +44,11 @@ use crate::throttle::ThrottleConfig;
 /// The keys this plugin reads itself; every other key belongs to the `smb` plugin.
 const OWN_KEYS: [&str; 5] = ["map_server", "map_key_file", "lun", "host_name", "throttle"];
 
-/// How long setting up the direct path may take at start before the disk goes on without it.
+/// How long setting up the direct path may take before the disk goes on without it.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How often a disk whose direct path could not be set up tries again.
+const SETUP_RETRY: Duration = Duration::from_secs(10);
 
 pub struct SanPlugin;
 
@@ -74,6 +77,12 @@ struct Options {
 #[derive(Debug)]
 struct SanSpec {
     network: Box<dyn BackendSpec>,
+    setup: Arc<DirectSetup>,
+}
+
+/// What it takes to bring up the direct path, at open and again later if it failed then.
+#[derive(Debug)]
+struct DirectSetup {
     path: String,
     map_server: String,
     map_key_file: PathBuf,
@@ -148,20 +157,22 @@ impl Plugin for SanPlugin {
             twinpath_plugin_smb::plugin().parse(disk, serde_yaml::Value::Mapping(rest))?;
         Ok(Box::new(SanSpec {
             network,
-            path,
-            map_server: o.map_server,
-            map_key_file: o.map_key_file,
-            lun,
-            host_name: o.host_name.unwrap_or_else(system_host_name),
-            throttle: o.throttle,
-            read_only: disk.read_only,
+            setup: Arc::new(DirectSetup {
+                path,
+                map_server: o.map_server,
+                map_key_file: o.map_key_file,
+                lun,
+                host_name: o.host_name.unwrap_or_else(system_host_name),
+                throttle: o.throttle,
+                read_only: disk.read_only,
+            }),
         }))
     }
 }
 
-impl SanSpec {
+impl DirectSetup {
     /// Connects to the map server, finds the LUN and opens it for direct I/O.
-    async fn open_direct(&self) -> std::result::Result<Arc<Direct>, String> {
+    async fn open(&self) -> std::result::Result<Arc<Direct>, String> {
         let key = Key::from_file(&self.map_key_file)?;
         let (client, recalls) = MapClient::connect(&self.map_server, &key, &self.host_name)
             .await
@@ -216,35 +227,36 @@ impl SanSpec {
 impl BackendSpec for SanSpec {
     fn describe(&self) -> String {
         let lun = self
+            .setup
             .lun
             .as_ref()
             .map_or("auto".to_owned(), |p| p.display().to_string());
         format!(
             "san: {}, direct on LUN {lun} via map server {}",
             self.network.describe(),
-            self.map_server
+            self.setup.map_server
         )
     }
 
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         let network = self.network.open().await?;
-        let direct = match tokio::time::timeout(SETUP_TIMEOUT, self.open_direct()).await {
-            Ok(Ok(d)) => Some(d),
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    image = self.path,
-                    "direct path unavailable, serving over SMB: {e}"
-                );
-                None
+        let direct = Arc::new(OnceLock::new());
+        match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open()).await {
+            Ok(Ok(d)) => {
+                let _ = direct.set(d);
             }
-            Err(_) => {
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e,
+                    _ => "setup timed out".to_owned(),
+                };
                 tracing::warn!(
-                    image = self.path,
-                    "direct path setup timed out, serving over SMB"
+                    image = self.setup.path,
+                    "direct path unavailable, serving over SMB (trying again every {SETUP_RETRY:?}): {why}"
                 );
-                None
+                retry_later(self.setup.clone(), Arc::downgrade(&direct), why);
             }
-        };
+        }
         Ok(Arc::new(SanBackend {
             network,
             direct,
@@ -253,15 +265,47 @@ impl BackendSpec for SanSpec {
     }
 }
 
+/// Tries to bring the direct path up until it comes up or the disk goes away; a reason seen
+/// before is not logged again.
+fn retry_later(setup: Arc<DirectSetup>, slot: Weak<OnceLock<Arc<Direct>>>, mut last: String) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SETUP_RETRY).await;
+            let Some(slot) = slot.upgrade() else { return };
+            match tokio::time::timeout(SETUP_TIMEOUT, setup.open()).await {
+                Ok(Ok(d)) => {
+                    let _ = slot.set(d);
+                    return;
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e,
+                        _ => "setup timed out".to_owned(),
+                    };
+                    if why != last {
+                        tracing::warn!(image = setup.path, "direct path still unavailable: {why}");
+                        last = why;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Each request tries the direct path, then the network path. Requests run on the tokio
 /// runtime, where the map connection and timers live.
 struct SanBackend {
     network: Arc<dyn BlockBackend>,
-    direct: Option<Arc<Direct>>,
+    /// Set once the direct path is up (at open, or later by [`retry_later`]).
+    direct: Arc<OnceLock<Arc<Direct>>>,
     runtime: tokio::runtime::Handle,
 }
 
 impl SanBackend {
+    fn direct(&self) -> Option<Arc<Direct>> {
+        self.direct.get().cloned()
+    }
+
     async fn run<F>(&self, what: &'static str, task: F) -> Result<()>
     where
         F: std::future::Future<Output = Result<()>> + Send + 'static,
@@ -274,7 +318,7 @@ impl SanBackend {
 
     async fn data(&self, offset: u64, bufs: GuestBuffers, write: bool) -> Result<()> {
         // The common case stays on the queue's thread: grant at hand, device I/O only.
-        if let Some(d) = &self.direct {
+        if let Some(d) = self.direct.get() {
             if let Some(ready) = d.ready(offset, bufs.len() as u64, write) {
                 match d.run(ready, &bufs).await {
                     Ok(()) => return Ok(()),
@@ -283,7 +327,7 @@ impl SanBackend {
             }
         }
         let network = self.network.clone();
-        let direct = self.direct.clone();
+        let direct = self.direct();
         self.run(if write { "write" } else { "read" }, async move {
             if let Some(d) = &direct {
                 match d.io(offset, &bufs, write).await {
@@ -305,7 +349,7 @@ impl SanBackend {
     /// Metadata-changing requests (discard, write-zeroes) go over SMB; the grants they touch
     /// are retired first, since the server may deallocate there.
     async fn metadata(&self, offset: u64, len: u64) -> Option<Arc<Direct>> {
-        let d = self.direct.clone()?;
+        let d = self.direct()?;
         let d2 = d.clone();
         let _ = self
             .run("retire", async move {
@@ -332,7 +376,7 @@ impl BlockBackend for SanBackend {
     }
 
     async fn flush(&self) -> Result<()> {
-        if let Some(d) = self.direct.clone() {
+        if let Some(d) = self.direct() {
             self.run("flush", async move { d.flush().await }).await?;
         }
         self.network.flush().await

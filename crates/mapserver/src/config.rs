@@ -49,3 +49,17 @@ impl MapServerConfig {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/map-server.yaml");
+        let cfg = MapServerConfig::from_file(&path).unwrap();
+        assert_eq!(cfg.listen, "0.0.0.0:7410");
+        assert_eq!(cfg.export, Path::new("/srv/vmstore"));
+        assert_eq!(cfg.allocation_chunk.0, 64 << 20);
+    }
+}

@@ -2,6 +2,7 @@
 //! it serves, stop it by PID. Images live on tmpfs (/dev/shm) so tests do not wait on the disk.
 
 pub mod bench;
+pub mod fileserver;
 pub mod lun;
 pub mod relay;
 pub mod samba;

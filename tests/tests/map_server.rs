@@ -9,40 +9,29 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use sha2::{Digest, Sha256};
 use twinpath_filemap::{read_direct, Grant, Piece, SpanKind};
 use twinpath_mapproto::{Key, MapClient, MapGrant, ProtoError, Reply, Request};
-use twinpath_tests::lun::{Fs, LoopLun};
-use twinpath_tests::{pattern, samba::free_port, scratch, Daemon};
+use twinpath_tests::fileserver::{FileServer, MAP_KEY};
+use twinpath_tests::lun::Fs;
+use twinpath_tests::{pattern, scratch, Daemon};
 
 const MIB: u64 = 1 << 20;
-const KEY: &str = "map-server-test-key-0123456789";
+const KEY: &str = MAP_KEY;
 
 struct Setup {
-    lun: LoopLun,
-    _dir: tempfile::TempDir,
+    /// The LUN and the host-side scratch directory; its map server is `server`.
+    fs: FileServer,
     server: Daemon,
     addr: String,
     device_size: u64,
 }
 
 fn setup(fs: Fs) -> Setup {
-    let lun = LoopLun::new(512 * MIB, fs);
-    let dir = scratch();
-    let key = dir.path().join("map.key");
-    std::fs::write(&key, format!("{KEY}\n")).unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let server = Daemon::start_map_server(
-        dir.path(),
-        &format!(
-            "listen: {addr}\nexport: {}\nkey_file: {}\nallocation_chunk: 4M\n",
-            lun.mount_point().display(),
-            key.display()
-        ),
-    );
+    let mut fs = FileServer::start(512 * MIB, fs, false, "allocation_chunk: 4M\n");
+    let server = fs.map.take().expect("map server");
     Setup {
         device_size: 512 * MIB,
-        lun,
-        _dir: dir,
+        addr: fs.map_addr.clone(),
+        fs,
         server,
-        addr,
     }
 }
 
@@ -73,7 +62,7 @@ fn device(s: &Setup, write: bool) -> File {
         .read(true)
         .write(write)
         .custom_flags(libc::O_DIRECT)
-        .open(s.lun.device())
+        .open(s.fs.lun.device())
         .unwrap()
 }
 
@@ -105,7 +94,7 @@ async fn identity_and_maps(fs: Fs) {
 
     // A read map of a written file points at its bytes.
     let data = pattern(51, 8 * MIB as usize);
-    let img = s.lun.mount_point().join("vm.raw");
+    let img = s.fs.lun.mount_point().join("vm.raw");
     std::fs::write(&img, &data).unwrap();
     let m = granted(map(&c, "vm.raw", 0, 8 * MIB, false).await);
     assert_eq!(m.file_size, 8 * MIB);
@@ -127,7 +116,7 @@ async fn identity_and_maps(fs: Fs) {
 
     // A preallocated file maps as zeros for reading; a write map makes the range written
     // first, and a direct write under it is what the server reads after commit.
-    let pre = s.lun.mount_point().join("pre.raw");
+    let pre = s.fs.lun.mount_point().join("pre.raw");
     let f = File::create(&pre).unwrap();
     // SAFETY: fallocate on a file we own.
     let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 8 * MIB as i64) };
@@ -180,7 +169,7 @@ async fn identity_and_maps(fs: Fs) {
     );
 
     // Allocation: a sparse file gets whole chunks (4 MiB here) written, its size unchanged.
-    let sparse = s.lun.mount_point().join("sparse.raw");
+    let sparse = s.fs.lun.mount_point().join("sparse.raw");
     File::create(&sparse).unwrap().set_len(16 * MIB).unwrap();
     assert_eq!(
         c.call(Request::Allocate {
@@ -247,7 +236,7 @@ async fn ext4_identity_maps_and_direct_writes() {
 #[tokio::test]
 async fn a_second_hosts_write_map_recalls_the_first() {
     let s = setup(Fs::Xfs);
-    let img = s.lun.mount_point().join("vm.raw");
+    let img = s.fs.lun.mount_point().join("vm.raw");
     let mut f = File::create(&img).unwrap();
     f.write_all(&pattern(53, 4 * MIB as usize)).unwrap();
     drop(f);
@@ -337,7 +326,7 @@ fn bad_map_server_configs_name_the_key() {
 #[tokio::test]
 async fn changes_by_others_recall_leases_but_the_servers_own_writes_do_not() {
     let s = setup(Fs::Xfs);
-    let mnt = s.lun.mount_point();
+    let mnt = s.fs.lun.mount_point();
     for name in ["a.raw", "b.raw", "c.raw"] {
         std::fs::write(mnt.join(name), pattern(54, MIB as usize)).unwrap();
     }

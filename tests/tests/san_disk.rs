@@ -2,46 +2,35 @@
 //! private smbd, the map server on it, and the daemon opening the loop device as its LUN,
 //! driven by the real vhost-user client.
 
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 
+use twinpath_tests::fileserver::{FileServer, MAP_KEY};
 use twinpath_tests::lun::{Fs, LoopLun};
-use twinpath_tests::samba::{free_port, Samba, PASSWORD, SHARE, USER};
+use twinpath_tests::samba::{SHARE, USER};
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
-const MAP_KEY: &str = "san-test-map-key-0123456789";
 
-struct Rig {
-    lun: LoopLun,
-    smb: Samba,
-    map: Option<Daemon>,
-    map_addr: String,
-    dir: tempfile::TempDir,
+/// The file server (LUN, smbd, map server) and the VM host's view of it.
+struct Rig(FileServer);
+
+impl Deref for Rig {
+    type Target = FileServer;
+    fn deref(&self) -> &FileServer {
+        &self.0
+    }
+}
+
+impl DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut FileServer {
+        &mut self.0
+    }
 }
 
 impl Rig {
     fn start(fs: Fs) -> Rig {
-        let lun = LoopLun::new(512 * MIB, fs);
-        let smb = Samba::start_sharing(Some(&lun.mount_point()));
-        let dir = scratch();
-        std::fs::write(dir.path().join("map.key"), MAP_KEY).unwrap();
-        std::fs::write(dir.path().join("smb.pass"), PASSWORD).unwrap();
-        let map_addr = format!("127.0.0.1:{}", free_port());
-        let map = Daemon::start_map_server(
-            dir.path(),
-            &format!(
-                "listen: {map_addr}\nexport: {}\nkey_file: {}\n",
-                lun.mount_point().display(),
-                dir.path().join("map.key").display()
-            ),
-        );
-        Rig {
-            lun,
-            smb,
-            map: Some(map),
-            map_addr,
-            dir,
-        }
+        Rig(FileServer::start(512 * MIB, fs, true, ""))
     }
 
     /// An image written through the server's filesystem, so all of it is allocated.
@@ -55,10 +44,10 @@ impl Rig {
         format!(
             "  - name: {name}\n    socket: {}\n    backend:\n      type: san\n      server: {}\n      share: {SHARE}\n      path: {image}\n      user: {USER}\n      password_file: {}\n      map_server: {}\n      map_key_file: {}\n      lun: {lun}\n      host_name: test-host\n",
             self.sock(name).display(),
-            self.smb.addr(),
-            self.dir.path().join("smb.pass").display(),
+            self.samba().addr(),
+            self.password_file().display(),
             self.map_addr,
-            self.dir.path().join("map.key").display(),
+            self.key_file().display(),
         )
     }
 
@@ -134,7 +123,7 @@ fn san_disk_writes_go_to_the_lun_and_read_back_everywhere() {
     // The server sees it through its filesystem, and smbclient through the share.
     let on_server = rig.server_file("vm.raw");
     assert_eq!(on_server[5 * MIB as usize..7 * MIB as usize], data[..]);
-    let out = rig.smb.smbclient("get vm.raw /dev/stdout", false);
+    let out = rig.samba().smbclient("get vm.raw /dev/stdout", false);
     assert!(out.status.success());
     assert_eq!(out.stdout[5 * MIB as usize..7 * MIB as usize], data[..]);
     // A 4 MiB request goes to the device through the pipeline engine, in sections.
@@ -268,10 +257,7 @@ fn map_server_lost_mid_run_costs_no_guest_error_and_comes_back() {
     assert!(daemon.log().contains("direct path off"), "{}", daemon.log());
 
     // The map server comes back: after the rest period writes go direct again.
-    rig.map = Some(Daemon::start_map_server(
-        rig.dir.path(),
-        &std::fs::read_to_string(rig.dir.path().join("map-server.yaml")).unwrap(),
-    ));
+    rig.restart_map();
     std::thread::sleep(std::time::Duration::from_secs(6));
     model.churn(&mut c, 5);
     let before = rig.lun_sectors_written();
@@ -428,7 +414,7 @@ fn canaries_stay_untouched(fs: Fs) {
     }
     // Stop the map server (it holds the token file open) and check the filesystem offline.
     drop(rig.map.take());
-    drop(rig.smb);
+    drop(rig.smb.take());
     rig.lun.unmount();
     let (tool, args): (&str, &[&str]) = match fs {
         Fs::Xfs => ("xfs_repair", &["-n"]),
@@ -545,7 +531,6 @@ fn throttle_network_sends_the_excess_over_smb() {
 fn a_map_server_down_at_start_is_tried_again_and_the_direct_path_comes_up() {
     let mut rig = Rig::start(Fs::Xfs);
     let data = rig.image("vm.raw", 97, 16 * MIB);
-    let map_cfg = std::fs::read_to_string(rig.dir.path().join("map-server.yaml")).unwrap();
     drop(rig.map.take());
     let mut daemon =
         rig.serve(&rig.disk_yaml("san7", "vm.raw", &rig.lun.device().display().to_string()));
@@ -558,7 +543,7 @@ fn a_map_server_down_at_start_is_tried_again_and_the_direct_path_comes_up() {
     let mut model = Model { data, rng: 97 };
     model.churn(&mut c, 10);
     // The map server starts; the disk finds it on its next try (every 10 s).
-    rig.map = Some(Daemon::start_map_server(rig.dir.path(), &map_cfg));
+    rig.restart_map();
     daemon.wait_for_log("direct path ready", std::time::Duration::from_secs(25));
     let before = rig.lun_sectors_written();
     let fresh = pattern(98, MIB as usize);

@@ -210,6 +210,20 @@ fn smb_discard_and_write_zeroes_read_back_as_zeros() {
     assert!(daemon.stop().success());
 }
 
+/// Reads `len` bytes at `offset`, retrying while the disk has not reconnected yet (15 s).
+fn read_once_back(c: &mut Client, queue: usize, offset: u64, len: usize) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match c.read(queue, offset, len) {
+            Ok(d) => return d,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no reconnect: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 /// Config lines that log in as the test user, the password in a file under `dir`.
 fn user_login(dir: &Path) -> String {
     let pass = dir.join("smb.pass");
@@ -326,16 +340,7 @@ fn smbd_killed_during_io_fails_requests_in_time_and_the_disk_reconnects() {
 
     // Back up: the disk reconnects on its own and I/O works again.
     smb.restart();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let back = loop {
-        match c.read(0, 0, MIB as usize) {
-            Ok(d) => break d,
-            Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "no reconnect: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        }
-    };
+    let back = read_once_back(&mut c, 0, 0, MIB as usize);
     assert_eq!(back, image[..MIB as usize]);
     let data = pattern(13, MIB as usize);
     c.write(0, 2 * MIB, &data).unwrap();
@@ -383,16 +388,7 @@ fn a_flushed_write_survives_kill_9_of_smbd() {
     c.flush(0).unwrap();
     smb.kill();
     smb.restart();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let back = loop {
-        match c.read(0, MIB, data.len()) {
-            Ok(d) => break d,
-            Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "no reconnect: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        }
-    };
+    let back = read_once_back(&mut c, 0, MIB, data.len());
     assert_eq!(back, data, "read back through the disk after the restart");
     let out = smb.smbclient("get vm.raw /dev/stdout", false);
     assert!(out.status.success());

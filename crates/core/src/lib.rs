@@ -26,3 +26,16 @@ pub use size::ByteSize;
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Runs `task` on `runtime` and waits for it from any thread: for backends whose I/O needs
+/// the runtime (network connections, timers) while the device polls them on its queue
+/// threads. A task that panics or is cancelled is an I/O error named `what`.
+pub async fn run_on<F>(runtime: &tokio::runtime::Handle, what: &str, task: F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    runtime
+        .spawn(task)
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Io, format!("{what} task failed"), e))?
+}

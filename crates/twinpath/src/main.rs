@@ -92,6 +92,18 @@ fn keep_large_buffers_in_heap() {
     }
 }
 
+/// The multi-threaded runtime a command runs on; its threads are named `name`.
+fn runtime(name: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            tracing::error!("cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
 fn main() -> ExitCode {
     keep_large_buffers_in_heap();
     let cli = Cli::parse();

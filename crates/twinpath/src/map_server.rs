@@ -14,16 +14,9 @@ pub fn run(config: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .thread_name("twinpath-map")
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::runtime("twinpath-map") {
         Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let server = match MapServer::bind(&cfg).await {

@@ -15,16 +15,9 @@ use twinpath_vhost_blk::{Disk, DiskServer, DiskSettings};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn run(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .thread_name("twinpath-io")
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::runtime("twinpath-io") {
         Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(serve(config))
 }

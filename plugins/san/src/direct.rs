@@ -313,6 +313,11 @@ impl Direct {
                         inflight: AtomicUsize::new(0),
                         dirty: AtomicBool::new(false),
                     });
+                    // The direct path went down while the map was on its way: keep it down.
+                    if self.resting() {
+                        self.give_back(m.lease).await;
+                        return None;
+                    }
                     let old = lock(&self.windows).insert(w, Slot::Mapped(win.clone()));
                     if let Some(Slot::Mapped(old)) = old {
                         let me = self.clone();
@@ -410,14 +415,29 @@ impl Direct {
         let Some(win) = self.window(w, write).await else {
             return Ok(Outcome::Network);
         };
+        let Some(pieces) = win.grant.resolve(offset, len, write) else {
+            return Ok(Outcome::Network);
+        };
         if let Some(t) = &self.throttle {
-            if win.grant.resolve(offset, len, write).is_some() && !t.admit(len).await {
+            if !t.admit(len).await {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                 return Ok(Outcome::Network);
             }
         }
-        let Some(ready) = self.prepare(w, win, offset, len, write) else {
-            return Ok(Outcome::Network);
+        // The window may have been taken away while the map was fetched or the throttle waited.
+        let counted = {
+            let windows = lock(&self.windows);
+            match windows.get(&w) {
+                Some(Slot::Mapped(cur)) if Arc::ptr_eq(cur, &win) => InFlight::new(&win),
+                _ => return Ok(Outcome::Network),
+            }
+        };
+        let ready = Ready {
+            pieces,
+            offset,
+            len,
+            write,
+            counted,
         };
         self.run(ready, bufs).await.map(|()| Outcome::Done)
     }
@@ -425,34 +445,18 @@ impl Direct {
     /// A request that can go to the device right now, without asking the map server or
     /// waiting for the throttle, and small enough for one device operation: the common case,
     /// taken without leaving the calling thread (which has no timers for the pipeline).
+    /// While the direct path rests there are no windows, so none is found here.
     pub fn ready(&self, offset: u64, len: u64, write: bool) -> Option<Ready> {
-        if self.throttle.is_some() || self.resting() || len > DEVICE_SECTION as u64 {
+        if self.throttle.is_some() || len > DEVICE_SECTION as u64 {
             return None;
         }
         let w = Self::window_of(offset, len)?;
-        let win = match lock(&self.windows).get(&w) {
-            Some(Slot::Mapped(win)) if !write || win.write => win.clone(),
+        // Looked up and counted under one lock, so the window cannot be retired in between.
+        let counted = match lock(&self.windows).get(&w) {
+            Some(Slot::Mapped(win)) if !write || win.write => InFlight::new(win),
             _ => return None,
         };
-        self.prepare(w, win, offset, len, write)
-    }
-
-    /// Resolves the request under `win` and counts it as running there.
-    fn prepare(
-        &self,
-        w: u64,
-        win: Arc<Window>,
-        offset: u64,
-        len: u64,
-        write: bool,
-    ) -> Option<Ready> {
-        let pieces = win.grant.resolve(offset, len, write)?;
-        let counted = InFlight::new(&win);
-        // The window may have been taken away between the lookup and the count.
-        if !matches!(lock(&self.windows).get(&w), Some(Slot::Mapped(cur)) if Arc::ptr_eq(cur, &win))
-        {
-            return None;
-        }
+        let pieces = counted.0.grant.resolve(offset, len, write)?;
         Some(Ready {
             pieces,
             offset,

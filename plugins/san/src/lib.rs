@@ -33,8 +33,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 use twinpath_core::{
-    parse_options, BackendSpec, BlockBackend, DiskContext, DiskInfo, Error, ErrorKind,
-    GuestBuffers, OptionError, Plugin, Result,
+    parse_options, BackendSpec, BlockBackend, DiskContext, DiskInfo, GuestBuffers, OptionError,
+    Plugin, Result,
 };
 use twinpath_mapproto::{Key, MapClient, Reply, Request};
 
@@ -310,10 +310,7 @@ impl SanBackend {
     where
         F: std::future::Future<Output = Result<()>> + Send + 'static,
     {
-        self.runtime
-            .spawn(task)
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::Io, format!("{what} task failed"), e))?
+        twinpath_core::run_on(&self.runtime, what, task).await
     }
 
     async fn data(&self, offset: u64, bufs: GuestBuffers, write: bool) -> Result<()> {

@@ -373,10 +373,8 @@ fn read_payload(body: Vec<u8>, asked: usize) -> Result<SectionData> {
 #[async_trait]
 impl SectionIo for SmbFile {
     fn max_section_len(&self) -> usize {
-        match self.current() {
-            Some(o) => o.session.max_read.min(o.session.max_write),
-            None => CREDIT_UNIT,
-        }
+        self.current()
+            .map_or(CREDIT_UNIT, |o| o.session.max_section())
     }
 
     /// Sections this disk may start now: what is left of its share of the connection's
@@ -387,9 +385,8 @@ impl SectionIo for SmbFile {
         };
         let share = self.server.credit_share(&open.session);
         let left = share.saturating_sub(self.in_flight.load(Ordering::Relaxed));
-        let section = self
-            .section_len
-            .map_or(self.max_section_len(), |l| l.min(self.max_section_len()));
+        let max = open.session.max_section();
+        let section = self.section_len.map_or(max, |l| l.min(max));
         (left / charge(section)).max(1)
     }
 

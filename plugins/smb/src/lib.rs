@@ -260,13 +260,9 @@ impl SmbBackend {
     where
         F: std::future::Future<Output = Result<()>> + Send + 'static,
     {
-        let target = self.shared.target.clone();
-        self.runtime
-            .spawn(task(self.shared.clone()))
+        let target = &self.shared.target;
+        twinpath_core::run_on(&self.runtime, what, task(self.shared.clone()))
             .await
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Io, format!("{target}: {what} task failed"), e)
-            })?
             .map_err(|e| e.within(target))
     }
 }

@@ -89,6 +89,11 @@ impl Session {
         })
     }
 
+    /// The largest section the server takes both ways.
+    pub fn max_section(&self) -> usize {
+        self.max_read.min(self.max_write)
+    }
+
     pub fn is_alive(&self) -> bool {
         !self.conn.is_disconnected()
     }

@@ -11,9 +11,9 @@ use std::process::Command;
 
 use twinpath_filemap::{file_extents, ExtentClass};
 use twinpath_tests::bench::{bench_disk, env_or, is_iops, p50, update_doc, Results};
-use twinpath_tests::lun::{Fs, LoopLun};
-use twinpath_tests::samba::{free_port, Samba, PASSWORD, SHARE, USER};
-use twinpath_tests::{pattern, scratch, Daemon};
+use twinpath_tests::fileserver::FileServer;
+use twinpath_tests::lun::Fs;
+use twinpath_tests::{pattern, Daemon};
 
 const TESTS: &str =
     "read-1m-q1,read-1m-q16,write-1m-q1,write-1m-q16,randread-4k-q1,randread-4k-q32,randwrite-4k-q32";
@@ -75,22 +75,8 @@ fn main() {
     let runtime = env_or("RUNTIME", 5);
     let size = env_or("SIZE_MIB", 512) << 20;
 
-    let lun = LoopLun::new(2 * size + (512 << 20), Fs::Xfs);
-    let smb = Samba::start_sharing(Some(&lun.mount_point()));
-    let dir = scratch();
-    let key = dir.path().join("map.key");
-    std::fs::write(&key, "bench-san-map-key-0123456789").unwrap();
-    let pass = dir.path().join("smb.pass");
-    std::fs::write(&pass, PASSWORD).unwrap();
-    let map_addr = format!("127.0.0.1:{}", free_port());
-    let _map = Daemon::start_map_server(
-        dir.path(),
-        &format!(
-            "listen: {map_addr}\nexport: {}\nkey_file: {}\n",
-            lun.mount_point().display(),
-            key.display()
-        ),
-    );
+    let server = FileServer::start(2 * size + (512 << 20), Fs::Xfs, true, "");
+    let (lun, dir) = (&server.lun, &server.dir);
     let chunk = pattern(3, 1 << 20);
     for name in ["san.raw", "smb.raw"] {
         let mut f = std::fs::File::create(lun.mount_point().join(name)).unwrap();
@@ -114,17 +100,12 @@ fn main() {
         biggest.physical
     );
 
-    let common = format!(
-        "server: \"{}\", share: {SHARE}, user: {USER}, password_file: {}",
-        smb.addr(),
-        pass.display()
-    );
     let cfg = format!(
-        "disks:\n  - name: san\n    socket: {}\n    backend: {{type: san, path: san.raw, {common}, map_server: \"{map_addr}\", map_key_file: {}, lun: {}}}\n  - name: smb\n    socket: {}\n    backend: {{type: smb, path: smb.raw, {common}}}\n",
+        "disks:\n  - name: san\n    socket: {}\n    backend: {}\n  - name: smb\n    socket: {}\n    backend: {}\n",
         dir.path().join("san.sock").display(),
-        key.display(),
-        lun.device().display(),
+        server.backend_yaml("san.raw", Some(&lun.device().display().to_string())),
         dir.path().join("smb.sock").display(),
+        server.backend_yaml("smb.raw", None),
     );
     let daemon = Daemon::start(dir.path(), &cfg);
     assert!(

@@ -5,50 +5,33 @@
 
 use std::process::Command;
 
-use twinpath_tests::lun::{Fs, LoopLun};
-use twinpath_tests::samba::{free_port, Samba, PASSWORD, SHARE, USER};
-use twinpath_tests::{pattern, scratch, twinpath_bin, Daemon};
+use twinpath_tests::fileserver::FileServer;
+use twinpath_tests::lun::Fs;
+use twinpath_tests::{pattern, twinpath_bin, Daemon};
 
 const TESTS: &str = "read-1m-q16,write-1m-q16,randread-4k-q32,randwrite-4k-q32";
 
 fn main() {
     println!("== file server: loop device with xfs, smbd sharing it, map server on it");
-    let lun = LoopLun::new(1 << 30, Fs::Xfs);
-    let smb = Samba::start_sharing(Some(&lun.mount_point()));
-    let dir = scratch();
-    let key = dir.path().join("map.key");
-    std::fs::write(&key, "demo-map-key-0123456789abcdef").unwrap();
-    let pass = dir.path().join("smb.pass");
-    std::fs::write(&pass, PASSWORD).unwrap();
-    let map_addr = format!("127.0.0.1:{}", free_port());
-    let map = Daemon::start_map_server(
-        dir.path(),
-        &format!(
-            "listen: {map_addr}\nexport: {}\nkey_file: {}\n",
-            lun.mount_point().display(),
-            key.display()
-        ),
-    );
+    let mut server = FileServer::start(1 << 30, Fs::Xfs, true, "");
+    let (lun, dir) = (&server.lun, &server.dir);
     for name in ["san.raw", "smb.raw"] {
         std::fs::write(lun.mount_point().join(name), pattern(7, 256 << 20)).unwrap();
     }
     println!(
-        "   LUN {} ({}), smbd on {}, map server on {map_addr}",
+        "   LUN {} ({}), smbd on {}, map server on {}",
         lun.device().display(),
         lun.mount_point().display(),
-        smb.addr()
+        server.samba().addr(),
+        server.map_addr
     );
 
-    let common = format!(
-        "server: \"{}\", share: {SHARE}, user: {USER}, password_file: {}",
-        smb.addr(),
-        pass.display()
-    );
     let cfg = format!(
-        "disks:\n  - name: demo-san\n    socket: {}\n    backend: {{type: san, path: san.raw, {common}, map_server: \"{map_addr}\", map_key_file: {}, lun: auto}}\n  - name: demo-smb\n    socket: {}\n    backend: {{type: smb, path: smb.raw, {common}}}\n",
+        "disks:\n  - name: demo-san\n    socket: {}\n    backend: {}\n  - name: demo-smb\n    socket: {}\n    backend: {}\n",
         dir.path().join("demo-san.sock").display(),
-        key.display(),
+        server.backend_yaml("san.raw", Some("auto")),
         dir.path().join("demo-smb.sock").display(),
+        server.backend_yaml("smb.raw", None),
     );
     println!("== VM host: twinpath serve with a san disk and an smb disk");
     let daemon = Daemon::start(dir.path(), &cfg);
@@ -79,6 +62,6 @@ fn main() {
             totals.split_once("  ").map_or(totals, |(_, r)| r.trim())
         );
     }
-    drop(map);
+    drop(server.map.take());
     println!("daemon, map server and smbd stopped; LUN detached");
 }

@@ -10,6 +10,10 @@ use std::path::Path;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+/// How long a call waits for the device's next completion: a device that stops completing
+/// fails the call instead of hanging its caller (a test, the demo).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A failed client call: the operation and the errno/message libblkio or the device gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientError {
@@ -128,8 +132,9 @@ impl Client {
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
     }
 
-    /// Submits `reqs` on `queue` all at once and waits for all of them; results in order.
-    pub fn batch(&mut self, queue: usize, reqs: &[Req]) -> Result<Vec<Result<()>>> {
+    /// Queues `reqs` on `queue` (user_data = index) and hands them to the device without
+    /// waiting: what `batch` builds on, and how a test leaves requests in flight.
+    pub fn submit(&mut self, queue: usize, reqs: &[Req]) -> Result<()> {
         let base = self.region.addr as *mut u8;
         let region_len = self.region.len;
         let q = &mut self.queues[queue];
@@ -155,15 +160,25 @@ impl Client {
                 }
             }
         }
+        q.do_io(&mut [], 0, None, None)
+            .map_err(blkio_err("do_io"))?;
+        Ok(())
+    }
+
+    /// Submits `reqs` on `queue` all at once and waits for all of them; results in order.
+    pub fn batch(&mut self, queue: usize, reqs: &[Req]) -> Result<Vec<Result<()>>> {
+        self.submit(queue, reqs)?;
+        let q = &mut self.queues[queue];
         let mut results: Vec<Option<Result<()>>> = vec![None; reqs.len()];
         let mut pending = reqs.len();
         let mut completions: Vec<MaybeUninit<Completion>> = (0..reqs.len().max(1))
             .map(|_| MaybeUninit::uninit())
             .collect();
         while pending > 0 {
+            let mut timeout = REPLY_TIMEOUT;
             let n = q
-                .do_io(&mut completions, 1, None, None)
-                .map_err(blkio_err("do_io"))?;
+                .do_io(&mut completions, 1, Some(&mut timeout), None)
+                .map_err(blkio_err("do_io (waiting for the device)"))?;
             for c in &completions[..n] {
                 // SAFETY: do_io initialised the first `n` completions.
                 let c = unsafe { c.assume_init_ref() };

@@ -521,3 +521,70 @@ fn a_block_device_never_gets_the_inline_engine() {
     drop(c);
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn block_device_io_on_the_queue_workers_survives_a_frontend_leaving_mid_batch() {
+    // A block device gets io_uring, whose rings live on the device's queue workers: many
+    // requests on two queues at once, then a frontend that goes away with requests in flight
+    // (the worker exits and its ring is freed with them), then a new frontend.
+    let mut lun = twinpath_tests::lun::LoopLun::new(512 << 20, twinpath_tests::lun::Fs::Ext4);
+    lun.unmount();
+    let dir = scratch();
+    let sock = dir.path().join("dev.sock");
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!(
+            "disks:\n{}      direct: true\n",
+            file_disk_yaml("dev", &sock, lun.device(), "    num_queues: 2\n")
+        ),
+    );
+    assert_engine(&daemon, "uring");
+    const BLOCK: usize = 65536;
+    let opts = ClientOptions {
+        num_queues: 2,
+        buffer_size: 128 * BLOCK,
+        ..Default::default()
+    };
+    let reqs = |op: Op, queue: usize| -> Vec<Req> {
+        (0..64)
+            .map(|i| Req {
+                op,
+                offset: ((queue * 64 + i) * BLOCK) as u64,
+                len: BLOCK,
+                buf_offset: (queue * 64 + i) * BLOCK,
+            })
+            .collect()
+    };
+    let expected: Vec<u8> = (0..128).flat_map(|i| pattern(i, BLOCK)).collect();
+    let mut c = Client::connect(&sock, &opts).unwrap();
+    c.buffer().copy_from_slice(&expected);
+    for queue in 0..2 {
+        let results = c.batch(queue, &reqs(Op::Write, queue)).unwrap();
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    }
+    c.flush(0).unwrap();
+    // Leave 64 reads in flight on each queue and hang up.
+    c.buffer().fill(0);
+    for queue in 0..2 {
+        c.submit(queue, &reqs(Op::Read, queue)).unwrap();
+    }
+    drop(c);
+    let mut c = Client::connect(&sock, &opts).unwrap();
+    c.buffer().fill(0);
+    for queue in 0..2 {
+        let results = c.batch(queue, &reqs(Op::Read, queue)).unwrap();
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    }
+    assert!(c.buffer() == &expected[..], "data read back differs");
+    // And one request at a time, the batch of one the worker submits on its own.
+    for i in 0..8 {
+        let at = (i * 8 * BLOCK) as u64;
+        assert_eq!(
+            c.read(1, at, 4096).unwrap(),
+            pattern(i as u64 * 8, BLOCK)[..4096]
+        );
+    }
+    drop(c);
+    let log = daemon.log();
+    assert!(daemon.stop().success(), "{log}");
+}

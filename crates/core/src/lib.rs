@@ -4,7 +4,8 @@
 //! - [`GuestBuffers`]: zero-copy scatter-gather views of guest memory;
 //! - [`Error`]: one error type with a kind, context and source;
 //! - [`Registry`] / [`Plugin`]: backends register a name and parse their own options;
-//! - [`Config`]: the YAML disk list.
+//! - [`Config`]: the YAML disk list;
+//! - [`worker`]: queue threads as the reactor of the I/O engines they poll.
 
 mod backend;
 pub mod blockdev;
@@ -13,6 +14,7 @@ pub mod config;
 mod error;
 mod registry;
 mod size;
+pub mod worker;
 
 pub use backend::{BlockBackend, DiskInfo};
 pub use buffers::{GuestBuffers, IoVecs};

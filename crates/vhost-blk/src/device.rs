@@ -50,6 +50,8 @@ const SEG_MAX: u32 = 254;
 /// How long GET_VRING_BASE waits for accepted requests before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
+
 /// A finished request, ready to be written back to the used ring.
 struct Done {
     head: u16,
@@ -81,6 +83,8 @@ impl Wake for QueueWaker {
 }
 
 struct Queue {
+    /// This queue's worker id for `twinpath_core::worker` (unique in the process).
+    worker: u64,
     inflight: Mutex<FuturesUnordered<RequestFuture>>,
     notify: Arc<QueueWaker>,
     // `notify` as a std Waker, built once rather than per polling round.
@@ -110,6 +114,7 @@ impl BlkDevice {
                     armed: AtomicBool::new(false),
                 });
                 Ok(Queue {
+                    worker: NEXT_WORKER.fetch_add(1, Ordering::Relaxed),
                     inflight: Mutex::new(FuturesUnordered::new()),
                     waker: Waker::from(notify.clone()),
                     notify,
@@ -220,6 +225,8 @@ impl BlkDevice {
                 unsafe { done.status.write(done.code) };
                 used.push((done.head, done.used_len));
             }
+            // What the requests queued with the engines while being polled goes out now.
+            twinpath_core::worker::flush();
             if !(popping && event_idx) {
                 break;
             }
@@ -424,8 +431,16 @@ impl VhostUserBackend for BlkDevice {
         let vring = vrings
             .first()
             .ok_or_else(|| io::Error::other("worker without a vring"))?;
+        let queue = &self.0.queues[thread_id];
+        {
+            use std::os::fd::AsRawFd;
+            twinpath_core::worker::enter(queue.worker, queue.notify.eventfd.as_raw_fd());
+        }
         if u64::from(device_event) == self.completion_event_id() {
-            let _ = self.0.queues[thread_id].notify.eventfd.read();
+            let _ = queue.notify.eventfd.read();
+            // The futures the reap wakes are polled right below: no eventfd write for them.
+            queue.notify.armed.store(true, Ordering::Release);
+            twinpath_core::worker::reap();
             return self.process(thread_id, vring, false);
         }
         if device_event == 0 {

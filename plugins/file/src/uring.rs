@@ -1,13 +1,16 @@
-//! io_uring submission for the file engine: one ring per calling thread (each queue worker
-//! gets its own, so rings are never contended on the hot path).
+//! io_uring submission for the file engine, with one ring per thread so rings are never
+//! contended on the hot path.
 //!
-//! An operation is pushed and submitted at once and the completion queue reaped right away:
-//! when the kernel completes it inside the submit call, the request finishes in the same poll.
-//! Completions that happen later (real disks, io-wq) raise the ring's eventfd, and a small
-//! tokio task reaps them and wakes their futures. The eventfd is registered for every
-//! completion: `IORING_REGISTER_EVENTFD_ASYNC` would only report io-wq completions and miss
-//! O_DIRECT ones, which the kernel posts from task work on the submitting thread.
+//! On a device queue worker (see `twinpath_core::worker`), the ring belongs to the worker:
+//! operations are queued while the worker polls and submitted in one call when it flushes,
+//! and the kernel signals the worker's own eventfd on completion, so the worker reaps them
+//! itself with no other thread involved. Anywhere else (tokio tasks), an operation is
+//! submitted at once and the ring's eventfd wakes a small tokio task that reaps it. Either
+//! eventfd is registered for every completion: `IORING_REGISTER_EVENTFD_ASYNC` would only
+//! report io-wq completions and miss O_DIRECT ones, which the kernel posts from task work on
+//! the submitting thread.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -22,6 +25,8 @@ use tokio::io::unix::AsyncFd;
 
 /// Ring size: a queue never has more requests in flight than its 1024 descriptors.
 const RING_ENTRIES: u32 = 1024;
+/// io_uring_enter flag (linux/io_uring.h); the io-uring crate keeps its own copy private.
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 enum Slot {
     Waiting(Option<Waker>),
@@ -33,11 +38,28 @@ enum Slot {
 struct State {
     uring: IoUring,
     ops: Slab<Slot>,
+    /// Whether completions wait for this ring's thread to ask for them (`DEFER_TASKRUN`).
+    deferred: bool,
 }
 
 impl State {
+    /// Submits what is queued and runs the completions the kernel deferred to this thread.
+    fn enter(&mut self) {
+        let pending = self.uring.submission().len() as u32;
+        // SAFETY: no argument is passed; the queued entries' buffers are kept by their slots.
+        let r = unsafe {
+            self.uring
+                .submitter()
+                .enter::<libc::sigset_t>(pending, 0, IORING_ENTER_GETEVENTS, None)
+        };
+        if let Err(e) = r {
+            // The entries stay queued and go with the next call.
+            tracing::warn!("io_uring submit failed: {e}");
+        }
+    }
+
     fn reap(&mut self) {
-        let State { uring, ops } = self;
+        let State { uring, ops, .. } = self;
         for cqe in uring.completion() {
             let key = cqe.user_data() as usize;
             match ops.get_mut(key) {
@@ -61,11 +83,53 @@ impl State {
 
 struct Ring {
     state: Mutex<State>,
-    reaper: tokio::task::JoinHandle<()>,
+    /// The task that reaps a ring used off the workers; a worker reaps its own ring.
+    reaper: Option<tokio::task::JoinHandle<()>>,
+}
+
+thread_local! {
+    /// The ring of the worker this thread is, with the worker's id.
+    static WORKER_RING: RefCell<Option<(u64, Arc<Ring>)>> = const { RefCell::new(None) };
 }
 
 impl Ring {
-    fn new(runtime: &tokio::runtime::Handle) -> io::Result<Arc<Ring>> {
+    /// The current worker's ring, made on first use; None off the workers.
+    fn of_worker() -> io::Result<Option<Arc<Ring>>> {
+        let Some((id, notify)) = twinpath_core::worker::current() else {
+            return Ok(None);
+        };
+        WORKER_RING.with_borrow_mut(|slot| {
+            if let Some((ring_id, ring)) = slot {
+                if *ring_id == id {
+                    return Ok(Some(ring.clone()));
+                }
+            }
+            // Only this thread submits to the ring, so the kernel may keep completions until
+            // the worker asks (no interrupting task work); kernels before 6.1 lack that.
+            let (uring, deferred) = match IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .build(RING_ENTRIES)
+            {
+                Ok(uring) => (uring, true),
+                Err(_) => (IoUring::new(RING_ENTRIES)?, false),
+            };
+            uring.submitter().register_eventfd(notify)?;
+            let ring = Arc::new(Ring {
+                state: Mutex::new(State {
+                    uring,
+                    ops: Slab::new(),
+                    deferred,
+                }),
+                reaper: None,
+            });
+            twinpath_core::worker::add_source(ring.clone());
+            *slot = Some((id, ring.clone()));
+            Ok(Some(ring))
+        })
+    }
+
+    fn with_reaper(runtime: &tokio::runtime::Handle) -> io::Result<Arc<Ring>> {
         let uring = IoUring::new(RING_ENTRIES)?;
         // SAFETY: eventfd returns a new descriptor that we own, or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -100,8 +164,9 @@ impl Ring {
                 state: Mutex::new(State {
                     uring,
                     ops: Slab::new(),
+                    deferred: false,
                 }),
-                reaper,
+                reaper: Some(reaper),
             }
         }))
     }
@@ -111,9 +176,43 @@ impl Ring {
     }
 }
 
+impl twinpath_core::worker::Source for Ring {
+    fn reap(&self) {
+        let mut st = self.lock();
+        if st.deferred {
+            st.enter();
+        }
+        st.reap();
+    }
+
+    fn flush(&self) {
+        let mut st = self.lock();
+        if !st.uring.submission().is_empty() {
+            st.enter();
+            st.reap();
+        }
+    }
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
-        self.reaper.abort();
+        if let Some(reaper) = &self.reaper {
+            reaper.abort();
+        }
+        // Operations whose futures were dropped may still be writing into the buffers their
+        // slots keep: wait for the kernel before freeing them.
+        // (A worker's thread has exited by now unless it drops the ring itself, and a thread
+        // exiting waits for its I/O, so this waits only on the thread that submitted.)
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        st.reap();
+        while !st.ops.is_empty() {
+            if let Err(e) = st.uring.submit_and_wait(1) {
+                tracing::error!("io_uring wait at drop failed, leaking its buffers: {e}");
+                std::mem::forget(std::mem::take(&mut st.ops));
+                break;
+            }
+            st.reap();
+        }
     }
 }
 
@@ -135,7 +234,7 @@ impl Rings {
     }
 
     fn ring(&self) -> io::Result<&Arc<Ring>> {
-        self.rings.get_or_try(|| Ring::new(&self.runtime))
+        self.rings.get_or_try(|| Ring::with_reaper(&self.runtime))
     }
 
     /// Submits `entry` and resolves to its result (`-errno` on failure). `keep` is whatever
@@ -149,7 +248,10 @@ impl Rings {
         entry: squeue::Entry,
         keep: K,
     ) -> io::Result<Op<K>> {
-        let ring = self.ring()?.clone();
+        let ring = match Ring::of_worker()? {
+            Some(ring) => ring,
+            None => self.ring()?.clone(),
+        };
         let key = {
             let mut st = ring.lock();
             let key = st.ops.insert(Slot::Waiting(None));
@@ -158,11 +260,14 @@ impl Rings {
             while unsafe { st.uring.submission().push(&entry) }.is_err() {
                 st.uring.submit()?;
             }
-            if let Err(e) = st.uring.submit() {
-                st.ops.remove(key);
-                return Err(e);
+            // A worker's entries wait for its flush, to go to the kernel in one call.
+            if ring.reaper.is_some() {
+                if let Err(e) = st.uring.submit() {
+                    st.ops.remove(key);
+                    return Err(e);
+                }
+                st.reap();
             }
-            st.reap();
             key
         };
         Ok(Op {

@@ -496,19 +496,22 @@ fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
     }
 }
 
+/// Serves `device` as a `file` disk with O_DIRECT; `disk_extra` are YAML lines for the disk.
+fn serve_block_device(dir: &Path, device: &Path, disk_extra: &str) -> (Daemon, PathBuf) {
+    let sock = dir.join("dev.sock");
+    let cfg = format!(
+        "disks:\n{}      direct: true\n",
+        file_disk_yaml("dev", &sock, device, disk_extra)
+    );
+    (Daemon::start(dir, &cfg), sock)
+}
+
 #[test]
 fn a_block_device_never_gets_the_inline_engine() {
     // A device node lives on devtmpfs; `auto` must look at the device, not at /dev.
     let lun = twinpath_tests::lun::LoopLun::new(512 << 20, twinpath_tests::lun::Fs::Ext4);
     let dir = scratch();
-    let sock = dir.path().join("dev.sock");
-    let daemon = Daemon::start(
-        dir.path(),
-        &format!(
-            "disks:\n{}      direct: true\n",
-            file_disk_yaml("dev", &sock, lun.device(), "")
-        ),
-    );
+    let (daemon, sock) = serve_block_device(dir.path(), lun.device(), "");
     let log = daemon.log();
     let engine = log
         .lines()
@@ -530,14 +533,7 @@ fn block_device_io_on_the_queue_workers_survives_a_frontend_leaving_mid_batch() 
     let mut lun = twinpath_tests::lun::LoopLun::new(512 << 20, twinpath_tests::lun::Fs::Ext4);
     lun.unmount();
     let dir = scratch();
-    let sock = dir.path().join("dev.sock");
-    let daemon = Daemon::start(
-        dir.path(),
-        &format!(
-            "disks:\n{}      direct: true\n",
-            file_disk_yaml("dev", &sock, lun.device(), "    num_queues: 2\n")
-        ),
-    );
+    let (daemon, sock) = serve_block_device(dir.path(), lun.device(), "    num_queues: 2\n");
     assert_engine(&daemon, "uring");
     const BLOCK: usize = 65536;
     let opts = ClientOptions {

@@ -66,6 +66,23 @@ fn device(s: &Setup, write: bool) -> File {
         .unwrap()
 }
 
+/// Writes `data` at file offset `offset` on the device, where `grant` says, as a host would.
+fn write_under(grant: &Grant, dev: &File, offset: u64, data: &[u8]) {
+    let pieces = grant
+        .resolve(offset, data.len() as u64, true)
+        .expect("writable");
+    let mut at = 0usize;
+    for p in pieces {
+        let Piece::Device { physical, len } = p else {
+            panic!("write map with zeros");
+        };
+        grant.guard().check(physical, len, true).unwrap();
+        write_direct(dev, physical, &data[at..at + len as usize]);
+        at += len as usize;
+    }
+    dev.sync_all().unwrap();
+}
+
 /// Writes `data` at `physical` with O_DIRECT (4096-aligned buffer).
 fn write_direct(dev: &File, physical: u64, data: &[u8]) {
     let layout = std::alloc::Layout::from_size_align(data.len(), 4096).unwrap();
@@ -130,7 +147,6 @@ async fn identity_and_maps(fs: Fs) {
     );
     let w = granted(map(&c, "pre.raw", MIB, MIB, true).await);
     let grant = Grant::new(w.spans, s.device_size).unwrap();
-    let pieces = grant.resolve(MIB, MIB, true).expect("writable");
     let new = pattern(52, MIB as usize);
     // The server's page cache now holds the zeros; commit must drop them.
     let mut back = vec![1u8; MIB as usize];
@@ -139,16 +155,7 @@ async fn identity_and_maps(fs: Fs) {
         .read_exact_at(&mut back, MIB)
         .unwrap();
     assert!(back.iter().all(|&b| b == 0));
-    let mut at = 0usize;
-    for p in pieces {
-        let Piece::Device { physical, len } = p else {
-            panic!("write map with zeros");
-        };
-        grant.guard().check(physical, len, true).unwrap();
-        write_direct(&dev, physical, &new[at..at + len as usize]);
-        at += len as usize;
-    }
-    dev.sync_all().unwrap();
+    write_under(&grant, &dev, MIB, &new);
     assert_eq!(
         c.call(Request::Commit {
             lease: w.lease,
@@ -263,6 +270,86 @@ async fn a_second_hosts_write_map_recalls_the_first() {
         other => panic!("{other:?}"),
     }
     drop((a, b));
+    assert!(s.server.stop().success());
+}
+
+/// Reads `path` through the server's page cache until it holds `want` (the server handles a
+/// disconnect on its own time), for at most 5 s.
+fn server_reads(path: &std::path::Path, want: &[u8]) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut back = vec![0u8; want.len()];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
+        if back == want || std::time::Instant::now() > deadline {
+            return back == want;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+// Multi-threaded: the client's writer task runs while this test blocks reading files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recalls_name_the_leases_owner_and_returned_write_leases_drop_the_servers_cache() {
+    let s = setup(Fs::Xfs);
+    let img = s.fs.lun.mount_point().join("vm.raw");
+    std::fs::write(&img, pattern(55, MIB as usize)).unwrap();
+    let dev = device(&s, true);
+    let (a, mut a_recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
+    let (b, _) = MapClient::connect(&s.addr, &key(), "host-b").await.unwrap();
+
+    // A lease asked for by owner 7 of host A: its recall says so.
+    let w = granted(
+        a.call_as(
+            Some(7),
+            Request::GetMap {
+                path: "vm.raw".into(),
+                offset: 0,
+                len: MIB,
+                write: true,
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    // The server caches the old bytes; then host A writes directly and gives the lease
+    // back without a commit (a disk closing).
+    assert!(server_reads(&img, &pattern(55, MIB as usize)));
+    let grant = Grant::new(w.spans, s.device_size).unwrap();
+    write_under(&grant, &dev, 0, &pattern(56, MIB as usize));
+    assert!(matches!(
+        map(&b, "vm.raw", 0, MIB, true).await,
+        Reply::Refused { .. }
+    ));
+    let recall = tokio::time::timeout(std::time::Duration::from_secs(5), a_recalls.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((recall.lease, recall.owner), (w.lease, Some(7)));
+    a.give_back(w.lease);
+    assert!(
+        server_reads(&img, &pattern(56, MIB as usize)),
+        "the server reads the direct write after the return"
+    );
+
+    // The same when the host's connection ends instead, with a lease asked for by nobody.
+    let w = granted(map(&b, "vm.raw", 0, MIB, true).await);
+    assert!(server_reads(&img, &pattern(56, MIB as usize)));
+    let grant = Grant::new(w.spans, s.device_size).unwrap();
+    write_under(&grant, &dev, 0, &pattern(57, MIB as usize));
+    match map(&a, "vm.raw", 0, MIB, true).await {
+        Reply::Refused { reason } => assert!(reason.contains("host-b"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    drop(b);
+    assert!(
+        server_reads(&img, &pattern(57, MIB as usize)),
+        "the server reads the direct write after the host left"
+    );
+    granted(map(&a, "vm.raw", 0, MIB, true).await);
+    drop(a);
     assert!(s.server.stop().success());
 }
 

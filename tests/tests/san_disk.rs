@@ -283,11 +283,29 @@ fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
     use twinpath_mapproto::{Key, MapClient, Reply, Request};
     let rig = Rig::start(Fs::Xfs);
     let data = rig.image("vm.raw", 81, 32 * MIB);
-    let daemon =
-        rig.serve(&rig.disk_yaml("san4", "vm.raw", &rig.lun.device().display().to_string()));
+    let mut other_data = rig.image("vm2.raw", 83, 16 * MIB);
+    let lun = rig.lun.device().display().to_string();
+    // Two disks of this host: one map connection carries both, recalls reach the right one.
+    let daemon = rig.serve(&format!(
+        "{}{}",
+        rig.disk_yaml("san4", "vm.raw", &lun),
+        rig.disk_yaml("san5", "vm2.raw", &lun)
+    ));
     let mut c = client(&rig.sock("san4"));
+    let mut c2 = client(&rig.sock("san5"));
     let mut model = Model { data, rng: 81 };
     model.churn(&mut c, 20);
+    c2.write(0, 0, &pattern(84, MIB as usize)).unwrap();
+    other_data[..MIB as usize].copy_from_slice(&pattern(84, MIB as usize));
+    let map_log = rig.map.as_ref().unwrap().log();
+    assert_eq!(
+        map_log
+            .lines()
+            .filter(|l| l.contains("host connected") && l.contains("test-host"))
+            .count(),
+        1,
+        "one connection for the host's two disks:\n{map_log}"
+    );
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
@@ -319,10 +337,27 @@ fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
             r => panic!("{r:?}"),
         }
     };
+    // The other disk kept its lease and writes on the LUN directly.
+    let before = rig.lun_sectors_written();
+    let fresh = pattern(85, 4 * MIB as usize);
+    c2.write(0, 4 * MIB, &fresh).unwrap();
+    other_data[4 * MIB as usize..8 * MIB as usize].copy_from_slice(&fresh);
+    assert!(
+        rig.lun_sectors_written() - before >= 4 * MIB / 512,
+        "vm2.raw direct while vm.raw is recalled:\n{}",
+        daemon.log()
+    );
     model.churn(&mut c, 20);
     c.flush(0).unwrap();
+    c2.flush(0).unwrap();
     assert!(rig.server_file("vm.raw") == model.data, "image differs");
-    assert!(daemon.log().contains("recalled"), "{}", daemon.log());
+    assert!(rig.server_file("vm2.raw") == other_data, "vm2.raw differs");
+    let log = daemon.log();
+    let recalls: Vec<&str> = log.lines().filter(|l| l.contains("recalled")).collect();
+    assert!(
+        !recalls.is_empty() && recalls.iter().all(|l| l.contains("vm.raw on")),
+        "{log}"
+    );
     // host-b is done; test-host regains the direct path after its rest.
     rt.block_on(other.call(Request::Return { lease })).unwrap();
     std::thread::sleep(std::time::Duration::from_secs(6));
@@ -337,7 +372,7 @@ fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
     );
     c.flush(0).unwrap();
     assert!(rig.server_file("vm.raw") == model.data, "image differs");
-    drop(c);
+    drop((c, c2));
     assert!(daemon.stop().success());
 }
 

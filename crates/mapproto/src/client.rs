@@ -1,27 +1,43 @@
-//! The host side of a map connection: requests matched to replies by id, recalls handed to
-//! the owner as they arrive.
+//! The host side of a map connection: requests matched to replies by id, recalls handed out
+//! as they arrive, each naming the owner of its lease.
+//!
+//! One connection serves every disk of a host. A request may name its owner (a disk); the
+//! lease of the map it is granted is then remembered as that owner's, and recalls of the
+//! lease say so. The reader registers the lease before it reads the next frame, and the
+//! server sends a grant before any recall of it, so no recall can outrun its owner's record.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{ConnWriter, Frame, Key, ProtoError, Reply, Request};
+use crate::{Frame, Key, ProtoError, Reply, Request};
 
 /// The server wants a lease back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recall {
     pub lease: u64,
     pub reason: String,
+    /// Who asked for the lease (see [`MapClient::call_as`]); `None` if nobody named one or
+    /// the lease was already given back.
+    pub owner: Option<u64>,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+#[derive(Default)]
+struct Book {
+    /// Waiting callers by request id, with the owner they asked as.
+    pending: HashMap<u64, (oneshot::Sender<Reply>, Option<u64>)>,
+    /// Owner of each lease granted to a named owner and not given back.
+    owners: HashMap<u64, u64>,
+}
 
 pub struct MapClient {
-    writer: tokio::sync::Mutex<ConnWriter<TcpStream>>,
-    pending: Pending,
+    /// Frames for the writer task: sending never waits, so it works from `Drop` too.
+    outbox: mpsc::UnboundedSender<Frame>,
+    book: Arc<Mutex<Book>>,
+    closed: Arc<AtomicBool>,
     next_id: AtomicU64,
 }
 
@@ -31,7 +47,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl MapClient {
     /// Connects to the map server at `addr` and authenticates as `host`. Recalls arrive on
-    /// the returned channel; it closes when the connection does.
+    /// the returned channel; it closes when the connection does. Dropping the client closes
+    /// the connection (the server then drops every lease it held).
     pub async fn connect(
         addr: &str,
         key: &Key,
@@ -40,53 +57,99 @@ impl MapClient {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let conn = crate::connect(stream, key, host).await?;
-        let pending: Pending = Arc::default();
+        let book: Arc<Mutex<Book>> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
         let (recalls, recalled) = mpsc::unbounded_channel();
+        let (outbox, mut outgoing) = mpsc::unbounded_channel::<Frame>();
+        let mut writer = conn.writer;
+        tokio::spawn(async move {
+            while let Some(f) = outgoing.recv().await {
+                if writer.send(&f).await.is_err() {
+                    return;
+                }
+            }
+            let _ = writer.close().await;
+        });
         let mut reader = conn.reader;
-        let replies = pending.clone();
+        let (replies, gone) = (book.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 match reader.recv().await {
                     Ok(Frame::Reply { id, reply }) => {
-                        if let Some(waiter) = lock(&replies).remove(&id) {
+                        let mut b = lock(&replies);
+                        if let Some((waiter, owner)) = b.pending.remove(&id) {
+                            if let (Reply::Map(m), Some(owner)) = (&reply, owner) {
+                                b.owners.insert(m.lease, owner);
+                            }
                             let _ = waiter.send(reply);
                         }
                     }
                     Ok(Frame::Recall { lease, reason }) => {
-                        let _ = recalls.send(Recall { lease, reason });
+                        let owner = lock(&replies).owners.get(&lease).copied();
+                        let _ = recalls.send(Recall {
+                            lease,
+                            reason,
+                            owner,
+                        });
                     }
                     Ok(other) => tracing::warn!("map client: ignored frame {other:?}"),
                     Err(_) => break,
                 }
             }
+            gone.store(true, Ordering::Release);
             // Waiters see their sender dropped: the call fails with Closed.
-            lock(&replies).clear();
+            let mut b = lock(&replies);
+            b.pending.clear();
+            b.owners.clear();
         });
         Ok((
             MapClient {
-                writer: tokio::sync::Mutex::new(conn.writer),
-                pending,
+                outbox,
+                book,
+                closed,
                 next_id: AtomicU64::new(1),
             },
             recalled,
         ))
     }
 
+    /// Whether the server closed the connection (or it broke).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.outbox.is_closed()
+    }
+
     /// Sends `request` and waits for its reply.
     pub async fn call(&self, request: Request) -> Result<Reply, ProtoError> {
+        self.call_as(None, request).await
+    }
+
+    /// Sends `request` on behalf of `owner` and waits for its reply: a lease granted to it
+    /// is recalled with `owner` named.
+    pub async fn call_as(&self, owner: Option<u64>, request: Request) -> Result<Reply, ProtoError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
-        let sent = self
-            .writer
-            .lock()
-            .await
-            .send(&Frame::Request { id, request })
-            .await;
-        if let Err(e) = sent {
-            lock(&self.pending).remove(&id);
-            return Err(e);
+        {
+            let mut b = lock(&self.book);
+            if let Request::Return { lease } = &request {
+                b.owners.remove(lease);
+            }
+            b.pending.insert(id, (tx, owner));
+        }
+        if self.outbox.send(Frame::Request { id, request }).is_err() {
+            lock(&self.book).pending.remove(&id);
+            return Err(ProtoError::Closed);
         }
         rx.await.map_err(|_| ProtoError::Closed)
+    }
+
+    /// Returns `lease` without waiting for the answer: for owners going away, and for
+    /// recalls of leases nobody here uses any more.
+    pub fn give_back(&self, lease: u64) {
+        lock(&self.book).owners.remove(&lease);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self.outbox.send(Frame::Request {
+            id,
+            request: Request::Return { lease },
+        });
     }
 }

@@ -9,7 +9,7 @@ use sha2::Sha256;
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// A pre-shared key, read from a file. Its bytes are never printed or logged.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key(Vec<u8>);
 
 impl fmt::Debug for Key {

@@ -77,3 +77,12 @@ impl<S: AsyncWrite> ConnWriter<S> {
         Ok(())
     }
 }
+
+impl<S: AsyncWrite> ConnWriter<S> {
+    /// Flushes and shuts the write side down, so the peer sees the end of the stream even
+    /// while the read half is still held.
+    pub async fn close(&mut self) -> Result<(), ProtoError> {
+        SinkExt::<&[u8]>::close(&mut self.inner).await?;
+        Ok(())
+    }
+}

@@ -180,20 +180,20 @@ impl MapServer {
                 if let Err(e) = serve_host(state.clone(), conn, stream).await {
                     tracing::warn!(%peer, "map connection: {e}");
                 }
-                let gone: Vec<PathBuf> = {
+                let gone: Vec<(PathBuf, bool)> = {
                     let mut l = lock(&state.leases);
                     l.outboxes.remove(&conn);
                     let gone = l
                         .by_id
                         .values()
                         .filter(|lease| lease.conn == conn)
-                        .map(|lease| lease.path.clone())
+                        .map(|lease| (lease.path.clone(), lease.write))
                         .collect();
                     l.by_id.retain(|_, lease| lease.conn != conn);
                     gone
                 };
-                for path in gone {
-                    state.forget_if_unleased(&path);
+                for (path, write) in gone {
+                    released(&state, path, write).await;
                 }
             });
         }
@@ -223,9 +223,12 @@ async fn serve_host(state: Arc<State>, conn: u64, stream: TcpStream) -> Result<(
     let result = loop {
         match reader.recv().await {
             Ok(Frame::Request { id, request }) => {
-                let reply = handle(&state, conn, &host, request).await;
-                if outbox.send(Frame::Reply { id, reply }).is_err() {
-                    break Ok(());
+                let respond = Respond {
+                    id,
+                    outbox: &outbox,
+                };
+                if let Some(reply) = handle(&state, conn, &host, request, &respond).await {
+                    respond.send(reply);
                 }
             }
             Ok(other) => break Err(format!("host {host} sent {other:?}")),
@@ -238,14 +241,50 @@ async fn serve_host(state: Arc<State>, conn: u64, stream: TcpStream) -> Result<(
     result
 }
 
+/// Where the reply to one request goes.
+struct Respond<'a> {
+    id: u64,
+    outbox: &'a mpsc::UnboundedSender<Frame>,
+}
+
+impl Respond<'_> {
+    fn send(&self, reply: Reply) {
+        // A closed outbox means the host is gone; its reader loop ends on its own.
+        let _ = self.outbox.send(Frame::Reply { id: self.id, reply });
+    }
+}
+
+/// A lease is gone (returned, or its host disconnected). The host may have written under a
+/// write lease without committing: drop the server's cached pages of the file, so they cannot
+/// hide those writes. Stops watching the file once nobody holds a lease on it.
+async fn released(state: &Arc<State>, path: PathBuf, write: bool) {
+    if write {
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || maps::commit(&p)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(path = %path.display(), "dropping cache: {e}"),
+            Err(e) => tracing::warn!(path = %path.display(), "dropping cache: {e}"),
+        }
+    }
+    state.forget_if_unleased(&path);
+}
+
 fn refused(reason: impl Into<String>) -> Reply {
     Reply::Refused {
         reason: reason.into(),
     }
 }
 
-async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> Reply {
-    match request {
+/// The reply to `request`, or `None` where `handle` sent it itself (a grant goes out under
+/// the lease table's lock, so that no recall of its lease can overtake it).
+async fn handle(
+    state: &Arc<State>,
+    conn: u64,
+    host: &str,
+    request: Request,
+    respond: &Respond<'_>,
+) -> Option<Reply> {
+    let reply = match request {
         Request::Identity => Reply::Identity(state.identity.clone()),
         Request::GetMap {
             path,
@@ -255,10 +294,12 @@ async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> 
         } => {
             let real = match state.export.resolve(&path) {
                 Ok(p) => p,
-                Err(e) => return refused(e),
+                Err(e) => return Some(refused(e)),
             };
             if let Some(holders) = recall_conflicts(state, conn, &real, write) {
-                return refused(format!("`{path}` is leased by {holders}; recalled"));
+                return Some(refused(format!(
+                    "`{path}` is leased by {holders}; recalled"
+                )));
             }
             let chunk = state.chunk;
             let target = real.clone();
@@ -289,18 +330,19 @@ async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> 
                         },
                     );
                     tracing::debug!(host, path, lease, write, spans = spans.len(), "map granted");
-                    Reply::Map(MapGrant {
+                    respond.send(Reply::Map(MapGrant {
                         lease,
                         file_size,
                         spans,
-                    })
+                    }));
+                    return None;
                 }
             }
         }
         Request::Allocate { path, offset, len } => {
             let real = match state.export.resolve(&path) {
                 Ok(p) => p,
-                Err(e) => return refused(e),
+                Err(e) => return Some(refused(e)),
             };
             let chunk = state.chunk;
             let done =
@@ -318,7 +360,9 @@ async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> 
                 match l.by_id.get(&lease) {
                     Some(x) if x.conn == conn && x.write => x.path.clone(),
                     _ => {
-                        return refused(format!("lease {lease} is not a write lease of this host"))
+                        return Some(refused(format!(
+                            "lease {lease} is not a write lease of this host"
+                        )))
                     }
                 }
             };
@@ -338,13 +382,14 @@ async fn handle(state: &Arc<State>, conn: u64, host: &str, request: Request) -> 
             };
             match returned {
                 Some(x) => {
-                    state.forget_if_unleased(&x.path);
+                    released(state, x.path, x.write).await;
                     Reply::Done
                 }
                 None => refused(format!("lease {lease} is not held by this host")),
             }
         }
-    }
+    };
+    Some(reply)
 }
 
 /// Recalls other hosts' leases on `path` that conflict with a new lease (any lease against a

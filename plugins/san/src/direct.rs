@@ -12,6 +12,8 @@
 //!   server drops cached pages that predate them.
 //! - A recall, a lost map connection or a device error takes grants away at once; the
 //!   requests continue over SMB and the direct path is tried again after [`RETRY_AFTER`].
+//! - A disk that goes away gives its leases back; the server drops its cached pages of a
+//!   file whose write lease comes back, so uncommitted direct writes cannot be hidden.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,9 +25,10 @@ use futures::future::try_join_all;
 use tokio::sync::mpsc;
 use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
 use twinpath_filemap::{Grant, Guard, Piece};
-use twinpath_mapproto::{Key, MapClient, Recall, Reply, Request};
+use twinpath_mapproto::{MapClient, Reply, Request};
 use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
 
+use crate::link::{Event, Member};
 use crate::throttle::Throttle;
 
 /// Maps are asked for in windows of the image this large (the map server's default
@@ -83,13 +86,6 @@ impl Drop for InFlight {
     }
 }
 
-/// How to reach the map server.
-pub struct MapServerAddr {
-    pub addr: String,
-    pub key: Key,
-    pub host: String,
-}
-
 /// A request resolved under a grant and counted against it, ready for the device.
 pub struct Ready {
     pieces: Vec<Piece>,
@@ -115,13 +111,19 @@ pub enum Outcome {
 }
 
 pub struct Direct {
-    server: MapServerAddr,
+    /// This disk on the host's map connection.
+    member: Member,
+    /// The connection generation whose volume identity this disk's device was checked
+    /// against.
+    checked: AtomicU64,
+    /// Leases recalled before their grant reached the window being fetched (the recall is
+    /// read right after the grant, and may be handled first).
+    early_recalls: Mutex<Vec<u64>>,
     /// The image's path in the export (the same as on the share).
     path: String,
     device: PathBuf,
     device_size: u64,
     lun: Arc<dyn BlockBackend>,
-    client: tokio::sync::Mutex<Option<Arc<MapClient>>>,
     windows: Mutex<HashMap<u64, Slot>>,
     /// The whole direct path rests until then (map server lost, device error).
     down_until: Mutex<Option<Instant>>,
@@ -143,6 +145,14 @@ struct Stats {
 
 impl Drop for Direct {
     fn drop(&mut self) {
+        // The connection outlives this disk when other disks share it: leases go back now.
+        if let Some(c) = self.member.link.current() {
+            for slot in lock(&self.windows).values() {
+                if let Slot::Mapped(w) = slot {
+                    c.give_back(w.lease);
+                }
+            }
+        }
         let s = &self.stats;
         tracing::info!(
             image = %self.describe(),
@@ -155,22 +165,23 @@ impl Drop for Direct {
 }
 
 impl Direct {
-    /// The direct path for image `path`, on a live map connection (`client`, `recalls`).
+    /// The direct path for image `path`, as `member` of the host's map connection, on a
+    /// device checked against the volume identity of connection `generation`.
     pub fn new(
-        server: MapServerAddr,
-        (client, recalls): (MapClient, mpsc::UnboundedReceiver<Recall>),
+        (member, events): (Member, mpsc::UnboundedReceiver<Event>),
+        generation: u64,
         path: String,
         lun: LunDevice,
         throttle: Option<Arc<Throttle>>,
     ) -> Arc<Direct> {
-        let client = Arc::new(client);
         let d = Arc::new(Direct {
-            server,
+            member,
+            checked: AtomicU64::new(generation),
+            early_recalls: Mutex::default(),
             path,
             device: lun.path,
             device_size: lun.size,
             lun: lun.io,
-            client: tokio::sync::Mutex::new(Some(client)),
             windows: Mutex::default(),
             down_until: Mutex::default(),
             fetching: tokio::sync::Mutex::new(()),
@@ -178,7 +189,7 @@ impl Direct {
             throttle,
             stats: Stats::default(),
         });
-        d.watch_recalls(recalls);
+        d.watch(events);
         d
     }
 
@@ -197,12 +208,19 @@ impl Direct {
         lock(&self.windows).clear();
     }
 
-    /// Handles recalls for as long as the map connection lives; then takes grants away.
-    fn watch_recalls(self: &Arc<Self>, mut recalls: mpsc::UnboundedReceiver<Recall>) {
+    /// Handles recalls and the loss of the map connection for as long as the disk lives.
+    fn watch(self: &Arc<Self>, mut events: mpsc::UnboundedReceiver<Event>) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            while let Some(r) = recalls.recv().await {
+            while let Some(event) = events.recv().await {
                 let Some(d) = me.upgrade() else { return };
+                let r = match event {
+                    Event::Recall(r) => r,
+                    Event::Lost(why) => {
+                        d.go_down(&why);
+                        continue;
+                    }
+                };
                 tracing::info!(image = %d.describe(), lease = r.lease, "recalled: {}", r.reason);
                 let found = {
                     let mut windows = lock(&d.windows);
@@ -210,8 +228,11 @@ impl Direct {
                         Slot::Mapped(win) if win.lease == r.lease => Some((w, win.clone())),
                         _ => None,
                     });
-                    if let Some((w, _)) = hit {
-                        windows.insert(w, Slot::Resting(Instant::now() + RETRY_AFTER));
+                    match hit {
+                        Some((w, _)) => {
+                            windows.insert(w, Slot::Resting(Instant::now() + RETRY_AFTER));
+                        }
+                        None => lock(&d.early_recalls).push(r.lease),
                     }
                     hit
                 };
@@ -220,51 +241,33 @@ impl Direct {
                     None => d.give_back(r.lease).await,
                 }
             }
-            if let Some(d) = me.upgrade() {
-                *d.client.lock().await = None;
-                d.go_down("map server connection lost");
-            }
         });
     }
 
-    /// The map connection, reconnecting (and re-checking the LUN) when it was lost.
+    /// The map connection, dialed again if it was lost; the device is checked against the
+    /// volume identity of every new connection (a restarted server has a new token).
     async fn client(self: &Arc<Self>) -> Option<Arc<MapClient>> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Some(c.clone());
-        }
-        if self.resting() {
-            return None;
-        }
-        let s = &self.server;
-        let connected = async {
-            let (c, recalls) = MapClient::connect(&s.addr, &s.key, &s.host)
-                .await
-                .map_err(|e| e.to_string())?;
-            let Reply::Identity(id) = c.call(Request::Identity).await.map_err(|e| e.to_string())?
-            else {
-                return Err("no identity".to_owned());
-            };
-            let device = self.device.clone();
-            tokio::task::spawn_blocking(move || crate::lun::check(&device, &id))
-                .await
-                .map_err(|e| e.to_string())??;
-            Ok::<_, String>((c, recalls))
-        };
-        match connected.await {
-            Ok((c, recalls)) => {
-                tracing::info!(image = %self.describe(), "map server connection back");
-                let c = Arc::new(c);
-                *slot = Some(c.clone());
-                self.watch_recalls(recalls);
-                Some(c)
-            }
+        let c = match self.member.link.connect().await {
+            Ok(c) => c,
             Err(e) => {
-                drop(slot);
-                self.go_down(&format!("map server {}: {e}", s.addr));
-                None
+                self.go_down(&e);
+                return None;
             }
+        };
+        let checked = self.checked.load(Ordering::Acquire);
+        if c.generation != checked {
+            let (device, id) = (self.device.clone(), c.identity.clone());
+            let matches = tokio::task::spawn_blocking(move || crate::lun::check(&device, &id))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(e) = matches {
+                self.go_down(&format!("after reconnecting to the map server: {e}"));
+                return None;
+            }
+            self.checked.store(c.generation, Ordering::Release);
+            tracing::info!(image = %self.describe(), "map server connection back");
         }
+        Some(c.client)
     }
 
     /// The grant of window `w` good for `write`, asking the map server if there is none.
@@ -291,13 +294,17 @@ impl Direct {
             Err(true) => {}
         }
         let client = self.client().await?;
+        lock(&self.early_recalls).clear();
         let asked = client
-            .call(Request::GetMap {
-                path: self.path.clone(),
-                offset: w * WINDOW,
-                len: WINDOW,
-                write,
-            })
+            .call_as(
+                Some(self.member.id),
+                Request::GetMap {
+                    path: self.path.clone(),
+                    offset: w * WINDOW,
+                    len: WINDOW,
+                    write,
+                },
+            )
             .await;
         let rest = |d: &Direct| {
             lock(&d.windows).insert(w, Slot::Resting(Instant::now() + RETRY_AFTER));
@@ -316,6 +323,11 @@ impl Direct {
                     // The direct path went down while the map was on its way: keep it down.
                     if self.resting() {
                         self.give_back(m.lease).await;
+                        return None;
+                    }
+                    // Recalled on its way here (and given back by the recall's handler).
+                    if lock(&self.early_recalls).contains(&m.lease) {
+                        rest(self);
                         return None;
                     }
                     let old = lock(&self.windows).insert(w, Slot::Mapped(win.clone()));
@@ -343,7 +355,6 @@ impl Direct {
                 None
             }
             Err(e) => {
-                *self.client.lock().await = None;
                 self.go_down(&format!("map request: {e}"));
                 None
             }
@@ -352,8 +363,7 @@ impl Direct {
 
     /// Returns a lease the host no longer uses.
     async fn give_back(&self, lease: u64) {
-        let client = self.client.lock().await.clone();
-        if let Some(c) = client {
+        if let Some(c) = self.member.link.current() {
             if let Err(e) = c.call(Request::Return { lease }).await {
                 tracing::debug!(lease, "return: {e}");
             }
@@ -377,8 +387,7 @@ impl Direct {
     async fn commit(&self, win: &Window) -> Result<()> {
         self.flush_device().await?;
         win.dirty.store(false, Ordering::Release);
-        let client = self.client.lock().await.clone();
-        let Some(c) = client else {
+        let Some(c) = self.member.link.current() else {
             return Err(Error::new(ErrorKind::Io, "map server not connected"));
         };
         match c

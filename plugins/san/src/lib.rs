@@ -23,6 +23,7 @@
 //! ```
 
 mod direct;
+mod link;
 mod lun;
 mod throttle;
 
@@ -36,9 +37,10 @@ use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, DiskContext, DiskInfo, GuestBuffers, OptionError,
     Plugin, Result,
 };
-use twinpath_mapproto::{Key, MapClient, Reply, Request};
+use twinpath_mapproto::Key;
 
-use crate::direct::{Direct, LunDevice, MapServerAddr, Outcome};
+use crate::direct::{Direct, LunDevice, Outcome};
+use crate::link::MapLink;
 use crate::throttle::ThrottleConfig;
 
 /// The keys this plugin reads itself; every other key belongs to the `smb` plugin.
@@ -171,19 +173,14 @@ impl Plugin for SanPlugin {
 }
 
 impl DirectSetup {
-    /// Connects to the map server, finds the LUN and opens it for direct I/O.
+    /// Joins this host's connection to the map server, finds the LUN and opens it for
+    /// direct I/O.
     async fn open(&self) -> std::result::Result<Arc<Direct>, String> {
         let key = Key::from_file(&self.map_key_file)?;
-        let (client, recalls) = MapClient::connect(&self.map_server, &key, &self.host_name)
-            .await
-            .map_err(|e| format!("map server {}: {e}", self.map_server))?;
-        let Reply::Identity(id) = client
-            .call(Request::Identity)
-            .await
-            .map_err(|e| format!("map server {}: {e}", self.map_server))?
-        else {
-            return Err("the map server sent no volume identity".into());
-        };
+        let link = MapLink::shared(&self.map_server, key, &self.host_name);
+        let member = link.join();
+        let connected = link.connect().await?;
+        let id = connected.identity;
         let lun = self.lun.clone();
         let checked = id.clone();
         let device = tokio::task::spawn_blocking(move || match lun {
@@ -205,12 +202,8 @@ impl DirectSetup {
             "direct path ready"
         );
         Ok(Direct::new(
-            MapServerAddr {
-                addr: self.map_server.clone(),
-                key,
-                host: self.host_name.clone(),
-            },
-            (client, recalls),
+            member,
+            connected.generation,
             self.path.clone(),
             LunDevice {
                 path: device,

@@ -164,10 +164,18 @@ impl FileBackend {
         }
         let mut opts = OpenOptions::new();
         opts.read(true).write(!spec.read_only);
-        if spec.direct {
-            opts.custom_flags(libc::O_DIRECT);
+        let flags = if spec.direct { libc::O_DIRECT } else { 0 };
+        // Without O_NOATIME every read updates the inode's access time (for a LUN, a locked
+        // update of the device inode per request). Only the owner or CAP_FOWNER may ask.
+        let file = match opts
+            .clone()
+            .custom_flags(flags | libc::O_NOATIME)
+            .open(path)
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => opts.custom_flags(flags).open(path),
+            opened => opened,
         }
-        let file = opts.open(path).map_err(|e| Error::io(ctx("open"), e))?;
+        .map_err(|e| Error::io(ctx("open"), e))?;
         let meta = file.metadata().map_err(|e| Error::io(ctx("stat"), e))?;
         let (kind, capacity, block_size) = if meta.file_type().is_block_device() {
             let size = twinpath_core::blockdev::size(&file)

@@ -37,6 +37,78 @@ impl Results {
     }
 }
 
+/// CPU time used while something runs: the whole machine's, and optionally one process's
+/// (all its threads, including those that ended meanwhile).
+pub struct CpuMeter {
+    process: Option<u32>,
+    machine: u64,
+    idle: u64,
+    process_ticks: u64,
+}
+
+/// Busy and idle clock ticks of the whole machine, from the first line of /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (v.iter().sum::<u64>() - idle, idle)
+}
+
+/// User plus system ticks of process `pid`.
+fn process_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // `pid (comm) state ...`: the comm may hold spaces, so count fields after its `)`;
+    // utime and stime are fields 14 and 15, the 12th and 13th after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+impl CpuMeter {
+    pub fn start(process: Option<u32>) -> CpuMeter {
+        let (machine, idle) = machine_ticks();
+        CpuMeter {
+            process,
+            machine,
+            idle,
+            process_ticks: process.map_or(0, process_ticks),
+        }
+    }
+
+    /// CPUs busy on average since `start`: the machine's, and the process's.
+    pub fn stop(self) -> (f64, f64) {
+        let (busy, idle) = machine_ticks();
+        let (busy, idle) = (busy - self.machine, idle - self.idle);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let elapsed = (busy + idle).max(1) as f64 / cpus;
+        let process = self.process.map_or(0, |pid| {
+            process_ticks(pid).saturating_sub(self.process_ticks)
+        });
+        (busy as f64 / elapsed, process as f64 / elapsed)
+    }
+}
+
+/// The key under which a test's median machine CPU use is kept.
+pub fn cpu(test: &str) -> String {
+    format!("{test}/cpu")
+}
+
 /// The key under which a test's median p50 latency (us) is kept.
 pub fn p50(test: &str) -> String {
     format!("{test}/p50")

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use twinpath_filemap::{file_extents, ExtentClass};
-use twinpath_tests::bench::{bench_disk, env_or, is_iops, p50, update_doc, Results};
+use twinpath_tests::bench::{bench_disk, cpu, env_or, is_iops, p50, update_doc, CpuMeter, Results};
 use twinpath_tests::fileserver::FileServer;
 use twinpath_tests::lun::Fs;
 use twinpath_tests::{pattern, Daemon};
@@ -151,6 +151,7 @@ fn main() {
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}: fio on the raw LUN");
         for test in tests.split(',') {
+            let meter = CpuMeter::start(None);
             fio(
                 lun.device(),
                 biggest.physical,
@@ -159,11 +160,21 @@ fn main() {
                 runtime,
                 &mut results,
             );
+            results.add("fio", &cpu(test), meter.stop().0);
         }
         for target in ["san", "qsd", "smb"] {
             eprintln!("round {round}/{rounds}: {target} disk");
             let sock = dir.path().join(format!("{target}.sock"));
-            bench_disk(&sock, tests, runtime, &mut results, target);
+            // One test at a time, to see what each costs the machine (and the daemon).
+            for test in tests.split(',') {
+                let meter = CpuMeter::start(Some(daemon.pid()));
+                bench_disk(&sock, test, runtime, &mut results, target);
+                let (machine, daemon_cpu) = meter.stop();
+                results.add(target, &cpu(test), machine);
+                if target == "san" {
+                    results.add("san-daemon", &cpu(test), daemon_cpu);
+                }
+            }
         }
     }
     let _ = qsd.kill();
@@ -227,6 +238,25 @@ fn report(r: &Results, tests: &str, rounds: u64, runtime: u64, size: u64, log: &
             san / qsd,
             cell("smb"),
             san / smb
+        ));
+    }
+    out.push(String::new());
+    out.push(format!(
+        "CPUs busy during each test (median; the whole machine, {cpus} CPUs; for the san disk \
+         also the twinpath daemon alone):"
+    ));
+    out.push(String::new());
+    out.push("| test | fio raw LUN | san disk (daemon) | qsd on the LUN | smb disk |".into());
+    out.push("|---|---|---|---|---|".into());
+    for test in tests.split(',') {
+        let c = |t: &str| r.median(t, &cpu(test));
+        out.push(format!(
+            "| {test} | {:.2} | {:.2} ({:.2}) | {:.2} | {:.2} |",
+            c("fio"),
+            c("san"),
+            c("san-daemon"),
+            c("qsd"),
+            c("smb")
         ));
     }
     out.push(String::new());

@@ -446,6 +446,79 @@ fn every_engine_serves_the_same_data() {
     }
 }
 
+/// Deep batches, over and over, with the queue workers polling: completions arrive from
+/// other threads (the `threads` engine's pool) and from the worker's own ring (`uring`)
+/// while the worker polls; a wake it missed would leave a batch waiting for the client's
+/// reply timeout. With `poll_us: 0` the same runs without polling.
+#[test]
+fn deep_queues_complete_while_the_workers_poll() {
+    const BLOCK: usize = 4096;
+    const DEPTH: usize = 32;
+    for (engine, poll) in [("threads", 50), ("uring", 50), ("threads", 0)] {
+        let dir = scratch();
+        let (daemon, _img, sock) = serve_disk(
+            dir.path(),
+            16 * MIB,
+            &format!("    poll_us: {poll}\n"),
+            &format!("      engine: {engine}\n"),
+        );
+        assert_engine(&daemon, engine);
+        let opts = ClientOptions {
+            buffer_size: DEPTH * BLOCK,
+            ..Default::default()
+        };
+        let mut c = Client::connect(&sock, &opts).unwrap();
+        let blocks = (16 * MIB) as usize / BLOCK;
+        let mut model = vec![0u64; blocks];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..2000u64 {
+            // Distinct blocks per batch, so the order within one does not matter.
+            let mut picked = std::collections::BTreeSet::new();
+            while picked.len() < DEPTH {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                picked.insert(rng as usize % blocks);
+            }
+            let write = round % 2 == 0;
+            let reqs: Vec<Req> = picked
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| Req {
+                    op: if write { Op::Write } else { Op::Read },
+                    offset: (b * BLOCK) as u64,
+                    len: BLOCK,
+                    buf_offset: i * BLOCK,
+                })
+                .collect();
+            if write {
+                for (i, &b) in picked.iter().enumerate() {
+                    model[b] = round * 100_000 + b as u64 + 1;
+                    c.buffer()[i * BLOCK..(i + 1) * BLOCK]
+                        .copy_from_slice(&pattern(model[b], BLOCK));
+                }
+            }
+            let results = c.batch(0, &reqs).unwrap();
+            assert!(results.iter().all(|r| r.is_ok()), "{engine}: {results:?}");
+            if !write {
+                for (i, &b) in picked.iter().enumerate() {
+                    let want = if model[b] == 0 {
+                        vec![0; BLOCK]
+                    } else {
+                        pattern(model[b], BLOCK)
+                    };
+                    assert!(
+                        c.buffer()[i * BLOCK..(i + 1) * BLOCK] == want[..],
+                        "{engine}, poll {poll}: block {b} in round {round}"
+                    );
+                }
+            }
+        }
+        drop(c);
+        assert!(daemon.stop().success(), "{engine}");
+    }
+}
+
 #[test]
 fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
     // tmpfs (inline engine) and the work tree's filesystem (io_uring), both with O_DIRECT.

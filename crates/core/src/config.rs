@@ -13,6 +13,12 @@ use crate::registry::{parse_options, BackendSpec, DiskContext, OptionError, Regi
 
 /// Most queues a disk may ask for; each queue gets a worker thread.
 pub const MAX_QUEUES: u16 = 64;
+
+/// The longest a queue worker may poll before it sleeps (see `poll_us` in the config).
+pub const MAX_POLL_US: u32 = 1000;
+
+/// A queue worker with requests in flight polls this long for more work before it sleeps.
+pub const DEFAULT_POLL_US: u32 = 50;
 /// virtio-blk serials are at most 20 bytes.
 pub const MAX_SERIAL_LEN: usize = 20;
 
@@ -36,6 +42,7 @@ pub struct DiskConfig {
     pub read_only: bool,
     pub serial: Option<String>,
     pub cache: CacheMode,
+    pub poll_us: u32,
     pub backend: Box<dyn BackendSpec>,
 }
 
@@ -86,6 +93,10 @@ fn default_queues() -> u16 {
     1
 }
 
+fn default_poll_us() -> u32 {
+    DEFAULT_POLL_US
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDisk {
@@ -99,6 +110,8 @@ struct RawDisk {
     serial: Option<String>,
     #[serde(default)]
     cache: CacheMode,
+    #[serde(default = "default_poll_us")]
+    poll_us: u32,
     backend: serde_yaml::Mapping,
 }
 
@@ -168,6 +181,12 @@ fn parse_disk(
             format!("must be between 1 and {MAX_QUEUES}"),
         ));
     }
+    if raw.poll_us > MAX_POLL_US {
+        return Err(at(
+            "poll_us",
+            format!("must be between 0 (no polling) and {MAX_POLL_US}"),
+        ));
+    }
     if raw.socket.as_os_str().is_empty() || raw.socket.as_os_str().len() > 107 {
         return Err(at(
             "socket",
@@ -210,6 +229,7 @@ fn parse_disk(
         read_only: raw.read_only,
         serial: raw.serial,
         cache: raw.cache,
+        poll_us: raw.poll_us,
         backend,
     })
 }
@@ -284,8 +304,8 @@ mod tests {
         .unwrap();
         let d = &c.disks[0];
         assert_eq!(
-            (d.num_queues, d.read_only, d.cache),
-            (1, false, CacheMode::Writeback)
+            (d.num_queues, d.read_only, d.cache, d.poll_us),
+            (1, false, CacheMode::Writeback, DEFAULT_POLL_US)
         );
         assert_eq!(d.backend.describe(), "dummy 4");
     }
@@ -304,6 +324,9 @@ mod tests {
 
         let e = err("disks:\n  - name: a\n    socket: /s\n    num_queues: 0\n    backend: {type: dummy, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("num_queues"));
+
+        let e = err("disks:\n  - name: a\n    socket: /s\n    poll_us: 5000\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(e.key.as_deref(), Some("poll_us"), "{e}");
 
         let e = err("disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: x}\n");
         assert_eq!(e.key.as_deref(), Some("backend.size"), "{e}");

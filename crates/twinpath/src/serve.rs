@@ -34,6 +34,7 @@ async fn open_disk(cfg: DiskConfig) -> Result<DiskServer, String> {
         read_only: cfg.read_only,
         serial: cfg.serial.clone(),
         cache: cfg.cache,
+        poll_us: cfg.poll_us,
     };
     let disk = Arc::new(Disk::new(settings, backend));
     DiskServer::start(disk, &cfg.socket)

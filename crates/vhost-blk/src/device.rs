@@ -67,6 +67,8 @@ struct Done {
 struct QueueWaker {
     eventfd: EventFd,
     armed: AtomicBool,
+    /// Set by every wake; lets a polling worker see wakes that wrote no eventfd.
+    woken: AtomicBool,
 }
 
 impl Wake for QueueWaker {
@@ -75,12 +77,18 @@ impl Wake for QueueWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
         // One write per polling round is enough; the worker re-arms before it polls.
-        if !self.armed.swap(true, Ordering::AcqRel) {
+        if !self.armed.swap(true, Ordering::SeqCst) {
             let _ = self.eventfd.write(1);
         }
     }
 }
+
+/// A queue polls only with at least this many requests in flight: then completions come
+/// often enough to be caught while polling (with one, the wait is a whole device round trip,
+/// and on a small host the spinning would take CPU from whoever completes it).
+const POLL_MIN_INFLIGHT: usize = 4;
 
 struct Queue {
     /// This queue's worker id for `twinpath_core::worker` (unique in the process).
@@ -112,6 +120,7 @@ impl BlkDevice {
                 let notify = Arc::new(QueueWaker {
                     eventfd: EventFd::new(EFD_NONBLOCK)?,
                     armed: AtomicBool::new(false),
+                    woken: AtomicBool::new(false),
                 });
                 Ok(Queue {
                     worker: NEXT_WORKER.fetch_add(1, Ordering::Relaxed),
@@ -249,6 +258,49 @@ impl BlkDevice {
         }
         if vring.needs_notification().map_err(io::Error::other)? {
             vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// While enough requests are in flight, keeps looking for their completions and for new
+    /// requests until the disk's `poll_us` passes without either, before the worker sleeps in
+    /// epoll (like QEMU's iothread polling): each round found this way saves a wake-up of
+    /// this thread, which at depth costs more than the polling.
+    fn poll_while_busy(&self, thread_id: usize, vring: &VringRwLock) -> io::Result<()> {
+        let poll = Duration::from_micros(u64::from(self.0.disk.settings.poll_us));
+        if poll.is_zero() {
+            return Ok(());
+        }
+        let queue = &self.0.queues[thread_id];
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        let mut since = Instant::now();
+        loop {
+            if lock(&queue.inflight).len() < POLL_MIN_INFLIGHT || since.elapsed() >= poll {
+                break;
+            }
+            // Wakes only mark `woken` now; taking it with a swap loses none.
+            queue.notify.armed.store(true, Ordering::SeqCst);
+            twinpath_core::worker::reap();
+            let woken = queue.notify.woken.swap(false, Ordering::SeqCst);
+            let arrived = {
+                let q = vring.get_ref();
+                let q = q.get_queue();
+                q.avail_idx(&*mem, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != q.next_avail())
+            };
+            if woken || arrived {
+                self.process(thread_id, vring, arrived)?;
+                since = Instant::now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // Wakes from here on must write the eventfd again; one that came in between did not.
+        queue.notify.armed.store(false, Ordering::SeqCst);
+        if queue.notify.woken.swap(false, Ordering::SeqCst) {
+            self.process(thread_id, vring, false)?;
         }
         Ok(())
     }
@@ -441,10 +493,12 @@ impl VhostUserBackend for BlkDevice {
             // The futures the reap wakes are polled right below: no eventfd write for them.
             queue.notify.armed.store(true, Ordering::Release);
             twinpath_core::worker::reap();
-            return self.process(thread_id, vring, false);
+            self.process(thread_id, vring, false)?;
+            return self.poll_while_busy(thread_id, vring);
         }
         if device_event == 0 {
-            return self.process(thread_id, vring, true);
+            self.process(thread_id, vring, true)?;
+            return self.poll_while_busy(thread_id, vring);
         }
         Err(io::Error::other(format!("unknown event {device_event}")))
     }
@@ -558,6 +612,7 @@ mod tests {
             read_only,
             serial: Some("serial-1".into()),
             cache: CacheMode::Writeback,
+            poll_us: 0,
         };
         let disk = Arc::new(Disk::new(settings, backend.clone()));
         let device = BlkDevice::new(disk).unwrap();

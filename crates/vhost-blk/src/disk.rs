@@ -19,6 +19,8 @@ pub struct DiskSettings {
     pub read_only: bool,
     pub serial: Option<String>,
     pub cache: CacheMode,
+    /// How long a queue worker with requests in flight polls before it sleeps (0: never).
+    pub poll_us: u32,
 }
 
 pub struct Disk {

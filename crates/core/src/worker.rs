@@ -21,6 +21,8 @@ pub trait Source: Send + Sync {
     fn reap(&self);
     /// Hands operations queued since the last flush to the kernel.
     fn flush(&self);
+    /// Operations submitted and not yet reaped: completions the worker will find itself.
+    fn in_flight(&self) -> usize;
 }
 
 struct Worker {
@@ -80,6 +82,11 @@ pub fn flush() {
     }
 }
 
+/// Operations in flight on the current worker's sources.
+pub fn in_flight() -> usize {
+    sources().iter().map(|s| s.in_flight()).sum()
+}
+
 fn sources() -> Rc<Vec<Arc<dyn Source>>> {
     WORKER.with_borrow(|w| w.as_ref().map(|w| w.sources.clone()).unwrap_or_default())
 }
@@ -99,6 +106,9 @@ mod tests {
         fn flush(&self) {
             self.1.fetch_add(1, Ordering::SeqCst);
         }
+        fn in_flight(&self) -> usize {
+            3
+        }
     }
 
     #[test]
@@ -114,6 +124,7 @@ mod tests {
             reap();
             flush();
             flush();
+            assert_eq!(in_flight(), 3);
             assert_eq!(counts.0.load(Ordering::SeqCst), 1);
             assert_eq!(counts.1.load(Ordering::SeqCst), 2);
             enter(2, 8);

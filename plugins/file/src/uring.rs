@@ -192,6 +192,10 @@ impl twinpath_core::worker::Source for Ring {
             st.reap();
         }
     }
+
+    fn in_flight(&self) -> usize {
+        self.lock().ops.len()
+    }
 }
 
 impl Drop for Ring {

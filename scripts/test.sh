@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 qemu-utils busybox-static cpio fio xz-utils zstd samba smbclient xfsprogs e2fsprogs)
+packages=(qemu-system-x86 qemu-utils busybox-static cpio fio xz-utils zstd samba smbclient xfsprogs e2fsprogs
+          tgt libiscsi-dev libiscsi-bin)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

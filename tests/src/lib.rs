@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod fileserver;
+pub mod iscsi;
 pub mod lun;
 pub mod relay;
 pub mod samba;

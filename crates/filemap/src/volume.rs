@@ -40,9 +40,10 @@ impl VolumeId {
         Ok(Self::parse(&head))
     }
 
+    /// The filesystem whose first 4096 bytes are `head`, if xfs or ext4.
     /// xfs: magic `XFSB` at 0, UUID at 32..48. ext2/3/4: magic 0xEF53 at 1080, UUID at
     /// 1128..1144 (the superblock starts at 1024).
-    fn parse(head: &[u8]) -> Option<VolumeId> {
+    pub fn parse(head: &[u8]) -> Option<VolumeId> {
         let uuid = |at: usize| -> [u8; 16] { head[at..at + 16].try_into().unwrap() };
         if head.len() >= 48 && &head[..4] == b"XFSB" {
             return Some(VolumeId {

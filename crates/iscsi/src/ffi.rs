@@ -1,7 +1,10 @@
 //! The part of libiscsi's C API (iscsi/iscsi.h, iscsi/scsi-lowlevel.h, 1.19) this crate uses,
-//! written by hand: a dozen functions do not justify bindgen and a libclang build dependency.
+//! written by hand (a dozen functions do not justify bindgen and a libclang build dependency)
+//! and loaded at run time: the binary builds and runs without libiscsi, and only an
+//! `iscsi://` LUN needs it installed.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::sync::OnceLock;
 
 #[repr(C)]
 pub struct IscsiContext {
@@ -36,31 +39,67 @@ pub const SCSI_STATUS_TIMEOUT: c_int = 0x0f00_0002;
 pub const ISCSI_SESSION_NORMAL: c_int = 2;
 pub const ISCSI_HEADER_DIGEST_NONE_CRC32C: c_int = 1;
 
-#[link(name = "iscsi")]
-extern "C" {
-    pub fn iscsi_create_context(initiator_name: *const c_char) -> *mut IscsiContext;
-    pub fn iscsi_destroy_context(iscsi: *mut IscsiContext) -> c_int;
-    pub fn iscsi_get_error(iscsi: *mut IscsiContext) -> *const c_char;
-    pub fn iscsi_set_targetname(iscsi: *mut IscsiContext, name: *const c_char) -> c_int;
-    pub fn iscsi_set_session_type(iscsi: *mut IscsiContext, kind: c_int) -> c_int;
-    pub fn iscsi_set_header_digest(iscsi: *mut IscsiContext, digest: c_int) -> c_int;
-    pub fn iscsi_set_initiator_username_pwd(
+/// libiscsi's shared object (Debian and Ubuntu: package libiscsi7).
+const SONAMES: [&str; 2] = ["libiscsi.so.7", "libiscsi.so"];
+
+macro_rules! api {
+    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty;)*) => {
+        /// The functions, resolved from the loaded library (kept loaded for the process).
+        pub struct Api {
+            $(pub $name: unsafe extern "C" fn($($ty),*) -> $ret,)*
+            _lib: libloading::Library,
+        }
+
+        impl Api {
+            fn load() -> Result<Api, String> {
+                let mut failed = Vec::new();
+                let lib = SONAMES.iter().find_map(|name| {
+                    // SAFETY: loading libiscsi runs only its own initialisers.
+                    unsafe { libloading::Library::new(name) }
+                        .map_err(|e| failed.push(e.to_string()))
+                        .ok()
+                });
+                let lib = lib.ok_or_else(|| {
+                    format!(
+                        "libiscsi is not installed (apt install libiscsi7): {}",
+                        failed.join("; ")
+                    )
+                })?;
+                $(
+                    // SAFETY: the symbol has this C signature in libiscsi 1.19 (iscsi.h).
+                    let $name = *unsafe {
+                        lib.get::<unsafe extern "C" fn($($ty),*) -> $ret>(
+                            concat!(stringify!($name), "\0").as_bytes(),
+                        )
+                    }
+                    .map_err(|e| format!("libiscsi lacks {}: {e}", stringify!($name)))?;
+                )*
+                Ok(Api { $($name,)* _lib: lib })
+            }
+        }
+    };
+}
+
+api! {
+    fn iscsi_create_context(initiator_name: *const c_char) -> *mut IscsiContext;
+    fn iscsi_destroy_context(iscsi: *mut IscsiContext) -> c_int;
+    fn iscsi_get_error(iscsi: *mut IscsiContext) -> *const c_char;
+    fn iscsi_set_targetname(iscsi: *mut IscsiContext, name: *const c_char) -> c_int;
+    fn iscsi_set_session_type(iscsi: *mut IscsiContext, kind: c_int) -> c_int;
+    fn iscsi_set_header_digest(iscsi: *mut IscsiContext, digest: c_int) -> c_int;
+    fn iscsi_set_initiator_username_pwd(
         iscsi: *mut IscsiContext,
         user: *const c_char,
         passwd: *const c_char,
     ) -> c_int;
-    pub fn iscsi_set_timeout(iscsi: *mut IscsiContext, timeout: c_int) -> c_int;
-    pub fn iscsi_set_no_ua_on_reconnect(iscsi: *mut IscsiContext, state: c_int);
-    pub fn iscsi_full_connect_sync(
-        iscsi: *mut IscsiContext,
-        portal: *const c_char,
-        lun: c_int,
-    ) -> c_int;
-    pub fn iscsi_get_fd(iscsi: *mut IscsiContext) -> c_int;
-    pub fn iscsi_which_events(iscsi: *mut IscsiContext) -> c_int;
-    pub fn iscsi_service(iscsi: *mut IscsiContext, revents: c_int) -> c_int;
-    pub fn iscsi_readcapacity16_sync(iscsi: *mut IscsiContext, lun: c_int) -> *mut ScsiTask;
-    pub fn iscsi_read16_iov_task(
+    fn iscsi_set_timeout(iscsi: *mut IscsiContext, timeout: c_int) -> c_int;
+    fn iscsi_set_no_ua_on_reconnect(iscsi: *mut IscsiContext, state: c_int) -> ();
+    fn iscsi_full_connect_sync(iscsi: *mut IscsiContext, portal: *const c_char, lun: c_int) -> c_int;
+    fn iscsi_get_fd(iscsi: *mut IscsiContext) -> c_int;
+    fn iscsi_which_events(iscsi: *mut IscsiContext) -> c_int;
+    fn iscsi_service(iscsi: *mut IscsiContext, revents: c_int) -> c_int;
+    fn iscsi_readcapacity16_sync(iscsi: *mut IscsiContext, lun: c_int) -> *mut ScsiTask;
+    fn iscsi_read16_iov_task(
         iscsi: *mut IscsiContext,
         lun: c_int,
         lba: u64,
@@ -76,7 +115,7 @@ extern "C" {
         iov: *mut ScsiIovec,
         niov: c_int,
     ) -> *mut ScsiTask;
-    pub fn iscsi_write16_iov_task(
+    fn iscsi_write16_iov_task(
         iscsi: *mut IscsiContext,
         lun: c_int,
         lba: u64,
@@ -93,7 +132,7 @@ extern "C" {
         iov: *mut ScsiIovec,
         niov: c_int,
     ) -> *mut ScsiTask;
-    pub fn iscsi_synchronizecache16_task(
+    fn iscsi_synchronizecache16_task(
         iscsi: *mut IscsiContext,
         lun: c_int,
         lba: u64,
@@ -103,7 +142,14 @@ extern "C" {
         cb: CommandCb,
         private: *mut c_void,
     ) -> *mut ScsiTask;
-    pub fn scsi_task_get_status(task: *mut ScsiTask, sense: *mut c_void) -> c_int;
-    pub fn scsi_datain_unmarshall(task: *mut ScsiTask) -> *mut c_void;
-    pub fn scsi_free_scsi_task(task: *mut ScsiTask);
+    fn scsi_task_get_status(task: *mut ScsiTask, sense: *mut c_void) -> c_int;
+    fn scsi_datain_unmarshall(task: *mut ScsiTask) -> *mut c_void;
+    fn scsi_free_scsi_task(task: *mut ScsiTask) -> ();
+}
+
+static API: OnceLock<Result<Api, String>> = OnceLock::new();
+
+/// libiscsi, loaded on first use.
+pub fn api() -> Result<&'static Api, String> {
+    API.get_or_init(Api::load).as_ref().map_err(Clone::clone)
 }

@@ -63,7 +63,7 @@ impl Context {
 /// libiscsi's text for the last error on `ctx`.
 fn error_of(ctx: *mut ffi::IscsiContext) -> String {
     // SAFETY: the context is live; libiscsi returns a NUL-terminated string it owns.
-    let msg = unsafe { ffi::iscsi_get_error(ctx) };
+    let msg = unsafe { (lib().iscsi_get_error)(ctx) };
     if msg.is_null() {
         return "unknown error".into();
     }
@@ -78,8 +78,13 @@ impl Drop for Context {
         // Cancels outstanding tasks (their callbacks run with SCSI_STATUS_CANCELLED) and
         // closes the connection.
         // SAFETY: the context is live and dropped once.
-        unsafe { ffi::iscsi_destroy_context(self.0) };
+        unsafe { (lib().iscsi_destroy_context)(self.0) };
     }
+}
+
+/// libiscsi, which [`Session::connect`] loaded before any context or task existed.
+fn lib() -> &'static ffi::Api {
+    ffi::api().expect("libiscsi is loaded before any context exists")
 }
 
 fn c_string(what: &str, s: &str) -> Result<CString> {
@@ -91,9 +96,10 @@ impl Session {
     /// `initiator` (an IQN) and reads its capacity. Blocks until the login is done.
     pub fn connect(url: &IscsiUrl, password: Option<&str>, initiator: &str) -> Result<Session> {
         let what = |e: String| Error::new(ErrorKind::Io, format!("{url}: {e}"));
+        ffi::api().map_err(|e| Error::new(ErrorKind::Unsupported, format!("{url}: {e}")))?;
         let initiator = c_string("initiator name", initiator)?;
         // SAFETY: a NUL-terminated name; a null return is checked.
-        let raw = unsafe { ffi::iscsi_create_context(initiator.as_ptr()) };
+        let raw = unsafe { (lib().iscsi_create_context)(initiator.as_ptr()) };
         if raw.is_null() {
             return Err(what("cannot create an iSCSI context".into()));
         }
@@ -102,13 +108,13 @@ impl Session {
         let portal = c_string("portal", &url.portal)?;
         // SAFETY (these calls): the context is live and the strings outlive the calls.
         unsafe {
-            ffi::iscsi_set_targetname(ctx.0, target.as_ptr());
-            ffi::iscsi_set_session_type(ctx.0, ffi::ISCSI_SESSION_NORMAL);
-            ffi::iscsi_set_header_digest(ctx.0, ffi::ISCSI_HEADER_DIGEST_NONE_CRC32C);
-            ffi::iscsi_set_timeout(ctx.0, TASK_TIMEOUT.as_secs() as c_int);
+            (lib().iscsi_set_targetname)(ctx.0, target.as_ptr());
+            (lib().iscsi_set_session_type)(ctx.0, ffi::ISCSI_SESSION_NORMAL);
+            (lib().iscsi_set_header_digest)(ctx.0, ffi::ISCSI_HEADER_DIGEST_NONE_CRC32C);
+            (lib().iscsi_set_timeout)(ctx.0, TASK_TIMEOUT.as_secs() as c_int);
             // A restarted target reports a bus reset (UNIT ATTENTION) to the first command
             // after the reconnect; let libiscsi take it, not a guest's I/O.
-            ffi::iscsi_set_no_ua_on_reconnect(ctx.0, 1);
+            (lib().iscsi_set_no_ua_on_reconnect)(ctx.0, 1);
         }
         match (&url.user, password) {
             (Some(user), Some(password)) => {
@@ -116,7 +122,11 @@ impl Session {
                 let password = c_string("password", password)?;
                 // SAFETY: as above.
                 if unsafe {
-                    ffi::iscsi_set_initiator_username_pwd(ctx.0, user.as_ptr(), password.as_ptr())
+                    (lib().iscsi_set_initiator_username_pwd)(
+                        ctx.0,
+                        user.as_ptr(),
+                        password.as_ptr(),
+                    )
                 } != 0
                 {
                     return Err(what(format!("CHAP: {}", ctx.error())));
@@ -131,7 +141,7 @@ impl Session {
             (None, _) => {}
         }
         // SAFETY: as above.
-        if unsafe { ffi::iscsi_full_connect_sync(ctx.0, portal.as_ptr(), c_int::from(url.lun)) }
+        if unsafe { (lib().iscsi_full_connect_sync)(ctx.0, portal.as_ptr(), c_int::from(url.lun)) }
             != 0
         {
             return Err(what(format!("login failed: {}", ctx.error())));
@@ -255,12 +265,12 @@ impl Drop for Session {
 fn read_capacity(ctx: &Context, lun: u16) -> std::result::Result<(u64, u32), String> {
     // SAFETY: the context is live and logged in; the task is checked and freed here.
     unsafe {
-        let task = ffi::iscsi_readcapacity16_sync(ctx.0, c_int::from(lun));
+        let task = (lib().iscsi_readcapacity16_sync)(ctx.0, c_int::from(lun));
         if task.is_null() {
             return Err(format!("READ CAPACITY(16): {}", ctx.error()));
         }
-        let status = ffi::scsi_task_get_status(task, std::ptr::null_mut());
-        let data = ffi::scsi_datain_unmarshall(task) as *const ffi::ReadCapacity16;
+        let status = (lib().scsi_task_get_status)(task, std::ptr::null_mut());
+        let data = (lib().scsi_datain_unmarshall)(task) as *const ffi::ReadCapacity16;
         let result = if status != ffi::SCSI_STATUS_GOOD || data.is_null() {
             Err(format!("READ CAPACITY(16): {}", ctx.error()))
         } else {
@@ -272,7 +282,7 @@ fn read_capacity(ctx: &Context, lun: u16) -> std::result::Result<(u64, u32), Str
                 Ok(((rc.returned_lba + 1) * u64::from(bs), bs))
             }
         };
-        ffi::scsi_free_scsi_task(task);
+        (lib().scsi_free_scsi_task)(task);
         result
     }
 }
@@ -307,7 +317,7 @@ extern "C" fn on_done(
     };
     if !task.is_null() {
         // SAFETY: the task is ours to free once its callback runs.
-        unsafe { ffi::scsi_free_scsi_task(task.cast()) };
+        unsafe { (lib().scsi_free_scsi_task)(task.cast()) };
     }
     let _ = pending.done.send(result);
 }
@@ -324,7 +334,12 @@ fn serve(
     let lun = c_int::from(lun);
     loop {
         // SAFETY: the context is live; these only read its state.
-        let (fd, events) = unsafe { (ffi::iscsi_get_fd(ctx.0), ffi::iscsi_which_events(ctx.0)) };
+        let (fd, events) = unsafe {
+            (
+                (lib().iscsi_get_fd)(ctx.0),
+                (lib().iscsi_which_events)(ctx.0),
+            )
+        };
         let mut fds = [
             libc::pollfd {
                 fd,
@@ -357,7 +372,7 @@ fn serve(
             }
         }
         // SAFETY: the context is live; callbacks run inside and only touch their Pending.
-        if unsafe { ffi::iscsi_service(ctx.0, c_int::from(fds[0].revents)) } < 0 {
+        if unsafe { (lib().iscsi_service)(ctx.0, c_int::from(fds[0].revents)) } < 0 {
             tracing::warn!(lun = name, "iSCSI connection: {}", ctx.error());
         }
     }
@@ -391,7 +406,7 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
                 let iov = (*pending).iov.as_mut_ptr();
                 let niov = (*pending).iov.len() as c_int;
                 if write {
-                    ffi::iscsi_write16_iov_task(
+                    (lib().iscsi_write16_iov_task)(
                         ctx.0,
                         lun,
                         lba,
@@ -409,7 +424,7 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
                         niov,
                     )
                 } else {
-                    ffi::iscsi_read16_iov_task(
+                    (lib().iscsi_read16_iov_task)(
                         ctx.0,
                         lun,
                         lba,
@@ -437,7 +452,16 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
             }));
             // SAFETY: as above; no data buffers.
             let task = unsafe {
-                ffi::iscsi_synchronizecache16_task(ctx.0, lun, 0, 0, 0, 0, on_done, pending.cast())
+                (lib().iscsi_synchronizecache16_task)(
+                    ctx.0,
+                    lun,
+                    0,
+                    0,
+                    0,
+                    0,
+                    on_done,
+                    pending.cast(),
+                )
             };
             (pending, task)
         }
@@ -450,5 +474,33 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
             ErrorKind::Io,
             format!("cannot queue the task: {}", ctx.error()),
         )));
+    }
+}
+
+/// The LUN as a block backend: how the san plugin's direct path reads and writes it.
+#[async_trait::async_trait]
+impl twinpath_core::BlockBackend for Session {
+    fn info(&self) -> twinpath_core::DiskInfo {
+        twinpath_core::DiskInfo {
+            capacity: self.capacity,
+            block_size: self.block_size,
+            read_only: false,
+            volatile_cache: true,
+            discard: false,
+            write_zeroes: false,
+            serial: None,
+        }
+    }
+
+    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        Session::read(self, offset, &bufs).await
+    }
+
+    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        Session::write(self, offset, &bufs).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Session::flush(self).await
     }
 }

@@ -16,7 +16,6 @@
 //!   file whose write lease comes back, so uncommitted direct writes cannot be hidden.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
 
 use crate::link::{Event, Member};
 use crate::throttle::Throttle;
+use crate::volume::Volume;
 
 /// Maps are asked for in windows of the image this large (the map server's default
 /// allocation chunk, so a write map allocates one chunk).
@@ -97,9 +97,9 @@ pub struct Ready {
 
 /// The shared volume as this host sees it.
 pub struct LunDevice {
-    pub path: PathBuf,
+    pub volume: Arc<dyn Volume>,
     pub size: u64,
-    /// O_DIRECT I/O on it.
+    /// Device I/O on it.
     pub io: Arc<dyn BlockBackend>,
 }
 
@@ -121,7 +121,7 @@ pub struct Direct {
     early_recalls: Mutex<Vec<u64>>,
     /// The image's path in the export (the same as on the share).
     path: String,
-    device: PathBuf,
+    volume: Arc<dyn Volume>,
     device_size: u64,
     lun: Arc<dyn BlockBackend>,
     windows: Mutex<HashMap<u64, Slot>>,
@@ -179,7 +179,7 @@ impl Direct {
             checked: AtomicU64::new(generation),
             early_recalls: Mutex::default(),
             path,
-            device: lun.path,
+            volume: lun.volume,
             device_size: lun.size,
             lun: lun.io,
             windows: Mutex::default(),
@@ -194,7 +194,7 @@ impl Direct {
     }
 
     fn describe(&self) -> String {
-        format!("{} on {}", self.path, self.device.display())
+        format!("{} on {}", self.path, self.volume.describe())
     }
 
     fn resting(&self) -> bool {
@@ -256,8 +256,8 @@ impl Direct {
         };
         let checked = self.checked.load(Ordering::Acquire);
         if c.generation != checked {
-            let (device, id) = (self.device.clone(), c.identity.clone());
-            let matches = tokio::task::spawn_blocking(move || crate::lun::check(&device, &id))
+            let (volume, id) = (self.volume.clone(), c.identity.clone());
+            let matches = tokio::task::spawn_blocking(move || crate::lun::check(&*volume, &id))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
             if let Err(e) = matches {

@@ -13,7 +13,10 @@
 //!   password_file: /etc/twinpath/smb.pass
 //!   map_server: 192.0.2.10:7410       # the map service on the file server
 //!   map_key_file: /etc/twinpath/map.key
-//!   lun: auto                         # or the device path, e.g. /dev/mapper/mpatha
+//!   lun: auto                         # or the device path, e.g. /dev/mapper/mpatha, or
+//!                                     # iscsi://[user@]host[:port]/iqn/lun (userspace
+//!                                     # initiator, libiscsi; no kernel initiator needed)
+//!   lun_password_file: /etc/twinpath/chap.pass  # CHAP secret when the iscsi URL has a user
 //!   host_name: vmhost-07              # how this host is named to the map server (default:
 //!                                     # the system's host name)
 //!   throttle:                         # optional, per host (all disks of one map server)
@@ -26,6 +29,7 @@ mod direct;
 mod link;
 mod lun;
 mod throttle;
+mod volume;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, Weak};
@@ -42,9 +46,18 @@ use twinpath_mapproto::Key;
 use crate::direct::{Direct, LunDevice, Outcome};
 use crate::link::MapLink;
 use crate::throttle::ThrottleConfig;
+use crate::volume::{BlockDevice, IscsiLun, Volume};
+use twinpath_iscsi::IscsiUrl;
 
 /// The keys this plugin reads itself; every other key belongs to the `smb` plugin.
-const OWN_KEYS: [&str; 5] = ["map_server", "map_key_file", "lun", "host_name", "throttle"];
+const OWN_KEYS: [&str; 6] = [
+    "map_server",
+    "map_key_file",
+    "lun",
+    "lun_password_file",
+    "host_name",
+    "throttle",
+];
 
 /// How long setting up the direct path may take before the disk goes on without it.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -71,6 +84,8 @@ struct Options {
     #[serde(default = "default_lun")]
     lun: String,
     #[serde(default)]
+    lun_password_file: Option<PathBuf>,
+    #[serde(default)]
     host_name: Option<String>,
     #[serde(default)]
     throttle: Option<ThrottleConfig>,
@@ -82,13 +97,35 @@ struct SanSpec {
     setup: Arc<DirectSetup>,
 }
 
+/// Where the shared volume is.
+#[derive(Debug, Clone)]
+enum LunSpec {
+    /// The one local block device that holds it.
+    Auto,
+    Device(PathBuf),
+    Iscsi {
+        url: IscsiUrl,
+        password_file: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Display for LunSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LunSpec::Auto => f.write_str("auto"),
+            LunSpec::Device(p) => write!(f, "{}", p.display()),
+            LunSpec::Iscsi { url, .. } => write!(f, "{url}"),
+        }
+    }
+}
+
 /// What it takes to bring up the direct path, at open and again later if it failed then.
 #[derive(Debug)]
 struct DirectSetup {
     path: String,
     map_server: String,
     map_key_file: PathBuf,
-    lun: Option<PathBuf>,
+    lun: LunSpec,
     host_name: String,
     throttle: Option<ThrottleConfig>,
     read_only: bool,
@@ -141,15 +178,43 @@ impl Plugin for SanPlugin {
             }
         }
         let lun = match o.lun.as_str() {
-            "auto" => None,
-            p if p.starts_with('/') => Some(PathBuf::from(p)),
+            "auto" => LunSpec::Auto,
+            p if p.starts_with('/') => LunSpec::Device(PathBuf::from(p)),
+            u if u.starts_with("iscsi://") => {
+                let url = IscsiUrl::parse(u).map_err(|e| OptionError::new("lun", e))?;
+                match (&url.user, &o.lun_password_file) {
+                    (Some(_), None) => {
+                        return Err(OptionError::new(
+                            "lun_password_file",
+                            "the iscsi URL names a CHAP user: give the password in a file",
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(OptionError::new(
+                            "lun_password_file",
+                            "only for an iscsi URL with a CHAP user (iscsi://user@host/...)",
+                        ))
+                    }
+                    _ => {}
+                }
+                LunSpec::Iscsi {
+                    url,
+                    password_file: o.lun_password_file.clone(),
+                }
+            }
             _ => {
                 return Err(OptionError::new(
                     "lun",
-                    "must be `auto` or an absolute device path",
+                    "must be `auto`, an absolute device path or an iscsi:// URL",
                 ))
             }
         };
+        if o.lun_password_file.is_some() && !matches!(lun, LunSpec::Iscsi { .. }) {
+            return Err(OptionError::new(
+                "lun_password_file",
+                "only for an iscsi URL with a CHAP user (iscsi://user@host/...)",
+            ));
+        }
         let path = rest
             .get("path")
             .and_then(|p| p.as_str())
@@ -181,23 +246,24 @@ impl DirectSetup {
         let member = link.join();
         let connected = link.connect().await?;
         let id = connected.identity;
-        let lun = self.lun.clone();
-        let checked = id.clone();
-        let device = tokio::task::spawn_blocking(move || match lun {
-            Some(p) => lun::check(&p, &checked).map(|()| p),
-            None => lun::find(&checked),
+        let (lun, checked, host) = (self.lun.clone(), id.clone(), self.host_name.clone());
+        let volume = tokio::task::spawn_blocking(move || -> std::result::Result<_, String> {
+            let volume: Arc<dyn Volume> = match lun {
+                LunSpec::Auto => return Ok(Arc::new(lun::find(&checked)?) as Arc<dyn Volume>),
+                LunSpec::Device(p) => Arc::new(BlockDevice::open(&p)?),
+                LunSpec::Iscsi { url, password_file } => {
+                    Arc::new(IscsiLun::connect(&url, password_file.as_deref(), &host)?)
+                }
+            };
+            lun::check(&*volume, &checked)?;
+            Ok(volume)
         })
         .await
         .map_err(|e| e.to_string())??;
-        let backend = twinpath_plugin_file::open_direct(
-            &device,
-            self.read_only,
-            twinpath_plugin_file::EngineKind::Auto,
-        )
-        .map_err(|e| e.to_string())?;
+        let backend = volume.io(self.read_only)?;
         tracing::info!(
             image = self.path,
-            device = %device.display(),
+            device = %volume.describe(),
             fs = id.fs_type,
             "direct path ready"
         );
@@ -206,7 +272,7 @@ impl DirectSetup {
             connected.generation,
             self.path.clone(),
             LunDevice {
-                path: device,
+                volume,
                 size: id.size,
                 io: backend,
             },
@@ -219,11 +285,7 @@ impl DirectSetup {
 #[async_trait]
 impl BackendSpec for SanSpec {
     fn describe(&self) -> String {
-        let lun = self
-            .setup
-            .lun
-            .as_ref()
-            .map_or("auto".to_owned(), |p| p.display().to_string());
+        let lun = &self.setup.lun;
         format!(
             "san: {}, direct on LUN {lun} via map server {}",
             self.network.describe(),
@@ -411,11 +473,24 @@ mod tests {
             d.contains("//127.0.0.1:445/vmstore/vm.raw") && d.contains("/dev/sdb"),
             "{d}"
         );
+        let d =
+            parse("{lun: 'iscsi://vmhost@127.0.0.1/iqn.x:y/1', lun_password_file: /p}").unwrap();
+        assert!(d.contains("iscsi://vmhost@127.0.0.1:3260/iqn.x:y/1"), "{d}");
         for (extra, key) in [
             ("{map_server: nohost}", "map_server"),
             ("{lun: sdb}", "lun"),
             ("{max_in_flight: 0}", "max_in_flight"),
             ("{mapserver: x}", "mapserver"),
+            ("{lun: 'iscsi://h/iqn'}", "lun"),
+            ("{lun: 'iscsi://u@h/iqn/1'}", "lun_password_file"),
+            (
+                "{lun: /dev/sdb, lun_password_file: /p}",
+                "lun_password_file",
+            ),
+            (
+                "{lun: 'iscsi://h/iqn/1', lun_password_file: /p}",
+                "lun_password_file",
+            ),
             ("{server: nas}", "server"),
         ] {
             let e = parse(extra).unwrap_err();

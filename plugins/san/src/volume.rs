@@ -1,0 +1,157 @@
+//! The shared volume as this host reaches it: a local block device (an FC HBA, a kernel iSCSI
+//! initiator, multipath) or a LUN on an iSCSI target reached from userspace. Both pass the
+//! same identity check (`lun.rs`) and their I/O the same extent guard (`direct.rs`); only how
+//! the bytes move differs.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use twinpath_core::{BlockBackend, GuestBuffers};
+use twinpath_filemap::read_direct;
+use twinpath_iscsi::{IscsiUrl, Session};
+
+pub trait Volume: Send + Sync {
+    /// The device path or the iSCSI URL, for logs (never a password).
+    fn describe(&self) -> String;
+
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// `len` bytes at `offset`, for identity checks (superblock, token). Blocks.
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
+
+    /// What reads and writes it at the physical offsets the guard let through.
+    fn io(&self, read_only: bool) -> Result<Arc<dyn BlockBackend>, String>;
+}
+
+/// A block device of this host, read with O_DIRECT (its page cache would be stale: the
+/// server's filesystem writes the volume, not this host).
+pub struct BlockDevice {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl BlockDevice {
+    pub fn open(path: &Path) -> Result<BlockDevice, String> {
+        let at = |e: std::io::Error| format!("{}: {e}", path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(at)?;
+        let size = twinpath_core::blockdev::size(&file).map_err(at)?;
+        Ok(BlockDevice {
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
+    }
+}
+
+impl Volume for BlockDevice {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        read_direct(&self.file, offset, len).map_err(|e| format!("{}: {e}", self.describe()))
+    }
+
+    fn io(&self, read_only: bool) -> Result<Arc<dyn BlockBackend>, String> {
+        twinpath_plugin_file::open_direct(
+            &self.path,
+            read_only,
+            twinpath_plugin_file::EngineKind::Auto,
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// A LUN on an iSCSI target, logged in from userspace (libiscsi).
+pub struct IscsiLun(Arc<Session>);
+
+impl IscsiLun {
+    /// Logs in as this host (`host_name` makes the initiator IQN), with the CHAP password
+    /// read from `password_file` when the URL names a user.
+    pub fn connect(
+        url: &IscsiUrl,
+        password_file: Option<&Path>,
+        host_name: &str,
+    ) -> Result<IscsiLun, String> {
+        let password = match password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| format!("lun_password_file {}: {e}", p.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let session = Session::connect(url, password.as_deref(), &initiator_name(host_name))
+            .map_err(|e| e.to_string())?;
+        Ok(IscsiLun(Arc::new(session)))
+    }
+}
+
+/// The initiator IQN of this host: IQNs allow lowercase letters, digits, `.`, `-` and `:`.
+fn initiator_name(host_name: &str) -> String {
+    let host: String = host_name
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("iqn.2026-11.io.twinpath:{host}")
+}
+
+impl Volume for IscsiLun {
+    fn describe(&self) -> String {
+        self.0.url().to_string()
+    }
+
+    fn size(&self) -> u64 {
+        self.0.capacity()
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        // Whole blocks around the range, as SCSI reads them.
+        let bs = u64::from(self.0.block_size());
+        let start = offset - offset % bs;
+        let end = (offset + len as u64).div_ceil(bs) * bs;
+        let (bufs, data) = GuestBuffers::from_vec(vec![0; (end - start) as usize]);
+        futures::executor::block_on(self.0.read(start, &bufs)).map_err(|e| e.to_string())?;
+        drop(bufs);
+        let data = data.lock().unwrap_or_else(|e| e.into_inner());
+        let from = (offset - start) as usize;
+        Ok(data[from..from + len].to_vec())
+    }
+
+    fn io(&self, _read_only: bool) -> Result<Arc<dyn BlockBackend>, String> {
+        Ok(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initiator_names_are_valid_iqns() {
+        assert_eq!(
+            initiator_name("VMHost_07.lab"),
+            "iqn.2026-11.io.twinpath:vmhost-07.lab"
+        );
+    }
+}

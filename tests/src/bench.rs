@@ -27,13 +27,15 @@ impl Results {
     }
 
     pub fn median(&self, target: &str, test: &str) -> f64 {
-        let mut v = self
-            .0
-            .get(&(target.to_owned(), test.to_owned()))
+        self.try_median(target, test)
             .unwrap_or_else(|| panic!("no result for {target} {test}"))
-            .clone();
+    }
+
+    /// The median, if `target` ran `test` at all.
+    pub fn try_median(&self, target: &str, test: &str) -> Option<f64> {
+        let mut v = self.0.get(&(target.to_owned(), test.to_owned()))?.clone();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        Some(v[v.len() / 2])
     }
 }
 

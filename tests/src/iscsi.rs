@@ -56,9 +56,14 @@ impl Tgtd {
         format!("iscsi://{user}127.0.0.1:{}/{TARGET}/1", self.port)
     }
 
+    /// tgtadm on this instance, for the iSCSI driver's objects (targets, LUNs, accounts).
     fn adm(&self, args: &[&str]) -> Result<(), String> {
+        self.tgtadm(&[&["--lld", "iscsi"], args].concat())
+    }
+
+    fn tgtadm(&self, args: &[&str]) -> Result<(), String> {
         let out = Command::new("tgtadm")
-            .args(["-C", &self.control.to_string(), "--lld", "iscsi"])
+            .args(["-C", &self.control.to_string()])
             .args(args)
             .output()
             .map_err(|e| format!("tgtadm: {e} (apt install tgt)"))?;
@@ -146,19 +151,20 @@ impl Tgtd {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = self.adm(&[
+        // System-wide requests take no driver (`--lld`): with one, tgtd refuses them.
+        let _ = self.tgtadm(&[
             "--op", "update", "--mode", "sys", "--name", "State", "-v", "offline",
         ]);
-        let _ = Command::new("tgtadm")
-            .args([
-                "-C",
-                &self.control.to_string(),
-                "--op",
-                "delete",
-                "--mode",
-                "system",
-            ])
-            .output();
+        // tgtd refuses to delete the system while a target exists; force it (sessions too).
+        let _ = self.adm(&[
+            "--op", "delete", "--force", "--mode", "target", "--tid", "1",
+        ]);
+        if self.chap {
+            let _ = self.adm(&["--op", "delete", "--mode", "account", "--user", CHAP_USER]);
+        }
+        if let Err(e) = self.tgtadm(&["--op", "delete", "--mode", "system"]) {
+            eprintln!("tgtd did not stop on request ({e}); killing it");
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while child.try_wait().ok().flatten().is_none() {
             if Instant::now() > deadline {

@@ -3,8 +3,10 @@
 //! serving the same LUN range over vhost-user, in the same run. The LUN is a
 //! loop device over a file on tmpfs holding xfs, shared by a private smbd, with the map
 //! server on it. fio runs inside the san image's largest extent, so it overwrites nothing
-//! else. Rounds are interleaved; the report gives medians and replaces the san section of
-//! docs/benchmarks.md. Run it with `scripts/bench-san.sh` (ROUNDS, RUNTIME, SIZE_MIB).
+//! else. A second san disk reaches the same LUN over iSCSI (tgtd on loopback exporting the
+//! loop device), measured against `iscsi-perf` on that target. Rounds are interleaved; the
+//! report gives medians and replaces the san section of docs/benchmarks.md. Run it with
+//! `scripts/bench-san.sh` (ROUNDS, RUNTIME, SIZE_MIB).
 
 use std::path::Path;
 use std::process::Command;
@@ -12,12 +14,61 @@ use std::process::Command;
 use twinpath_filemap::{file_extents, ExtentClass};
 use twinpath_tests::bench::{bench_disk, cpu, env_or, is_iops, p50, update_doc, CpuMeter, Results};
 use twinpath_tests::fileserver::FileServer;
+use twinpath_tests::iscsi::Tgtd;
 use twinpath_tests::lun::Fs;
 use twinpath_tests::{pattern, Daemon};
 
 /// The default test set; `TESTS=a,b` runs a subset (the report then covers only those).
 const DEFAULT_TESTS: &str =
     "read-1m-q1,read-1m-q16,write-1m-q1,write-1m-q16,randread-4k-q1,randread-4k-q32,randwrite-4k-q32";
+
+/// `iscsi-perf` (libiscsi's reader: sequential or random reads only) on `url` for the read
+/// tests; its "iops average N (M MB/s)" is the figure.
+fn iscsi_perf(url: &str, test: &str, runtime: u64, results: &mut Results) {
+    let mut parts = test.split('-');
+    let (rw, bs, depth) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap().trim_start_matches('q'),
+    );
+    let blocks = match bs {
+        "1m" => "2048",
+        "4k" => "8",
+        other => panic!("block size {other}"),
+    };
+    let mut cmd = Command::new("iscsi-perf");
+    cmd.args(["-m", depth, "-b", blocks, "-t", &runtime.to_string()]);
+    match rw {
+        "read" => {}
+        "randread" => {
+            cmd.arg("-r");
+        }
+        _ => return,
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("iscsi-perf (apt install libiscsi-bin)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .rsplit("iops average ")
+        .next()
+        .filter(|_| out.status.success())
+        .unwrap_or_else(|| {
+            panic!(
+                "iscsi-perf {test}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let (iops, rest) = last.split_once(" (").expect("iscsi-perf figures");
+    let mbs = rest.split_once(" MB/s").expect("iscsi-perf MB/s").0;
+    let value: f64 = if is_iops(test) {
+        iops.trim().parse().unwrap()
+    } else {
+        mbs.trim().parse().unwrap()
+    };
+    results.add("iscsi-perf", test, value);
+}
 
 /// One fio job on `dev` inside `[offset, offset + size)`, as `twinpath bench` names tests.
 fn fio(dev: &Path, offset: u64, size: u64, test: &str, runtime: u64, results: &mut Results) {
@@ -78,10 +129,10 @@ fn main() {
     let tests = std::env::var("TESTS").unwrap_or_else(|_| DEFAULT_TESTS.to_owned());
     let tests = tests.as_str();
 
-    let server = FileServer::start(2 * size + (512 << 20), Fs::Xfs, true, "");
+    let server = FileServer::start(3 * size + (512 << 20), Fs::Xfs, true, "");
     let (lun, dir) = (&server.lun, &server.dir);
     let chunk = pattern(3, 1 << 20);
-    for name in ["san.raw", "smb.raw"] {
+    for name in ["san.raw", "iscsi.raw", "smb.raw"] {
         let mut f = std::fs::File::create(lun.mount_point().join(name)).unwrap();
         for _ in 0..size >> 20 {
             std::io::Write::write_all(&mut f, &chunk).unwrap();
@@ -103,17 +154,21 @@ fn main() {
         biggest.physical
     );
 
+    let tgt = Tgtd::start(lun.device(), false, dir.path());
     let cfg = format!(
-        "disks:\n  - name: san\n    socket: {}\n    backend: {}\n  - name: smb\n    socket: {}\n    backend: {}\n",
+        "disks:\n  - name: san\n    socket: {}\n    backend: {}\n  - name: iscsi\n    socket: {}\n    backend: {}\n  - name: smb\n    socket: {}\n    backend: {}\n",
         dir.path().join("san.sock").display(),
         server.backend_yaml("san.raw", Some(&lun.device().display().to_string())),
+        dir.path().join("iscsi.sock").display(),
+        server.backend_yaml("iscsi.raw", Some(&format!("\"{}\"", tgt.url()))),
         dir.path().join("smb.sock").display(),
         server.backend_yaml("smb.raw", None),
     );
     let daemon = Daemon::start(dir.path(), &cfg);
-    assert!(
-        daemon.log().contains("direct path ready"),
-        "{}",
+    assert_eq!(
+        daemon.log().matches("direct path ready").count(),
+        2,
+        "both san disks direct:\n{}",
         daemon.log()
     );
     // The vhost-user peer on the same LUN: qemu-storage-daemon serving exactly the extent fio
@@ -161,8 +216,9 @@ fn main() {
                 &mut results,
             );
             results.add("fio", &cpu(test), meter.stop().0);
+            iscsi_perf(&tgt.url(), test, runtime, &mut results);
         }
-        for target in ["san", "qsd", "smb"] {
+        for target in ["san", "qsd", "iscsi", "smb"] {
             eprintln!("round {round}/{rounds}: {target} disk");
             let sock = dir.path().join(format!("{target}.sock"));
             // One test at a time, to see what each costs the machine (and the daemon).
@@ -179,6 +235,7 @@ fn main() {
     }
     let _ = qsd.kill();
     let _ = qsd.wait();
+    drop(tgt);
     let log = daemon.log_after_stop();
     let report = report(&results, tests, rounds, runtime, size, &log);
     println!("{report}");
@@ -193,10 +250,9 @@ fn report(r: &Results, tests: &str, rounds: u64, runtime: u64, size: u64, log: &
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let totals = log
         .lines()
-        .find(|l| l.contains("direct path totals"))
-        .and_then(|l| l.split("direct path totals").nth(1).map(str::trim))
-        .unwrap_or("(no totals logged)")
-        .to_owned();
+        .filter_map(|l| l.split("direct path totals").nth(1).map(str::trim))
+        .collect::<Vec<_>>()
+        .join("; ");
     let mut out = vec![
         format!(
             "Command: `ROUNDS={rounds} RUNTIME={runtime} SIZE_MIB={} scripts/bench-san.sh` \
@@ -260,8 +316,41 @@ fn report(r: &Results, tests: &str, rounds: u64, runtime: u64, size: u64, log: &
         ));
     }
     out.push(String::new());
+    out.push(
+        "The LUN over iSCSI (tgtd on loopback exporting the loop device): a san disk whose \
+         `lun:` is the target's `iscsi://` URL, against `iscsi-perf` (libiscsi's own reader; \
+         reads only) on the same target:"
+            .into(),
+    );
+    out.push(String::new());
+    out.push(
+        "| test | iscsi-perf | san over iSCSI | san/iscsi-perf | san on the block device | smb disk |"
+            .into(),
+    );
+    out.push("|---|---|---|---|---|---|".into());
+    for test in tests.split(',') {
+        let show = |v: f64| {
+            if is_iops(test) {
+                format!("{:.1}k IOPS", v / 1000.0)
+            } else {
+                format!("{v:.0} MB/s")
+            }
+        };
+        let iscsi = r.median("iscsi", test);
+        let (perf, ratio) = match r.try_median("iscsi-perf", test) {
+            Some(p) => (show(p), format!("{:.2}x", iscsi / p)),
+            None => ("-".into(), "-".into()),
+        };
+        out.push(format!(
+            "| {test} | {perf} | {} | {ratio} | {} | {} |",
+            show(iscsi),
+            show(r.median("san", test)),
+            show(r.median("smb", test))
+        ));
+    }
+    out.push(String::new());
     out.push(format!(
-        "Direct path of the san disk over the whole run: {totals}."
+        "Direct path of the san disks over the whole run: {totals}."
     ));
     out.join("\n")
 }

@@ -180,3 +180,27 @@ fn io_survives_a_target_restart() {
     write(&s, MIB, pattern(22, 4096)).unwrap();
     assert_eq!(read(&s, MIB, 4096).unwrap(), pattern(22, 4096));
 }
+
+#[test]
+fn a_session_whose_target_is_gone_fails_in_time_and_closes() {
+    let lun = raw_lun();
+    let dir = scratch();
+    let mut tgt = Tgtd::start(lun.device(), false, dir.path());
+    let s = Session::connect(&IscsiUrl::parse(&tgt.url()).unwrap(), None, INITIATOR).unwrap();
+    write(&s, 0, pattern(31, 4096)).unwrap();
+    tgt.stop();
+    let started = std::time::Instant::now();
+    let e = block_on(s.flush()).unwrap_err().to_string();
+    let failed_after = started.elapsed();
+    assert!(
+        failed_after < twinpath_iscsi::TASK_TIMEOUT + std::time::Duration::from_secs(5),
+        "the flush took {failed_after:?}: {e}"
+    );
+    let started = std::time::Instant::now();
+    drop(s);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "closing took {:?}",
+        started.elapsed()
+    );
+}

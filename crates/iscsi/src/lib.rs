@@ -6,15 +6,18 @@
 //! SCSI tasks (READ(16)/WRITE(16) straight from and into the caller's iovecs, SYNCHRONIZE
 //! CACHE(16)), polls the connection and completes each request's future from the task's
 //! callback. Many tasks are outstanding at once; libiscsi reconnects and resends them after
-//! the target comes back, and fails them after [`TASK_TIMEOUT`].
+//! the target comes back. A request not answered within [`TASK_TIMEOUT`] fails (libiscsi
+//! keeps tasks forever while it reconnects); its buffers stay alive until libiscsi lets go
+//! of the task.
 
 mod ffi;
 mod url;
 
+use std::collections::VecDeque;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use twinpath_core::{Error, ErrorKind, GuestBuffers, Result};
@@ -287,12 +290,23 @@ fn read_capacity(ctx: &Context, lun: u16) -> std::result::Result<(u64, u32), Str
     }
 }
 
+/// Where a request's result goes: taken by whoever finishes it first, the task's callback
+/// or the service thread's deadline.
+type Done = Arc<Mutex<Option<oneshot::Sender<Result<()>>>>>;
+
+fn finish(done: &Done, result: Result<()>) {
+    let sender = done.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(s) = sender {
+        let _ = s.send(result);
+    }
+}
+
 /// One task's state, owned by libiscsi between submission and its callback.
 struct Pending {
     // The iovecs libiscsi reads from or writes into; they point into `_bufs`.
     iov: Vec<ffi::ScsiIovec>,
     _bufs: Option<GuestBuffers>,
-    done: oneshot::Sender<Result<()>>,
+    done: Done,
 }
 
 extern "C" fn on_done(
@@ -319,7 +333,7 @@ extern "C" fn on_done(
         // SAFETY: the task is ours to free once its callback runs.
         unsafe { (lib().scsi_free_scsi_task)(task.cast()) };
     }
-    let _ = pending.done.send(result);
+    finish(&pending.done, result);
 }
 
 /// The service thread: runs commands and the connection until the session is dropped.
@@ -332,7 +346,26 @@ fn serve(
     name: &str,
 ) {
     let lun = c_int::from(lun);
+    // Requests in the order they were issued, so the oldest deadline is in front.
+    let mut waiting: VecDeque<(Instant, Weak<Mutex<Option<oneshot::Sender<Result<()>>>>>)> =
+        VecDeque::new();
     loop {
+        // Answered requests leave the front (answers come about in order), overdue ones fail.
+        while waiting
+            .front()
+            .is_some_and(|(at, done)| done.strong_count() == 0 || *at <= Instant::now())
+        {
+            let (_, done) = waiting.pop_front().expect("front exists");
+            if let Some(done) = done.upgrade() {
+                finish(
+                    &done,
+                    Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("no answer from the target in {TASK_TIMEOUT:?}"),
+                    )),
+                );
+            }
+        }
         // SAFETY: the context is live; these only read its state.
         let (fd, events) = unsafe {
             (
@@ -365,7 +398,10 @@ fn serve(
             unsafe { libc::read(wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
             loop {
                 match commands.try_recv() {
-                    Ok(cmd) => issue(&ctx, lun, block_size, cmd),
+                    Ok(cmd) => {
+                        let done = issue(&ctx, lun, block_size, cmd);
+                        waiting.push_back((Instant::now() + TASK_TIMEOUT, done));
+                    }
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
@@ -378,7 +414,13 @@ fn serve(
     }
 }
 
-fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
+/// Starts the task for `cmd`; returns its result slot for the deadline.
+fn issue(
+    ctx: &Context,
+    lun: c_int,
+    block_size: u32,
+    cmd: Cmd,
+) -> Weak<Mutex<Option<oneshot::Sender<Result<()>>>>> {
     let (pending, task) = match cmd {
         Cmd::Io {
             write,
@@ -398,7 +440,7 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
             let pending = Box::into_raw(Box::new(Pending {
                 iov,
                 _bufs: Some(bufs),
-                done,
+                done: Arc::new(Mutex::new(Some(done))),
             }));
             // SAFETY: `pending` stays alive (leaked) until the callback takes it back; its
             // iovecs point into guest memory kept alive by its `_bufs`.
@@ -448,7 +490,7 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
             let pending = Box::into_raw(Box::new(Pending {
                 iov: Vec::new(),
                 _bufs: None,
-                done,
+                done: Arc::new(Mutex::new(Some(done))),
             }));
             // SAFETY: as above; no data buffers.
             let task = unsafe {
@@ -470,11 +512,18 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) {
         // The callback will not run: take the state back and fail the request here.
         // SAFETY: libiscsi did not keep `pending`.
         let pending = unsafe { Box::from_raw(pending) };
-        let _ = pending.done.send(Err(Error::new(
-            ErrorKind::Io,
-            format!("cannot queue the task: {}", ctx.error()),
-        )));
+        finish(
+            &pending.done,
+            Err(Error::new(
+                ErrorKind::Io,
+                format!("cannot queue the task: {}", ctx.error()),
+            )),
+        );
+        return Weak::new();
     }
+    // SAFETY: libiscsi holds `pending` until the callback, which runs only inside
+    // iscsi_service on this thread, so it is still alive here.
+    Arc::downgrade(unsafe { &(*pending).done })
 }
 
 /// The LUN as a block backend: how the san plugin's direct path reads and writes it.

@@ -235,8 +235,9 @@ fn main() {
     }
     let _ = qsd.kill();
     let _ = qsd.wait();
-    drop(tgt);
+    // The daemon first: it flushes its disks on the way out, the iSCSI one through tgtd.
     let log = daemon.log_after_stop();
+    drop(tgt);
     let report = report(&results, tests, rounds, runtime, size, &log);
     println!("{report}");
     if tests == DEFAULT_TESTS {

@@ -292,7 +292,8 @@ fn read_capacity(ctx: &Context, lun: u16) -> std::result::Result<(u64, u32), Str
 
 /// Where a request's result goes: taken by whoever finishes it first, the task's callback
 /// or the service thread's deadline.
-type Done = Arc<Mutex<Option<oneshot::Sender<Result<()>>>>>;
+type Done = Arc<Slot>;
+type Slot = Mutex<Option<oneshot::Sender<Result<()>>>>;
 
 fn finish(done: &Done, result: Result<()>) {
     let sender = done.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -347,8 +348,7 @@ fn serve(
 ) {
     let lun = c_int::from(lun);
     // Requests in the order they were issued, so the oldest deadline is in front.
-    let mut waiting: VecDeque<(Instant, Weak<Mutex<Option<oneshot::Sender<Result<()>>>>>)> =
-        VecDeque::new();
+    let mut waiting: VecDeque<(Instant, Weak<Slot>)> = VecDeque::new();
     loop {
         // Answered requests leave the front (answers come about in order), overdue ones fail.
         while waiting
@@ -415,12 +415,7 @@ fn serve(
 }
 
 /// Starts the task for `cmd`; returns its result slot for the deadline.
-fn issue(
-    ctx: &Context,
-    lun: c_int,
-    block_size: u32,
-    cmd: Cmd,
-) -> Weak<Mutex<Option<oneshot::Sender<Result<()>>>>> {
+fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Weak<Slot> {
     let (pending, task) = match cmd {
         Cmd::Io {
             write,

@@ -612,6 +612,19 @@ fn a_map_server_down_at_start_is_tried_again_and_the_direct_path_comes_up() {
     assert!(daemon.stop().success());
 }
 
+/// Sectors read from the LUN so far (block layer counters).
+fn lun_sectors_read(rig: &Rig) -> u64 {
+    let name = rig
+        .lun
+        .device()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+    stat.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
 /// The LUN reached over iSCSI from userspace (tgtd exporting the loop device, CHAP): the
 /// same checks find the volume, direct writes reach the device through the target, data
 /// written on either path reads back on the other and on the server, the canary files around
@@ -621,7 +634,7 @@ fn a_san_disk_over_iscsi_reads_and_writes_the_lun_through_the_target() {
     use twinpath_tests::iscsi::{Tgtd, CHAP_PASSWORD};
     let _heavy = heavy();
     let rig = Rig::start(Fs::Xfs);
-    let data = rig.image("vm.raw", 91, 32 * MIB);
+    let data = rig.image("vm.raw", 91, 72 * MIB);
     let canary = rig.image("canary.raw", 92, 16 * MIB);
     let mut tgt = Tgtd::start(rig.lun.device(), true, rig.dir.path());
     let pass = rig.dir.path().join("chap.pass");
@@ -655,6 +668,18 @@ fn a_san_disk_over_iscsi_reads_and_writes_the_lun_through_the_target() {
     model.churn(&mut c, 30);
     tgt.restart();
     model.churn(&mut c, 30);
+    // A write across the 64 MiB map window goes over SMB; its first half is then read back
+    // on the direct path (the window is mapped again after the network write).
+    let across = pattern(94, 2 * MIB as usize);
+    let at = 63 * MIB;
+    c.write(0, at, &across).unwrap();
+    model.data[at as usize..(at + 2 * MIB) as usize].copy_from_slice(&across);
+    let reads_before = lun_sectors_read(&rig);
+    assert!(c.read(0, at, MIB as usize).unwrap()[..] == across[..MIB as usize]);
+    assert!(
+        lun_sectors_read(&rig) - reads_before >= MIB / 512,
+        "the SMB-written range read back directly"
+    );
     c.flush(0).unwrap();
     assert!(rig.server_file("vm.raw") == model.data, "image differs");
     let out = rig.samba().smbclient("get vm.raw /dev/stdout", false);

@@ -63,6 +63,15 @@ impl Rig {
 
     /// Sectors written to the LUN so far (from the block layer's counters).
     fn lun_sectors_written(&self) -> u64 {
+        self.lun_stat(6)
+    }
+
+    fn lun_sectors_read(&self) -> u64 {
+        self.lun_stat(2)
+    }
+
+    /// Field `field` of the LUN's /sys/block/*/stat.
+    fn lun_stat(&self, field: usize) -> u64 {
         let name = self
             .lun
             .device()
@@ -71,7 +80,7 @@ impl Rig {
             .to_string_lossy()
             .into_owned();
         let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
-        stat.split_whitespace().nth(6).unwrap().parse().unwrap()
+        stat.split_whitespace().nth(field).unwrap().parse().unwrap()
     }
 
     fn server_file(&self, image: &str) -> Vec<u8> {
@@ -612,19 +621,6 @@ fn a_map_server_down_at_start_is_tried_again_and_the_direct_path_comes_up() {
     assert!(daemon.stop().success());
 }
 
-/// Sectors read from the LUN so far (block layer counters).
-fn lun_sectors_read(rig: &Rig) -> u64 {
-    let name = rig
-        .lun
-        .device()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
-    stat.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
 /// The LUN reached over iSCSI from userspace (tgtd exporting the loop device, CHAP): the
 /// same checks find the volume, direct writes reach the device through the target, data
 /// written on either path reads back on the other and on the server, the canary files around
@@ -674,10 +670,10 @@ fn a_san_disk_over_iscsi_reads_and_writes_the_lun_through_the_target() {
     let at = 63 * MIB;
     c.write(0, at, &across).unwrap();
     model.data[at as usize..(at + 2 * MIB) as usize].copy_from_slice(&across);
-    let reads_before = lun_sectors_read(&rig);
+    let reads_before = rig.lun_sectors_read();
     assert!(c.read(0, at, MIB as usize).unwrap()[..] == across[..MIB as usize]);
     assert!(
-        lun_sectors_read(&rig) - reads_before >= MIB / 512,
+        rig.lun_sectors_read() - reads_before >= MIB / 512,
         "the SMB-written range read back directly"
     );
     c.flush(0).unwrap();

@@ -17,6 +17,9 @@ use twinpath_mapproto::{Key, MapClient, Recall, Reply, Request, VolumeIdentity};
 
 use crate::direct::RETRY_AFTER;
 
+/// How long dialing the map server (connect, authenticate, identity) may take.
+const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a member hears from the link.
 #[derive(Debug)]
 pub enum Event {
@@ -162,12 +165,19 @@ impl MapLink {
     async fn dial(
         &self,
     ) -> Result<(MapClient, VolumeIdentity, mpsc::UnboundedReceiver<Recall>), String> {
-        let (client, recalls) = MapClient::connect(&self.addr, &self.key, &self.host)
+        // Requests that need a map wait for this; an unreachable server must not hold them
+        // for the kernel's TCP connect timeout.
+        let late = |_| format!("no answer in {DIAL_TIMEOUT:?}");
+        let (client, recalls) = tokio::time::timeout(
+            DIAL_TIMEOUT,
+            MapClient::connect(&self.addr, &self.key, &self.host),
+        )
+        .await
+        .map_err(late)?
+        .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(DIAL_TIMEOUT, client.call(Request::Identity))
             .await
-            .map_err(|e| e.to_string())?;
-        match client
-            .call(Request::Identity)
-            .await
+            .map_err(late)?
             .map_err(|e| e.to_string())?
         {
             Reply::Identity(id) => Ok((client, id, recalls)),

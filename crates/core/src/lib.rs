@@ -13,6 +13,7 @@ mod buffers;
 pub mod config;
 mod error;
 mod registry;
+mod secret;
 mod size;
 pub mod worker;
 
@@ -21,6 +22,7 @@ pub use buffers::{GuestBuffers, IoVecs};
 pub use config::{CacheMode, Config, ConfigError, DiskConfig};
 pub use error::{Error, ErrorKind, Result};
 pub use registry::{parse_options, BackendSpec, DiskContext, OptionError, Plugin, Registry};
+pub use secret::read_secret;
 pub use size::ByteSize;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the mutexes of

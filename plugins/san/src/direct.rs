@@ -98,7 +98,6 @@ pub struct Ready {
 /// The shared volume as this host sees it.
 pub struct LunDevice {
     pub volume: Arc<dyn Volume>,
-    pub size: u64,
     /// Device I/O on it.
     pub io: Arc<dyn BlockBackend>,
 }
@@ -179,8 +178,8 @@ impl Direct {
             checked: AtomicU64::new(generation),
             early_recalls: Mutex::default(),
             path,
+            device_size: lun.volume.size(),
             volume: lun.volume,
-            device_size: lun.size,
             lun: lun.io,
             windows: Mutex::default(),
             down_until: Mutex::default(),
@@ -325,12 +324,17 @@ impl Direct {
                         self.give_back(m.lease).await;
                         return None;
                     }
-                    // Recalled on its way here (and given back by the recall's handler).
-                    if lock(&self.early_recalls).contains(&m.lease) {
-                        rest(self);
-                        return None;
-                    }
-                    let old = lock(&self.windows).insert(w, Slot::Mapped(win.clone()));
+                    // Recalled on its way here (and given back by the recall's handler). Checked
+                    // under the windows lock, which the handler holds while it looks for the
+                    // lease and notes it, so the recall cannot slip in between.
+                    let old = {
+                        let mut windows = lock(&self.windows);
+                        if lock(&self.early_recalls).contains(&m.lease) {
+                            windows.insert(w, Slot::Resting(Instant::now() + RETRY_AFTER));
+                            return None;
+                        }
+                        windows.insert(w, Slot::Mapped(win.clone()))
+                    };
                     if let Some(Slot::Mapped(old)) = old {
                         let me = self.clone();
                         tokio::spawn(async move { me.retire(old).await });

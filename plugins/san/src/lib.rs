@@ -182,20 +182,11 @@ impl Plugin for SanPlugin {
             p if p.starts_with('/') => LunSpec::Device(PathBuf::from(p)),
             u if u.starts_with("iscsi://") => {
                 let url = IscsiUrl::parse(u).map_err(|e| OptionError::new("lun", e))?;
-                match (&url.user, &o.lun_password_file) {
-                    (Some(_), None) => {
-                        return Err(OptionError::new(
-                            "lun_password_file",
-                            "the iscsi URL names a CHAP user: give the password in a file",
-                        ))
-                    }
-                    (None, Some(_)) => {
-                        return Err(OptionError::new(
-                            "lun_password_file",
-                            "only for an iscsi URL with a CHAP user (iscsi://user@host/...)",
-                        ))
-                    }
-                    _ => {}
+                if url.user.is_some() && o.lun_password_file.is_none() {
+                    return Err(OptionError::new(
+                        "lun_password_file",
+                        "the iscsi URL names a CHAP user: give the password in a file",
+                    ));
                 }
                 LunSpec::Iscsi {
                     url,
@@ -209,7 +200,8 @@ impl Plugin for SanPlugin {
                 ))
             }
         };
-        if o.lun_password_file.is_some() && !matches!(lun, LunSpec::Iscsi { .. }) {
+        let chap_user = matches!(&lun, LunSpec::Iscsi { url, .. } if url.user.is_some());
+        if o.lun_password_file.is_some() && !chap_user {
             return Err(OptionError::new(
                 "lun_password_file",
                 "only for an iscsi URL with a CHAP user (iscsi://user@host/...)",
@@ -273,7 +265,6 @@ impl DirectSetup {
             self.path.clone(),
             LunDevice {
                 volume,
-                size: id.size,
                 io: backend,
             },
             self.throttle

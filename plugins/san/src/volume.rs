@@ -85,15 +85,10 @@ impl IscsiLun {
         password_file: Option<&Path>,
         host_name: &str,
     ) -> Result<IscsiLun, String> {
-        let password = match password_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| format!("lun_password_file {}: {e}", p.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-            ),
-            None => None,
-        };
+        let password = password_file
+            .map(|p| twinpath_core::read_secret("lun_password_file", p))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let session = Session::connect(url, password.as_deref(), &initiator_name(host_name))
             .map_err(|e| e.to_string())?;
         Ok(IscsiLun(Arc::new(session)))

@@ -168,10 +168,7 @@ impl BackendSpec for SmbSpec {
 
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         let password = match &self.password_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| Error::io(format!("password_file {}", p.display()), e))?
-                .trim_end_matches(['\n', '\r'])
-                .to_owned(),
+            Some(p) => twinpath_core::read_secret("password_file", p)?,
             None => String::new(),
         };
         let target = format!("//{}/{}/{}", self.server, self.share, self.path);

@@ -135,6 +135,27 @@ impl Daemon {
         }
     }
 
+    /// Rewrites the config that [`Daemon::start`] wrote into `dir`, sends SIGHUP and waits
+    /// until the daemon has reloaded it or rejected it; returns what it logged meanwhile.
+    pub fn reload(&mut self, dir: &Path, config: &str) -> String {
+        let before = self.log().len();
+        std::fs::write(dir.join("twinpath.yaml"), config).expect("write config");
+        signal(self.pid(), libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let since = self.log().split_off(before);
+            if since.contains("reloaded ") || since.contains("keeping the") {
+                return since;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload after SIGHUP:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the daemon (asserting a clean exit) and returns its whole log.
     pub fn log_after_stop(self) -> String {
         let log = self.log.clone();

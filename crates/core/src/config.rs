@@ -44,6 +44,8 @@ pub struct DiskConfig {
     pub cache: CacheMode,
     pub poll_us: u32,
     pub backend: Box<dyn BackendSpec>,
+    /// The disk's entry as written: a reload leaves a disk whose entry is unchanged alone.
+    pub entry: serde_yaml::Value,
 }
 
 #[derive(Debug)]
@@ -169,6 +171,7 @@ fn parse_disk(
         .and_then(|n| n.as_str())
         .map(str::to_owned)
         .unwrap_or_else(|| format!("#{}", index + 1));
+    let entry = value.clone();
     let raw: RawDisk = parse_options(value).map_err(|e| option_error(&label, None, e))?;
 
     let at = |key: &str, message: String| ConfigError::new(Some(&label), Some(key.into()), message);
@@ -231,6 +234,7 @@ fn parse_disk(
         cache: raw.cache,
         poll_us: raw.poll_us,
         backend,
+        entry,
     })
 }
 

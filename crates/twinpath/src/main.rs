@@ -32,6 +32,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve every disk of the config until SIGINT or SIGTERM.
+    ///
+    /// SIGHUP re-reads the config: added disks start, removed disks drain and stop, a disk
+    /// whose entry changed is replaced, and disks whose entry is unchanged are not touched
+    /// (a changed password file alone does not count: edit the entry or restart). A config
+    /// that no longer parses is reported and changes nothing.
     Serve {
         /// YAML config listing the disks.
         #[arg(long, short)]
@@ -111,7 +116,7 @@ fn main() -> ExitCode {
     let registry = registry();
     match cli.command {
         Command::Serve { config } => match Config::from_file(&config, &registry) {
-            Ok(cfg) => serve::run(cfg),
+            Ok(cfg) => serve::run(config, cfg, registry),
             Err(e) => {
                 eprintln!("twinpath: {}: {e}", config.display());
                 ExitCode::from(2)

@@ -1,33 +1,49 @@
-//! `twinpath serve`: open every disk, serve each on its socket, drain and stop on a signal.
+//! `twinpath serve`: open every disk, serve each on its socket, reload the config on SIGHUP,
+//! drain and stop on SIGINT or SIGTERM.
 //!
 //! A disk whose backend cannot be opened is reported and left out; the other disks are served.
-//! If no disk can be opened the daemon exits with status 1.
+//! If no disk can be opened at start the daemon exits with status 1.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use twinpath_core::{Config, DiskConfig};
+use twinpath_core::{Config, DiskConfig, Registry};
 use twinpath_vhost_blk::{Disk, DiskServer, DiskSettings};
 
-/// How long shutdown waits for accepted requests before it gives up on them.
+/// How long stopping a disk waits for accepted requests before it gives up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn run(config: Config) -> ExitCode {
+pub fn run(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
     let runtime = match crate::runtime("twinpath-io") {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(path, config, registry))
 }
 
-async fn open_disk(cfg: DiskConfig) -> Result<DiskServer, String> {
-    let backend = cfg
-        .backend
-        .open()
-        .await
-        .map_err(|e| e.within(format!("disk `{}`", cfg.name)).to_string())?;
+/// A disk being served, with the config entry it was started from.
+struct Running {
+    server: DiskServer,
+    entry: serde_yaml::Value,
+}
+
+/// An opened backend, not yet on its socket.
+struct Opened {
+    disk: Arc<Disk>,
+    socket: PathBuf,
+    entry: serde_yaml::Value,
+}
+
+/// Opens a disk's backend; an error comes with the disk's name.
+async fn open_disk(cfg: DiskConfig) -> Result<Opened, (String, String)> {
+    let backend = cfg.backend.open().await.map_err(|e| {
+        let message = e.within(format!("disk `{}`", cfg.name)).to_string();
+        (cfg.name.clone(), message)
+    })?;
     let settings = DiskSettings {
         name: cfg.name.clone(),
         num_queues: cfg.num_queues,
@@ -36,64 +52,191 @@ async fn open_disk(cfg: DiskConfig) -> Result<DiskServer, String> {
         cache: cfg.cache,
         poll_us: cfg.poll_us,
     };
-    let disk = Arc::new(Disk::new(settings, backend));
-    DiskServer::start(disk, &cfg.socket)
-        .map_err(|e| format!("disk `{}`: socket {}: {e}", cfg.name, cfg.socket.display()))
+    Ok(Opened {
+        disk: Arc::new(Disk::new(settings, backend)),
+        socket: cfg.socket,
+        entry: cfg.entry,
+    })
 }
 
-async fn serve(config: Config) -> ExitCode {
-    let total = config.disks.len();
-    let mut servers = Vec::new();
-    let opened = futures::future::join_all(config.disks.into_iter().map(open_disk)).await;
-    for result in opened {
-        match result {
-            Ok(server) => {
-                tracing::info!(
-                    disk = %server.disk().name(),
-                    socket = %server.socket().display(),
-                    capacity = server.disk().backend().info().capacity,
-                    "serving"
-                );
-                servers.push(server);
-            }
-            Err(e) => tracing::error!("not serving: {e}"),
+/// Puts an opened disk on its socket; logs either way.
+fn start_disk(opened: Opened) -> Option<Running> {
+    let name = opened.disk.name().to_owned();
+    match DiskServer::start(opened.disk, &opened.socket) {
+        Ok(server) => {
+            tracing::info!(
+                disk = %name,
+                socket = %server.socket().display(),
+                capacity = server.disk().backend().info().capacity,
+                "serving"
+            );
+            Some(Running {
+                server,
+                entry: opened.entry,
+            })
+        }
+        Err(e) => {
+            tracing::error!(
+                "not serving: disk `{name}`: socket {}: {e}",
+                opened.socket.display()
+            );
+            None
         }
     }
-    if servers.is_empty() {
+}
+
+/// Opens the disks concurrently and starts the ones that opened.
+async fn start_all(disks: Vec<DiskConfig>, running: &mut BTreeMap<String, Running>) {
+    for result in futures::future::join_all(disks.into_iter().map(open_disk)).await {
+        match result {
+            Ok(opened) => {
+                let name = opened.disk.name().to_owned();
+                if let Some(r) = start_disk(opened) {
+                    running.insert(name, r);
+                }
+            }
+            Err((_, e)) => tracing::error!("not serving: {e}"),
+        }
+    }
+}
+
+async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
+    let total = config.disks.len();
+    let mut running = BTreeMap::new();
+    start_all(config.disks, &mut running).await;
+    if running.is_empty() {
         tracing::error!("no disk could be opened; exiting");
         return ExitCode::FAILURE;
     }
-    tracing::info!("ready: {} of {total} disks served", servers.len());
+    tracing::info!("ready: {} of {total} disks served", running.len());
 
-    let (mut term, mut int) = match (
+    let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
         _ => {
             tracing::error!("cannot install signal handlers");
             return ExitCode::FAILURE;
         }
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: draining");
+                break;
+            }
+            _ = hup.recv() => reload(&path, &registry, &mut running).await,
+        }
     }
 
+    if stop_all(running.into_values().map(|r| r.server).collect()).await {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Brings the served disks in line with the config file: disks whose entry is unchanged are
+/// not touched; removed disks drain and stop; added disks start; a changed disk is opened
+/// anew first and replaces the running one only if that worked. A config that does not parse
+/// changes nothing.
+async fn reload(path: &Path, registry: &Registry, running: &mut BTreeMap<String, Running>) {
+    let config = match Config::from_file(path, registry) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                "SIGHUP: {}: {e}; keeping the {} running disks as they are",
+                path.display(),
+                running.len()
+            );
+            return;
+        }
+    };
+    let mut wanted: BTreeMap<String, DiskConfig> = config
+        .disks
+        .into_iter()
+        .map(|d| (d.name.clone(), d))
+        .collect();
+
+    let mut unchanged = 0;
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for (name, r) in running.iter() {
+        match wanted.get(name) {
+            Some(d) if d.entry == r.entry => {
+                wanted.remove(name);
+                unchanged += 1;
+            }
+            Some(_) => changed.push(name.clone()),
+            None => removed.push(name.clone()),
+        }
+    }
+    // Open the new and changed disks before anything stops, so a changed disk whose new
+    // backend cannot be opened keeps running on its old one.
+    let opened = futures::future::join_all(wanted.into_values().map(open_disk)).await;
+    let mut to_start = Vec::new();
+    for result in opened {
+        match result {
+            Ok(o) => to_start.push(o),
+            Err((name, e)) => {
+                tracing::error!("SIGHUP: not serving: {e}");
+                changed.retain(|n| *n != name);
+            }
+        }
+    }
+    let servers = removed
+        .iter()
+        .chain(&changed)
+        .filter_map(|n| running.remove(n))
+        .map(|r| r.server)
+        .collect();
+    stop_all(servers).await;
+    let (mut added, mut replaced) = (0, 0);
+    for o in to_start {
+        let name = o.disk.name().to_owned();
+        // Binding replaces a socket file, so never bind over one a kept disk still serves.
+        if let Some(owner) = running.values().find(|r| r.server.socket() == o.socket) {
+            tracing::error!(
+                "SIGHUP: not serving: disk `{name}`: socket {} belongs to disk `{}`",
+                o.socket.display(),
+                owner.server.disk().name()
+            );
+            continue;
+        }
+        if let Some(r) = start_disk(o) {
+            if changed.contains(&name) {
+                replaced += 1;
+            } else {
+                added += 1;
+            }
+            running.insert(name, r);
+        }
+    }
+    tracing::info!(
+        "reloaded {}: {unchanged} unchanged, {} removed, {replaced} replaced, {added} added; {} disks served",
+        path.display(),
+        removed.len(),
+        running.len()
+    );
+}
+
+/// Stops the disks concurrently; true when none of them lost anything.
+async fn stop_all(servers: Vec<DiskServer>) -> bool {
     let rt = tokio::runtime::Handle::current();
     let stops = servers.into_iter().map(|server| {
         let rt = rt.clone();
         tokio::task::spawn_blocking(move || shutdown_disk(server, &rt))
     });
-    let clean = futures::future::join_all(stops)
+    futures::future::join_all(stops)
         .await
         .into_iter()
-        .all(|r| r.unwrap_or(false));
-    if clean {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+        .all(|r| r.unwrap_or(false))
 }
 
 /// Drain, flush, disconnect, remove the socket. Returns whether nothing was lost.

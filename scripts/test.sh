@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 qemu-utils busybox-static cpio fio xz-utils zstd samba smbclient xfsprogs e2fsprogs
-          tgt libiscsi-dev libiscsi-bin)
+          tgt libiscsi-dev libiscsi-bin systemd libvirt-clients libxml2-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

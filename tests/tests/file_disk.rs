@@ -657,3 +657,20 @@ fn block_device_io_on_the_queue_workers_survives_a_frontend_leaving_mid_batch() 
     let log = daemon.log();
     assert!(daemon.stop().success(), "{log}");
 }
+
+#[test]
+fn stats_needs_metrics_listen_and_a_running_daemon() {
+    let dir = scratch();
+    let (daemon, _img, _sock) = one_disk(dir.path(), "");
+    let cfg = dir.path().join("twinpath.yaml");
+    let (status, _, err) = run_twinpath(&["stats", "--config", &cfg.to_string_lossy()]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("no `metrics.listen`"), "{err}");
+    assert!(daemon.stop().success());
+
+    // Nobody listening: a clear error, not a hang.
+    let port = twinpath_tests::samba::free_port().to_string();
+    let (status, _, err) = run_twinpath(&["stats", "--address", &format!("127.0.0.1:{port}")]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("is `twinpath serve` running"), "{err}");
+}

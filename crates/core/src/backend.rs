@@ -1,9 +1,12 @@
 //! The contract between the vhost-user-blk device and a storage backend.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::buffers::GuestBuffers;
 use crate::error::{Error, ErrorKind, Result};
+use crate::stats::PathStats;
 
 /// Static facts about an open backend, read once when the device starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,5 +69,11 @@ pub trait BlockBackend: Send + Sync + 'static {
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let _ = (offset, len, unmap);
         Err(Error::new(ErrorKind::Unsupported, "write-zeroes"))
+    }
+
+    /// The paths this backend's I/O takes (`network`, `direct`) with their counters, for
+    /// metrics. A backend with one local path has none to report.
+    fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
+        Vec::new()
     }
 }

@@ -51,6 +51,15 @@ pub struct DiskConfig {
 #[derive(Debug)]
 pub struct Config {
     pub disks: Vec<DiskConfig>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Where the daemon answers metric scrapes (`/metrics`, `/stats`); off when absent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// An IP address and port, e.g. `127.0.0.1:9810`.
+    pub listen: std::net::SocketAddr,
 }
 
 /// A config error. `disk` and `key` say where, so an operator can find the line.
@@ -89,6 +98,8 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     disks: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    metrics: Option<serde_yaml::Value>,
 }
 
 fn default_queues() -> u16 {
@@ -135,6 +146,13 @@ impl Config {
                 "no disks configured",
             ));
         }
+        let metrics = raw
+            .metrics
+            .map(|m| {
+                parse_options::<MetricsConfig>(m)
+                    .map_err(|e| option_error(None, Some("metrics"), e))
+            })
+            .transpose()?;
         let mut names = HashSet::new();
         let mut sockets = HashSet::new();
         let mut disks = Vec::with_capacity(raw.disks.len());
@@ -156,7 +174,7 @@ impl Config {
             }
             disks.push(disk);
         }
-        Ok(Config { disks })
+        Ok(Config { disks, metrics })
     }
 }
 
@@ -172,7 +190,7 @@ fn parse_disk(
         .map(str::to_owned)
         .unwrap_or_else(|| format!("#{}", index + 1));
     let entry = value.clone();
-    let raw: RawDisk = parse_options(value).map_err(|e| option_error(&label, None, e))?;
+    let raw: RawDisk = parse_options(value).map_err(|e| option_error(Some(&label), None, e))?;
 
     let at = |key: &str, message: String| ConfigError::new(Some(&label), Some(key.into()), message);
     if raw.name.is_empty() || raw.name.contains(['/', '\0']) || raw.name.len() > 64 {
@@ -223,7 +241,7 @@ fn parse_disk(
     };
     let backend = plugin
         .parse(&ctx, serde_yaml::Value::Mapping(options))
-        .map_err(|e| option_error(&label, Some("backend"), e))?;
+        .map_err(|e| option_error(Some(&label), Some("backend"), e))?;
 
     Ok(DiskConfig {
         name: raw.name,
@@ -238,13 +256,13 @@ fn parse_disk(
     })
 }
 
-fn option_error(disk: &str, prefix: Option<&str>, e: OptionError) -> ConfigError {
+fn option_error(disk: Option<&str>, prefix: Option<&str>, e: OptionError) -> ConfigError {
     let key = match (prefix, e.key) {
         (Some(p), Some(k)) => Some(format!("{p}.{k}")),
         (Some(p), None) => Some(p.to_owned()),
         (None, k) => k,
     };
-    ConfigError::new(Some(disk), key, e.message)
+    ConfigError::new(disk, key, e.message)
 }
 
 #[cfg(test)]
@@ -312,6 +330,26 @@ mod tests {
             (1, false, CacheMode::Writeback, DEFAULT_POLL_US)
         );
         assert_eq!(d.backend.describe(), "dummy 4");
+    }
+
+    #[test]
+    fn metrics_listen_is_optional_and_checked() {
+        let disks = "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1}\n";
+        assert_eq!(Config::parse(disks, &registry()).unwrap().metrics, None);
+        let c = Config::parse(
+            &format!("{disks}metrics: {{listen: '127.0.0.1:9810'}}\n"),
+            &registry(),
+        )
+        .unwrap();
+        assert_eq!(c.metrics.unwrap().listen.port(), 9810);
+        let e = err(&format!("{disks}metrics: {{listen: 'localhost'}}\n"));
+        assert_eq!(
+            (e.disk.as_deref(), e.key.as_deref()),
+            (None, Some("metrics.listen")),
+            "{e:?}"
+        );
+        let e = err(&format!("{disks}metrics: {{port: 1}}\n"));
+        assert!(e.to_string().contains("unknown field `port`"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`Error`]: one error type with a kind, context and source;
 //! - [`Registry`] / [`Plugin`]: backends register a name and parse their own options;
 //! - [`Config`]: the YAML disk list;
-//! - [`worker`]: queue threads as the reactor of the I/O engines they poll.
+//! - [`worker`]: queue threads as the reactor of the I/O engines they poll;
+//! - [`stats`]: lock-free I/O counters per disk and per path, for metrics.
 
 mod backend;
 pub mod blockdev;
@@ -15,11 +16,12 @@ mod error;
 mod registry;
 mod secret;
 mod size;
+pub mod stats;
 pub mod worker;
 
 pub use backend::{BlockBackend, DiskInfo};
 pub use buffers::{GuestBuffers, IoVecs};
-pub use config::{CacheMode, Config, ConfigError, DiskConfig};
+pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig};
 pub use error::{Error, ErrorKind, Result};
 pub use registry::{parse_options, BackendSpec, DiskContext, OptionError, Plugin, Registry};
 pub use secret::read_secret;

@@ -3,6 +3,7 @@
 mod bench;
 mod map_server;
 mod serve;
+mod stats;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the counters of a running `twinpath serve` as a table: per disk (what its guests
+    /// asked) and per backend path (network, direct): requests, bytes, errors, in flight,
+    /// latency quantiles, fallbacks, recalls, throttled. Needs `metrics.listen` in the config;
+    /// Prometheus scrapes the same counters from http://LISTEN/metrics.
+    Stats(stats::StatsArgs),
     /// List the backend plugins this binary was built with.
     Plugins,
 }
@@ -134,6 +140,7 @@ fn main() -> ExitCode {
         },
         Command::Bench(args) => bench::run(args),
         Command::MapServer { config } => map_server::run(&config),
+        Command::Stats(args) => stats::run(args, &registry),
         Command::Plugins => {
             for name in registry.names() {
                 println!("{name}");

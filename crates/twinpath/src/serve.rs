@@ -5,13 +5,15 @@
 //! If no disk can be opened at start the daemon exits with status 1.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use twinpath_core::{Config, DiskConfig, Registry};
+use twinpath_core::{lock, Config, DiskConfig, Registry};
+use twinpath_metrics::{DiskSample, PathSample};
 use twinpath_vhost_blk::{Disk, DiskServer, DiskSettings};
 
 /// How long stopping a disk waits for accepted requests before it gives up on them.
@@ -100,13 +102,55 @@ async fn start_all(disks: Vec<DiskConfig>, running: &mut BTreeMap<String, Runnin
     }
 }
 
+/// The disks being served, as the metrics endpoint sees them.
+type Served = Arc<Mutex<Vec<Arc<Disk>>>>;
+
+fn publish(running: &BTreeMap<String, Running>, served: &Served) {
+    *lock(served) = running.values().map(|r| r.server.disk().clone()).collect();
+}
+
+fn sample(disk: &Disk) -> DiskSample {
+    DiskSample {
+        disk: disk.name().to_owned(),
+        io: disk.io_stats(),
+        paths: disk
+            .backend()
+            .paths()
+            .into_iter()
+            .map(|(path, stats)| PathSample {
+                path: path.to_owned(),
+                stats: stats.snapshot(),
+            })
+            .collect(),
+    }
+}
+
+/// Starts the metrics endpoint; a failure is logged and the disks are served without it.
+async fn start_metrics(listen: SocketAddr, served: Served) {
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => {
+            tracing::info!("metrics on http://{listen}/metrics (JSON: /stats)");
+            let source: twinpath_metrics::Source =
+                Arc::new(move || lock(&served).iter().map(|d| sample(d)).collect());
+            tokio::spawn(twinpath_metrics::serve(listener, source));
+        }
+        Err(e) => tracing::error!("metrics.listen {listen}: {e}; serving without metrics"),
+    }
+}
+
 async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
     let total = config.disks.len();
+    let metrics = config.metrics;
     let mut running = BTreeMap::new();
     start_all(config.disks, &mut running).await;
     if running.is_empty() {
         tracing::error!("no disk could be opened; exiting");
         return ExitCode::FAILURE;
+    }
+    let served = Served::default();
+    publish(&running, &served);
+    if let Some(m) = &metrics {
+        start_metrics(m.listen, served.clone()).await;
     }
     tracing::info!("ready: {} of {total} disks served", running.len());
 
@@ -131,9 +175,17 @@ async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
                 tracing::info!("SIGINT: draining");
                 break;
             }
-            _ = hup.recv() => reload(&path, &registry, &mut running).await,
+            _ = hup.recv() => {
+                if let Some(new) = reload(&path, &registry, &mut running).await {
+                    if new.metrics != metrics {
+                        tracing::warn!("SIGHUP: a change of `metrics` takes effect on restart");
+                    }
+                }
+                publish(&running, &served);
+            }
         }
     }
+    lock(&served).clear();
 
     if stop_all(running.into_values().map(|r| r.server).collect()).await {
         ExitCode::SUCCESS
@@ -145,9 +197,13 @@ async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
 /// Brings the served disks in line with the config file: disks whose entry is unchanged are
 /// not touched; removed disks drain and stop; added disks start; a changed disk is opened
 /// anew first and replaces the running one only if that worked. A config that does not parse
-/// changes nothing.
-async fn reload(path: &Path, registry: &Registry, running: &mut BTreeMap<String, Running>) {
-    let config = match Config::from_file(path, registry) {
+/// changes nothing. Returns the rest of the new config.
+async fn reload(
+    path: &Path,
+    registry: &Registry,
+    running: &mut BTreeMap<String, Running>,
+) -> Option<Config> {
+    let mut config = match Config::from_file(path, registry) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(
@@ -155,11 +211,10 @@ async fn reload(path: &Path, registry: &Registry, running: &mut BTreeMap<String,
                 path.display(),
                 running.len()
             );
-            return;
+            return None;
         }
     };
-    let mut wanted: BTreeMap<String, DiskConfig> = config
-        .disks
+    let mut wanted: BTreeMap<String, DiskConfig> = std::mem::take(&mut config.disks)
         .into_iter()
         .map(|d| (d.name.clone(), d))
         .collect();
@@ -224,6 +279,7 @@ async fn reload(path: &Path, registry: &Registry, running: &mut BTreeMap<String,
         removed.len(),
         running.len()
     );
+    Some(config)
 }
 
 /// Stops the disks concurrently; true when none of them lost anything.

@@ -15,6 +15,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use twinpath_core::stats::Op;
 use twinpath_core::{ErrorKind, GuestBuffers};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -319,6 +320,12 @@ impl BlkDevice {
         let used_len = req.used_len();
         Box::pin(async move {
             let disk = guard.disk();
+            let timer = disk.io.begin();
+            let op = match req.kind {
+                RequestKind::Read { .. } => Op::Read,
+                RequestKind::Write { .. } => Op::Write,
+                _ => Op::Other,
+            };
             let backend = disk.backend();
             let (what, result) = match req.kind {
                 RequestKind::Read { offset } => (
@@ -349,6 +356,7 @@ impl BlkDevice {
                         .map_err(|e| (offset, e)),
                 ),
             };
+            timer.end(op, req.data_len as u64, result.is_ok());
             let code = match result {
                 Ok(()) => STATUS_OK,
                 Err((offset, e)) => {

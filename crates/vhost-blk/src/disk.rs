@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use twinpath_core::stats::{IoSnapshot, IoStats};
 use twinpath_core::{BlockBackend, CacheMode, DiskInfo};
 
 use crate::request::{Limits, ID_LEN, SECTOR_SIZE};
@@ -32,6 +33,8 @@ pub struct Disk {
     pub(crate) draining: AtomicBool,
     rejected: AtomicU64,
     failed: AtomicU64,
+    /// What the guests asked of this disk, across connections.
+    pub(crate) io: IoStats,
 }
 
 impl Disk {
@@ -54,6 +57,7 @@ impl Disk {
             draining: AtomicBool::new(false),
             rejected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            io: IoStats::default(),
         }
     }
 
@@ -115,6 +119,11 @@ impl Disk {
         } else {
             tracing::debug!(disk = %self.name(), "{what} failed: {err}");
         }
+    }
+
+    /// The guest-facing counters: every accepted request, from acceptance to completion.
+    pub fn io_stats(&self) -> IoSnapshot {
+        self.io.snapshot()
     }
 
     pub fn rejected_count(&self) -> u64 {

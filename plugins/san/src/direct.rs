@@ -22,13 +22,14 @@ use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use tokio::sync::mpsc;
+use twinpath_core::stats::{Op, PathStats};
 use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
 use twinpath_filemap::{Grant, Guard, Piece};
 use twinpath_mapproto::{MapClient, Reply, Request};
 use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
 
 use crate::link::{Event, Member};
-use crate::throttle::Throttle;
+use crate::throttle::{Admission, Throttle};
 use crate::volume::Volume;
 
 /// Maps are asked for in windows of the image this large (the map server's default
@@ -131,15 +132,8 @@ pub struct Direct {
     /// Direct writes since the last device flush.
     device_dirty: AtomicBool,
     throttle: Option<Arc<Throttle>>,
-    stats: Stats,
-}
-
-/// What the direct path did, summed up in the log when the disk closes (metrics come later).
-#[derive(Default)]
-struct Stats {
-    requests: AtomicU64,
-    bytes: AtomicU64,
-    throttled: AtomicU64,
+    /// The direct path's counters; they outlive this `Direct` (the disk's metrics keep them).
+    stats: Arc<PathStats>,
 }
 
 impl Drop for Direct {
@@ -152,12 +146,12 @@ impl Drop for Direct {
                 }
             }
         }
-        let s = &self.stats;
+        let s = self.stats.snapshot();
         tracing::info!(
             image = %self.describe(),
-            requests = s.requests.load(Ordering::Relaxed),
-            bytes = s.bytes.load(Ordering::Relaxed),
-            throttled_to_network = s.throttled.load(Ordering::Relaxed),
+            requests = s.io.requests(),
+            bytes = s.io.read_bytes + s.io.written_bytes,
+            throttled = s.throttled,
             "direct path totals"
         );
     }
@@ -172,6 +166,7 @@ impl Direct {
         path: String,
         lun: LunDevice,
         throttle: Option<Arc<Throttle>>,
+        stats: Arc<PathStats>,
     ) -> Arc<Direct> {
         let d = Arc::new(Direct {
             member,
@@ -186,7 +181,7 @@ impl Direct {
             fetching: tokio::sync::Mutex::new(()),
             device_dirty: AtomicBool::new(false),
             throttle,
-            stats: Stats::default(),
+            stats,
         });
         d.watch(events);
         d
@@ -221,6 +216,7 @@ impl Direct {
                     }
                 };
                 tracing::info!(image = %d.describe(), lease = r.lease, "recalled: {}", r.reason);
+                d.stats.recalls.fetch_add(1, Ordering::Relaxed);
                 let found = {
                     let mut windows = lock(&d.windows);
                     let hit = windows.iter().find_map(|(&w, s)| match s {
@@ -432,8 +428,11 @@ impl Direct {
             return Ok(Outcome::Network);
         };
         if let Some(t) = &self.throttle {
-            if !t.admit(len).await {
+            let admission = t.admit(len).await;
+            if admission != Admission::Now {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            }
+            if admission == Admission::Network {
                 return Ok(Outcome::Network);
             }
         }
@@ -490,14 +489,20 @@ impl Direct {
             counted,
         } = ready;
         let win = &counted.0;
+        let timer = self.stats.io.begin();
+        let op = if write { Op::Write } else { Op::Read };
         let mut at = 0usize;
         let mut ops = Vec::with_capacity(pieces.len());
         for p in pieces {
             match p {
                 Piece::Device { physical, len } => {
-                    win.guard.check(physical, len, write).map_err(|e| {
-                        Error::new(ErrorKind::Io, format!("{}: {e}", self.describe()))
-                    })?;
+                    if let Err(e) = win.guard.check(physical, len, write) {
+                        timer.end(op, 0, false);
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("{}: {e}", self.describe()),
+                        ));
+                    }
                     ops.push((physical, bufs.slice(at, len as usize)));
                     at += len as usize;
                 }
@@ -541,12 +546,9 @@ impl Direct {
             1 => one(ops.pop().expect("one piece")).await,
             _ => try_join_all(ops.into_iter().map(one)).await.map(|_| ()),
         };
+        timer.end(op, len, done.is_ok());
         match done {
-            Ok(()) => {
-                self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                self.stats.bytes.fetch_add(len, Ordering::Relaxed);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.go_down(&format!("device I/O at file offset {offset}: {e}"));
                 Err(e)

@@ -32,11 +32,13 @@ mod throttle;
 mod volume;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
+use twinpath_core::stats::PathStats;
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, DiskContext, DiskInfo, GuestBuffers, OptionError,
     Plugin, Result,
@@ -232,7 +234,7 @@ impl Plugin for SanPlugin {
 impl DirectSetup {
     /// Joins this host's connection to the map server, finds the LUN and opens it for
     /// direct I/O.
-    async fn open(&self) -> std::result::Result<Arc<Direct>, String> {
+    async fn open(&self, stats: Arc<PathStats>) -> std::result::Result<Arc<Direct>, String> {
         let key = Key::from_file(&self.map_key_file)?;
         let link = MapLink::shared(&self.map_server, key, &self.host_name);
         let member = link.join();
@@ -269,6 +271,7 @@ impl DirectSetup {
             },
             self.throttle
                 .map(|t| throttle::Throttle::shared(&self.map_server, t)),
+            stats,
         ))
     }
 }
@@ -287,7 +290,8 @@ impl BackendSpec for SanSpec {
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         let network = self.network.open().await?;
         let direct = Arc::new(OnceLock::new());
-        match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open()).await {
+        let stats = Arc::<PathStats>::default();
+        match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(stats.clone())).await {
             Ok(Ok(d)) => {
                 let _ = direct.set(d);
             }
@@ -300,25 +304,36 @@ impl BackendSpec for SanSpec {
                     image = self.setup.path,
                     "direct path unavailable, serving over SMB (trying again every {SETUP_RETRY:?}): {why}"
                 );
-                retry_later(self.setup.clone(), Arc::downgrade(&direct), why);
+                retry_later(
+                    self.setup.clone(),
+                    Arc::downgrade(&direct),
+                    stats.clone(),
+                    why,
+                );
             }
         }
         Ok(Arc::new(SanBackend {
             network,
             direct,
             runtime: tokio::runtime::Handle::current(),
+            stats,
         }))
     }
 }
 
 /// Tries to bring the direct path up until it comes up or the disk goes away; a reason seen
 /// before is not logged again.
-fn retry_later(setup: Arc<DirectSetup>, slot: Weak<OnceLock<Arc<Direct>>>, mut last: String) {
+fn retry_later(
+    setup: Arc<DirectSetup>,
+    slot: Weak<OnceLock<Arc<Direct>>>,
+    stats: Arc<PathStats>,
+    mut last: String,
+) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(SETUP_RETRY).await;
             let Some(slot) = slot.upgrade() else { return };
-            match tokio::time::timeout(SETUP_TIMEOUT, setup.open()).await {
+            match tokio::time::timeout(SETUP_TIMEOUT, setup.open(stats.clone())).await {
                 Ok(Ok(d)) => {
                     let _ = slot.set(d);
                     return;
@@ -345,6 +360,8 @@ struct SanBackend {
     /// Set once the direct path is up (at open, or later by [`retry_later`]).
     direct: Arc<OnceLock<Arc<Direct>>>,
     runtime: tokio::runtime::Handle,
+    /// The direct path's counters, kept here so they exist before the direct path is up.
+    stats: Arc<PathStats>,
 }
 
 impl SanBackend {
@@ -371,6 +388,7 @@ impl SanBackend {
         }
         let network = self.network.clone();
         let direct = self.direct();
+        let stats = self.stats.clone();
         self.run(if write { "write" } else { "read" }, async move {
             if let Some(d) = &direct {
                 match d.io(offset, &bufs, write).await {
@@ -380,6 +398,7 @@ impl SanBackend {
                 }
                 d.before_network(offset, bufs.len() as u64, write).await;
             }
+            stats.fallbacks.fetch_add(1, Ordering::Relaxed);
             if write {
                 network.write(offset, bufs).await
             } else {
@@ -433,6 +452,15 @@ impl BlockBackend for SanBackend {
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.metadata(offset, len).await;
         self.network.write_zeroes(offset, len, unmap).await
+    }
+
+    /// The network path's counters come from the network backend; fallbacks count the data
+    /// requests it served for this disk (the direct path was down, had no grant, was
+    /// throttled, or failed).
+    fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
+        let mut paths = self.network.paths();
+        paths.push(("direct", self.stats.clone()));
+        paths
     }
 }
 

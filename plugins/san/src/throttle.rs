@@ -112,9 +112,9 @@ impl Throttle {
         t
     }
 
-    /// Admits a request of `bytes`: `true` to go direct (after waiting, with `delay`),
-    /// `false` to go over the network (`network`, when over the limit).
-    pub async fn admit(&self, bytes: u64) -> bool {
+    /// Admits a request of `bytes` to the direct path: at once, after waiting (`delay`, when
+    /// over the limit), or not at all (`network`, when over the limit).
+    pub async fn admit(&self, bytes: u64) -> Admission {
         let wait = {
             let mut guard = lock(&self.state);
             let s = &mut *guard;
@@ -132,7 +132,7 @@ impl Throttle {
                 }
             }
             if !wait.is_zero() && self.config.on_exceed == OnExceed::Network {
-                return false;
+                return Admission::Network;
             }
             // Taken now, paid for by waiting: later requests queue behind this one.
             for (b, n) in buckets {
@@ -140,11 +140,21 @@ impl Throttle {
             }
             wait
         };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        if wait.is_zero() {
+            return Admission::Now;
         }
-        true
+        tokio::time::sleep(wait).await;
+        Admission::Delayed
     }
+}
+
+/// What the throttle made of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Now,
+    Delayed,
+    /// Over the limit with `on_exceed: network`.
+    Network,
 }
 
 #[cfg(test)]
@@ -164,7 +174,7 @@ mod tests {
         let t = Throttle::new(config(OnExceed::Delay));
         let start = tokio::time::Instant::now();
         for _ in 0..400 {
-            assert!(t.admit(1 << 20).await);
+            assert_ne!(t.admit(1 << 20).await, Admission::Network);
         }
         // 400 MiB at 100 MiB/s, less the initial burst of 5 MiB.
         let took = start.elapsed().as_secs_f64();
@@ -176,7 +186,7 @@ mod tests {
         let t = Throttle::new(config(OnExceed::Network));
         let mut direct = 0;
         for _ in 0..100 {
-            direct += usize::from(t.admit(1 << 20).await);
+            direct += usize::from(t.admit(1 << 20).await != Admission::Network);
         }
         // Only the burst passes when no time goes by.
         assert_eq!(direct, 5);

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
+use twinpath_core::stats::{Op, PathStats};
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, ByteSize, DiskContext, DiskInfo, Error, ErrorKind,
     GuestBuffers, OptionError, Plugin, Result,
@@ -201,6 +202,7 @@ impl BackendSpec for SmbSpec {
             shared,
             info,
             runtime: tokio::runtime::Handle::current(),
+            stats: Arc::default(),
         }))
     }
 }
@@ -250,17 +252,27 @@ struct SmbBackend {
     shared: Arc<Shared>,
     info: DiskInfo,
     runtime: tokio::runtime::Handle,
+    stats: Arc<PathStats>,
 }
 
 impl SmbBackend {
-    async fn spawn<F>(&self, what: &'static str, task: impl FnOnce(Arc<Shared>) -> F) -> Result<()>
+    /// Runs one request of kind `op` moving `bytes` (for the counters) on the runtime.
+    async fn spawn<F>(
+        &self,
+        what: &'static str,
+        (op, bytes): (Op, u64),
+        task: impl FnOnce(Arc<Shared>) -> F,
+    ) -> Result<()>
     where
         F: std::future::Future<Output = Result<()>> + Send + 'static,
     {
         let target = &self.shared.target;
-        twinpath_core::run_on(&self.runtime, what, task(self.shared.clone()))
+        let timer = self.stats.io.begin();
+        let result = twinpath_core::run_on(&self.runtime, what, task(self.shared.clone()))
             .await
-            .map_err(|e| e.within(target))
+            .map_err(|e| e.within(target));
+        timer.end(op, bytes, result.is_ok());
+        result
     }
 }
 
@@ -271,21 +283,23 @@ impl BlockBackend for SmbBackend {
     }
 
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.spawn("read", |s| async move {
+        let len = bufs.len() as u64;
+        self.spawn("read", (Op::Read, len), |s| async move {
             s.pipeline.read(&s.file, offset, &bufs).await
         })
         .await
     }
 
     async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.spawn("write", |s| async move {
+        let len = bufs.len() as u64;
+        self.spawn("write", (Op::Write, len), |s| async move {
             s.pipeline.write(&s.file, offset, &bufs).await
         })
         .await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.spawn("flush", |s| async move {
+        self.spawn("flush", (Op::Other, 0), |s| async move {
             s.within_timeout("flush", s.file.flush()).await
         })
         .await
@@ -296,8 +310,14 @@ impl BlockBackend for SmbBackend {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
-        self.spawn("write-zeroes", |s| async move { s.zero(offset, len).await })
-            .await
+        self.spawn("write-zeroes", (Op::Other, 0), |s| async move {
+            s.zero(offset, len).await
+        })
+        .await
+    }
+
+    fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
+        vec![("network", self.stats.clone())]
     }
 }
 

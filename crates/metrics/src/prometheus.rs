@@ -1,0 +1,234 @@
+//! Prometheus text (OpenMetrics) for the samples, through prometheus-client's collector API:
+//! the counters are read at scrape time, not registered one by one.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use twinpath_core::stats::{bucket_bound_us, IoSnapshot, LATENCY_BUCKETS};
+
+use crate::{DiskSample, Source};
+
+/// The samples `source` gives now, as OpenMetrics text.
+pub fn render(source: &Source) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Samples(source.clone())));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+struct Samples(Source);
+
+impl std::fmt::Debug for Samples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("twinpath disk samples")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Picks one event counter out of a path's sample.
+type EventOf = fn(&crate::PathSample) -> u64;
+
+/// One I/O scope: a disk as its guests see it, or one of its backend's paths.
+struct Scope<'a> {
+    labels: Labels,
+    io: &'a IoSnapshot,
+}
+
+impl Collector for Samples {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let disks: Vec<DiskSample> = (self.0)();
+        let guest: Vec<Scope> = disks
+            .iter()
+            .map(|d| Scope {
+                labels: vec![("disk", d.disk.clone())],
+                io: &d.io,
+            })
+            .collect();
+        let paths: Vec<(Scope, &crate::PathSample)> = disks
+            .iter()
+            .flat_map(|d| {
+                d.paths.iter().map(|p| {
+                    let scope = Scope {
+                        labels: vec![("disk", d.disk.clone()), ("path", p.path.clone())],
+                        io: &p.stats.io,
+                    };
+                    (scope, p)
+                })
+            })
+            .collect();
+        let guest: Vec<&Scope> = guest.iter().collect();
+        encode_io(
+            &mut encoder,
+            "twinpath_disk",
+            "requests from guests",
+            &guest,
+        )?;
+        let path_scopes: Vec<&Scope> = paths.iter().map(|(s, _)| s).collect();
+        encode_io(
+            &mut encoder,
+            "twinpath_path",
+            "requests on a backend path (network: SMB, direct: the LUN)",
+            &path_scopes,
+        )?;
+        let events: [(&str, &str, EventOf); 3] = [
+            (
+                "twinpath_path_fallbacks",
+                "data requests the direct path handed to the network path",
+                |p| p.stats.fallbacks,
+            ),
+            (
+                "twinpath_path_recalls",
+                "leases the map server recalled",
+                |p| p.stats.recalls,
+            ),
+            (
+                "twinpath_path_throttled",
+                "requests the direct-path throttle delayed or sent over the network",
+                |p| p.stats.throttled,
+            ),
+        ];
+        for (name, help, value) in events {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (scope, p) in &paths {
+                family
+                    .encode_family(&scope.labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value(p), None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The I/O families of `prefix` for every scope: requests and bytes by op, errors, in flight,
+/// latency.
+fn encode_io(
+    encoder: &mut DescriptorEncoder,
+    prefix: &str,
+    what: &str,
+    scopes: &[&Scope],
+) -> Result<(), std::fmt::Error> {
+    let with_op = |labels: &Labels, op: &str| {
+        let mut l = labels.clone();
+        l.push(("op", op.to_owned()));
+        l
+    };
+    let name = format!("{prefix}_requests");
+    let help = format!("{what}, completed, by operation");
+    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Counter)?;
+    for s in scopes {
+        for (op, n) in [
+            ("read", s.io.reads),
+            ("write", s.io.writes),
+            ("other", s.io.others),
+        ] {
+            family
+                .encode_family(&with_op(&s.labels, op))?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+    }
+    let name = format!("{prefix}_bytes");
+    let help = format!("bytes of {what}, read and written successfully");
+    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Counter)?;
+    for s in scopes {
+        for (op, n) in [("read", s.io.read_bytes), ("write", s.io.written_bytes)] {
+            family
+                .encode_family(&with_op(&s.labels, op))?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+    }
+    let name = format!("{prefix}_errors");
+    let help = format!("{what} that failed");
+    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Counter)?;
+    for s in scopes {
+        family
+            .encode_family(&s.labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&s.io.errors, None)?;
+    }
+    let name = format!("{prefix}_in_flight");
+    let help = format!("{what} in flight now");
+    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Gauge)?;
+    for s in scopes {
+        family
+            .encode_family(&s.labels)?
+            .encode_gauge(&s.io.in_flight)?;
+    }
+    let name = format!("{prefix}_latency_seconds");
+    let help = format!("time {what} took, from start to completion");
+    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Histogram)?;
+    for s in scopes {
+        let buckets: Vec<(f64, u64)> =
+            s.io.latency
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let bound = if i < LATENCY_BUCKETS {
+                        bucket_bound_us(i) as f64 / 1e6
+                    } else {
+                        f64::INFINITY
+                    };
+                    (bound, n)
+                })
+                .collect();
+        family
+            .encode_family(&s.labels)?
+            .encode_histogram::<NoLabelSet>(
+                s.io.latency_sum_us as f64 / 1e6,
+                s.io.latency.iter().sum(),
+                &buckets,
+                None,
+            )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PathSample;
+    use std::sync::Arc;
+    use twinpath_core::stats::{IoStats, Op, PathStats};
+
+    #[test]
+    fn renders_disks_and_paths_with_their_labels() {
+        let guest = IoStats::default();
+        guest.begin().end(Op::Read, 4096, true);
+        guest.begin().end(Op::Write, 512, false);
+        let direct = PathStats::default();
+        direct.io.begin().end(Op::Read, 4096, true);
+        direct
+            .recalls
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        let (g, d) = (guest.snapshot(), direct.snapshot());
+        let source: Source = Arc::new(move || {
+            vec![DiskSample {
+                disk: "vm1".into(),
+                io: g.clone(),
+                paths: vec![PathSample {
+                    path: "direct".into(),
+                    stats: d.clone(),
+                }],
+            }]
+        });
+        let text = render(&source);
+        for line in [
+            "twinpath_disk_requests_total{disk=\"vm1\",op=\"read\"} 1",
+            "twinpath_disk_requests_total{disk=\"vm1\",op=\"write\"} 1",
+            "twinpath_disk_bytes_total{disk=\"vm1\",op=\"read\"} 4096",
+            "twinpath_disk_bytes_total{disk=\"vm1\",op=\"write\"} 0",
+            "twinpath_disk_errors_total{disk=\"vm1\"} 1",
+            "twinpath_disk_in_flight{disk=\"vm1\"} 0",
+            "twinpath_disk_latency_seconds_count{disk=\"vm1\"} 2",
+            "twinpath_disk_latency_seconds_bucket{le=\"+Inf\",disk=\"vm1\"} 2",
+            "twinpath_path_requests_total{disk=\"vm1\",path=\"direct\",op=\"read\"} 1",
+            "twinpath_path_recalls_total{disk=\"vm1\",path=\"direct\"} 2",
+            "# TYPE twinpath_path_latency_seconds histogram",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
+}

@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,6 +117,17 @@ pub struct JobResult {
 }
 
 impl JobResult {
+    fn failed(job: &str, why: String) -> JobResult {
+        JobResult {
+            job: job.to_owned(),
+            iops: 0.0,
+            mbps: 0.0,
+            p99_us: 0.0,
+            error: Some(why),
+            json: Value::Null,
+        }
+    }
+
     /// 4 KiB jobs are judged by IOPS, the others by bandwidth.
     pub fn is_iops(&self) -> bool {
         self.job.contains("4k")
@@ -147,9 +159,11 @@ impl Guest {
         })
     }
 
-    /// Boots a guest on `target`, runs `jobs` in it and returns their results in order.
-    /// `work` keeps the console log, the job files and fio's JSON per job. `progress` gets
-    /// each job's name as the guest starts it.
+    /// Boots a guest on `target`, runs `jobs` in it and returns their results in order; a
+    /// job the guest did not finish is a failed result saying why. `work` keeps the console
+    /// log, the job files and fio's JSON per job. `progress` gets each job's name as the
+    /// guest starts it. A job that overruns its time (twice its length plus a minute) stops
+    /// the guest: a disk that stops answering must not hang the whole run.
     pub fn run(
         &self,
         target: &Target,
@@ -161,18 +175,23 @@ impl Guest {
         let boot_dir = work.join("guest");
         self.initrd_with_jobs(jobs, &boot_dir)?;
         let log = work.join("console.log");
-        let budget: u64 = jobs.iter().map(|j| j.seconds.unwrap_or(300) + 30).sum();
+        let budget: u64 = jobs.iter().map(|j| job_limit(j).as_secs()).sum();
         let mut child = Command::new(&self.run_script)
             .arg(&target.socket)
             .arg(&boot_dir)
             .arg(&log)
             .args(["twinpath.suite=1", "loglevel=1"])
-            .env("TWINPATH_GUEST_TIMEOUT", (budget + 120).to_string())
+            .env(
+                "TWINPATH_GUEST_TIMEOUT",
+                (budget + BOOT_LIMIT.as_secs()).to_string(),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            // Its own group, so that stopping it stops the QEMU it started too.
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("{}: {e}", self.run_script.display()))?;
-        let mut started = 0;
+        let (mut started, mut since, mut stopped) = (0, Instant::now(), None);
         let status = loop {
             let console = std::fs::read_to_string(&log).unwrap_or_default();
             for line in console
@@ -182,32 +201,55 @@ impl Guest {
                 if started < jobs.len() && line.trim() == file_name(started, &jobs[started]) {
                     progress(&jobs[started].name);
                     started += 1;
+                    since = Instant::now();
                 }
             }
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break status;
+                break Some(status);
+            }
+            let limit = match started {
+                0 => BOOT_LIMIT,
+                n => job_limit(&jobs[n - 1]),
+            };
+            if since.elapsed() > limit {
+                crate::signal_group(child.id(), libc::SIGKILL);
+                let _ = child.wait();
+                stopped = Some(limit);
+                break None;
             }
             std::thread::sleep(Duration::from_millis(250));
         };
         let console = std::fs::read_to_string(&log).unwrap_or_default();
-        if !status.success() {
-            let tail: Vec<&str> = console.lines().rev().take(15).collect();
-            return Err(format!(
-                "guest on {} failed; console ({}) ends:\n{}",
+        if status.is_some_and(|s| !s.success()) || stopped.is_some() {
+            let tail: Vec<&str> = console.lines().rev().take(8).collect();
+            eprintln!(
+                "guest-fio: the guest on {} failed; its console ({}) ends:\n{}",
                 target.socket.display(),
                 log.display(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ));
+            );
         }
-        jobs.iter()
-            .enumerate()
-            .map(|(i, job)| {
-                let r = parse_job(&console, &file_name(i, job), &job.name)?;
-                std::fs::write(work.join(format!("{}.json", job.name)), r.json.to_string())
-                    .map_err(|e| e.to_string())?;
-                Ok(r)
-            })
-            .collect()
+        let results = jobs.iter().enumerate().map(|(i, job)| {
+            let why = match stopped {
+                Some(limit) if i + 1 == started => {
+                    format!(
+                        "no result after {} s; the guest was stopped",
+                        limit.as_secs()
+                    )
+                }
+                _ if i >= started => "not run: the guest ended before it".to_owned(),
+                _ => String::new(),
+            };
+            if !why.is_empty() {
+                return Ok(JobResult::failed(&job.name, why));
+            }
+            let r = parse_job(&console, &file_name(i, job), &job.name)
+                .unwrap_or_else(|e| JobResult::failed(&job.name, e));
+            std::fs::write(work.join(format!("{}.json", job.name)), r.json.to_string())
+                .map_err(|e| e.to_string())?;
+            Ok(r)
+        });
+        results.collect()
     }
 
     /// A boot directory whose initrd is the guest's with the job files appended (the kernel
@@ -247,6 +289,15 @@ impl Guest {
         }
         Ok(())
     }
+}
+
+/// The longest the guest may take to boot and start the first job.
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+
+/// The longest a job may take before the guest is stopped: a job that covers its size
+/// (verify) gets ten minutes.
+fn job_limit(job: &Job) -> Duration {
+    Duration::from_secs(job.seconds.map_or(600, |s| 2 * s + 60))
 }
 
 /// The job's file name in the guest: numbered, so the guest runs the jobs in their order.

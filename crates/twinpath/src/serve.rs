@@ -139,6 +139,18 @@ async fn start_metrics(listen: SocketAddr, served: Served) {
 }
 
 async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
+    // Before anything starts: SIGHUP's default action would end the daemon.
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
     let total = config.disks.len();
     let metrics = config.metrics;
     let mut running = BTreeMap::new();
@@ -154,17 +166,6 @@ async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
     }
     tracing::info!("ready: {} of {total} disks served", running.len());
 
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            tracing::error!("cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
     loop {
         tokio::select! {
             _ = term.recv() => {

@@ -113,6 +113,8 @@ pub struct JobResult {
     pub p99_us: f64,
     /// fio's complaint when the job failed.
     pub error: Option<String>,
+    /// The guest stopped answering during this job and was stopped.
+    pub stalled: bool,
     pub json: Value,
 }
 
@@ -124,6 +126,7 @@ impl JobResult {
             mbps: 0.0,
             p99_us: 0.0,
             error: Some(why),
+            stalled: false,
             json: Value::Null,
         }
     }
@@ -175,6 +178,8 @@ impl Guest {
         let boot_dir = work.join("guest");
         self.initrd_with_jobs(jobs, &boot_dir)?;
         let log = work.join("console.log");
+        // A console left from an earlier run would pass for this one's progress.
+        let _ = std::fs::remove_file(&log);
         let budget: u64 = jobs.iter().map(|j| job_limit(j).as_secs()).sum();
         let mut child = Command::new(&self.run_script)
             .arg(&target.socket)
@@ -230,18 +235,22 @@ impl Guest {
             );
         }
         let results = jobs.iter().enumerate().map(|(i, job)| {
-            let why = match stopped {
+            match stopped {
                 Some(limit) if i + 1 == started => {
-                    format!(
+                    let why = format!(
                         "no result after {} s; the guest was stopped",
                         limit.as_secs()
-                    )
+                    );
+                    return Ok(JobResult {
+                        stalled: true,
+                        ..JobResult::failed(&job.name, why)
+                    });
                 }
-                _ if i >= started => "not run: the guest ended before it".to_owned(),
-                _ => String::new(),
-            };
-            if !why.is_empty() {
-                return Ok(JobResult::failed(&job.name, why));
+                _ if i >= started => {
+                    let why = "not run: the guest ended before it".to_owned();
+                    return Ok(JobResult::failed(&job.name, why));
+                }
+                _ => {}
             }
             let r = parse_job(&console, &file_name(i, job), &job.name)
                 .unwrap_or_else(|e| JobResult::failed(&job.name, e));
@@ -250,6 +259,32 @@ impl Guest {
             Ok(r)
         });
         results.collect()
+    }
+
+    /// [`Guest::run`], giving a guest that stalls one more chance: the job it stalled in and
+    /// the ones after it run again in a fresh guest (under TCG a guest on a vhost-user-blk
+    /// disk very occasionally stops seeing completions, with qemu-storage-daemon as with
+    /// twinpath). Also returns the job that stalled, if one did.
+    pub fn run_retrying(
+        &self,
+        target: &Target,
+        jobs: &[Job],
+        work: &Path,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(Vec<JobResult>, Option<String>), String> {
+        let mut results = self.run(target, jobs, work, progress)?;
+        let Some(at) = results.iter().position(|r| r.stalled) else {
+            return Ok((results, None));
+        };
+        let stalled = jobs[at].name.clone();
+        eprintln!(
+            "guest-fio: {}: the guest stalled in {stalled}; running it and the jobs after it again in a fresh guest",
+            target.label
+        );
+        let again = self.run(target, &jobs[at..], &work.join("retry"), progress)?;
+        results.truncate(at);
+        results.extend(again);
+        Ok((results, Some(stalled)))
     }
 
     /// A boot directory whose initrd is the guest's with the job files appended (the kernel
@@ -295,9 +330,9 @@ impl Guest {
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
 /// The longest a job may take before the guest is stopped: a job that covers its size
-/// (verify) gets ten minutes.
+/// (verify) gets five minutes.
 fn job_limit(job: &Job) -> Duration {
-    Duration::from_secs(job.seconds.map_or(600, |s| 2 * s + 60))
+    Duration::from_secs(job.seconds.map_or(300, |s| 2 * s + 60))
 }
 
 /// The job's file name in the guest: numbered, so the guest runs the jobs in their order.
@@ -351,6 +386,7 @@ fn summarize(name: &str, json: Value, error: Option<String>) -> JobResult {
         mbps: sum("bw_bytes") / 1e6,
         p99_us: p99_ns / 1e3,
         error,
+        stalled: false,
         json,
     }
 }
@@ -584,6 +620,7 @@ mod tests {
             mbps: v / 10.0,
             p99_us: 250.0,
             error: error.map(str::to_owned),
+            stalled: false,
             json: Value::Null,
         }
     }

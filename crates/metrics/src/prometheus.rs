@@ -5,7 +5,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use twinpath_core::stats::{bucket_bound_us, IoSnapshot, LATENCY_BUCKETS};
+use twinpath_core::stats::{bucket_bound_us, IoSnapshot, PathSnapshot, LATENCY_BUCKETS};
 
 use crate::{DiskSample, Source};
 
@@ -29,8 +29,8 @@ impl std::fmt::Debug for Samples {
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Picks one event counter out of a path's sample.
-type EventOf = fn(&crate::PathSample) -> u64;
+/// Picks one event counter out of a path's counters.
+type EventOf = fn(&PathSnapshot) -> u64;
 
 /// One I/O scope: a disk as its guests see it, or one of its backend's paths.
 struct Scope<'a> {
@@ -48,26 +48,28 @@ impl Collector for Samples {
                 io: &d.io,
             })
             .collect();
-        let paths: Vec<(Scope, &crate::PathSample)> = disks
+        let paths: Vec<(Labels, &PathSnapshot)> = disks
             .iter()
             .flat_map(|d| {
                 d.paths.iter().map(|p| {
-                    let scope = Scope {
-                        labels: vec![("disk", d.disk.clone()), ("path", p.path.clone())],
-                        io: &p.stats.io,
-                    };
-                    (scope, p)
+                    let labels = vec![("disk", d.disk.clone()), ("path", p.path.clone())];
+                    (labels, &p.stats)
                 })
             })
             .collect();
-        let guest: Vec<&Scope> = guest.iter().collect();
+        let path_scopes: Vec<Scope> = paths
+            .iter()
+            .map(|(labels, p)| Scope {
+                labels: labels.clone(),
+                io: &p.io,
+            })
+            .collect();
         encode_io(
             &mut encoder,
             "twinpath_disk",
             "requests from guests",
             &guest,
         )?;
-        let path_scopes: Vec<&Scope> = paths.iter().map(|(s, _)| s).collect();
         encode_io(
             &mut encoder,
             "twinpath_path",
@@ -78,29 +80,51 @@ impl Collector for Samples {
             (
                 "twinpath_path_fallbacks",
                 "data requests the direct path handed to the network path",
-                |p| p.stats.fallbacks,
+                |p| p.fallbacks,
             ),
             (
                 "twinpath_path_recalls",
                 "leases the map server recalled",
-                |p| p.stats.recalls,
+                |p| p.recalls,
             ),
             (
                 "twinpath_path_throttled",
                 "requests the direct-path throttle delayed or sent over the network",
-                |p| p.stats.throttled,
+                |p| p.throttled,
             ),
         ];
         for (name, help, value) in events {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (scope, p) in &paths {
-                family
-                    .encode_family(&scope.labels)?
-                    .encode_counter::<NoLabelSet, _, u64>(&value(p), None)?;
-            }
+            let rows = paths.iter().map(|(l, p)| (l.clone(), value(p)));
+            family(&mut encoder, name, help, MetricType::Counter, rows)?;
         }
         Ok(())
     }
+}
+
+/// A counter or gauge family: one sample per label set.
+fn family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl Iterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        let mut metric = family.encode_family(&labels)?;
+        match kind {
+            MetricType::Gauge => metric.encode_gauge(&value)?,
+            _ => metric.encode_counter::<NoLabelSet, _, u64>(&value, None)?,
+        }
+    }
+    Ok(())
+}
+
+/// `labels` with one more: the operation.
+fn with_op(labels: &Labels, op: &str) -> Labels {
+    let mut l = labels.clone();
+    l.push(("op", op.to_owned()));
+    l
 }
 
 /// The I/O families of `prefix` for every scope: requests and bytes by op, errors, in flight,
@@ -109,53 +133,48 @@ fn encode_io(
     encoder: &mut DescriptorEncoder,
     prefix: &str,
     what: &str,
-    scopes: &[&Scope],
+    scopes: &[Scope],
 ) -> Result<(), std::fmt::Error> {
-    let with_op = |labels: &Labels, op: &str| {
-        let mut l = labels.clone();
-        l.push(("op", op.to_owned()));
-        l
-    };
-    let name = format!("{prefix}_requests");
-    let help = format!("{what}, completed, by operation");
-    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Counter)?;
-    for s in scopes {
-        for (op, n) in [
+    let requests = scopes.iter().flat_map(|s| {
+        [
             ("read", s.io.reads),
             ("write", s.io.writes),
             ("other", s.io.others),
-        ] {
-            family
-                .encode_family(&with_op(&s.labels, op))?
-                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
-        }
-    }
-    let name = format!("{prefix}_bytes");
-    let help = format!("bytes of {what}, read and written successfully");
-    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Counter)?;
-    for s in scopes {
-        for (op, n) in [("read", s.io.read_bytes), ("write", s.io.written_bytes)] {
-            family
-                .encode_family(&with_op(&s.labels, op))?
-                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
-        }
-    }
-    let name = format!("{prefix}_errors");
-    let help = format!("{what} that failed");
-    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Counter)?;
-    for s in scopes {
-        family
-            .encode_family(&s.labels)?
-            .encode_counter::<NoLabelSet, _, u64>(&s.io.errors, None)?;
-    }
-    let name = format!("{prefix}_in_flight");
-    let help = format!("{what} in flight now");
-    let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Gauge)?;
-    for s in scopes {
-        family
-            .encode_family(&s.labels)?
-            .encode_gauge(&s.io.in_flight)?;
-    }
+        ]
+        .map(|(op, n)| (with_op(&s.labels, op), n))
+    });
+    family(
+        encoder,
+        &format!("{prefix}_requests"),
+        &format!("{what}, completed, by operation"),
+        MetricType::Counter,
+        requests,
+    )?;
+    let bytes = scopes.iter().flat_map(|s| {
+        [("read", s.io.read_bytes), ("write", s.io.written_bytes)]
+            .map(|(op, n)| (with_op(&s.labels, op), n))
+    });
+    family(
+        encoder,
+        &format!("{prefix}_bytes"),
+        &format!("bytes of {what}, read and written successfully"),
+        MetricType::Counter,
+        bytes,
+    )?;
+    family(
+        encoder,
+        &format!("{prefix}_errors"),
+        &format!("{what} that failed"),
+        MetricType::Counter,
+        scopes.iter().map(|s| (s.labels.clone(), s.io.errors)),
+    )?;
+    family(
+        encoder,
+        &format!("{prefix}_in_flight"),
+        &format!("{what} in flight now"),
+        MetricType::Gauge,
+        scopes.iter().map(|s| (s.labels.clone(), s.io.in_flight)),
+    )?;
     let name = format!("{prefix}_latency_seconds");
     let help = format!("time {what} took, from start to completion");
     let mut family = encoder.encode_descriptor(&name, &help, None, MetricType::Histogram)?;

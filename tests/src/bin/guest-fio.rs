@@ -125,6 +125,8 @@ struct Local {
     _smb: Samba,
     _daemon: Daemon,
     image: PathBuf,
+    /// The daemon's metrics endpoint, to show where requests were when a guest stalls.
+    metrics: String,
 }
 
 /// Writes an image of `size` bytes (written, not sparse: tmpfs would otherwise allocate pages
@@ -152,8 +154,9 @@ fn start_local(size: u64) -> Result<(Local, Vec<Target>), String> {
     let password = dir.path().join("smb.pass");
     std::fs::write(&password, PASSWORD).map_err(|e| e.to_string())?;
     let (file_sock, smb_sock) = (dir.path().join("file.sock"), dir.path().join("smb.sock"));
+    let metrics = format!("127.0.0.1:{}", twinpath_tests::samba::free_port());
     let config = format!(
-        "disks:\n  - name: file\n    socket: {}\n    backend: {{type: file, path: {}}}\n  - name: smb\n    socket: {}\n    backend: {{type: smb, server: '{}', share: {SHARE}, path: smb.raw, user: {USER}, password_file: {}}}\n",
+        "metrics: {{listen: '{metrics}'}}\ndisks:\n  - name: file\n    socket: {}\n    backend: {{type: file, path: {}}}\n  - name: smb\n    socket: {}\n    backend: {{type: smb, server: '{}', share: {SHARE}, path: smb.raw, user: {USER}, password_file: {}}}\n",
         file_sock.display(),
         image.display(),
         smb_sock.display(),
@@ -177,6 +180,7 @@ fn start_local(size: u64) -> Result<(Local, Vec<Target>), String> {
             _smb: smb,
             _daemon: daemon,
             image,
+            metrics,
         },
         targets,
     ))
@@ -253,6 +257,7 @@ fn run(mut args: Args) -> Result<(), String> {
         }
     );
     let mut results = Vec::new();
+    let mut retried = Vec::new();
     for target in &targets {
         let work = args.out.join(target.label.replace([' ', '/'], "-"));
         let mut index = 0;
@@ -267,7 +272,21 @@ fn run(mut args: Args) -> Result<(), String> {
             target.label,
             target.socket.display()
         );
-        let r = guest.run(target, &jobs, &work, &mut progress)?;
+        let (r, stalled) = guest.run_retrying(target, &jobs, &work, &mut progress)?;
+        if let Some(job) = stalled {
+            retried.push(format!("{} (in {job})", target.label));
+        }
+        if let (Some(local), true) = (&local, r.iter().any(|r| r.error.is_some())) {
+            // Whether the daemon still holds requests tells a stalled disk from a stalled guest.
+            let out = Command::new(twinpath_tests::twinpath_bin())
+                .args(["stats", "--address", &local.metrics])
+                .output()
+                .map_err(|e| format!("twinpath stats: {e}"))?;
+            eprintln!(
+                "guest-fio: twinpath's counters now:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
         results.push((target.label.clone(), r));
     }
     drop(peer);
@@ -288,6 +307,14 @@ fn run(mut args: Args) -> Result<(), String> {
         },
         started.elapsed().as_secs()
     );
+    let setup = if retried.is_empty() {
+        setup
+    } else {
+        format!(
+            "{setup} The guest stalled and ran the rest of the jobs again in a fresh guest on: {}.",
+            retried.join(", ")
+        )
+    };
     let report = guestfio::markdown(&results, peer_label(&targets), &setup);
     let svg = guestfio::chart(&results, "fio in a guest, per disk")?;
     std::fs::write(args.out.join("report.md"), &report).map_err(|e| e.to_string())?;

@@ -164,7 +164,7 @@ impl Guest {
 
     /// Boots a guest on `target`, runs `jobs` in it and returns their results in order; a
     /// job the guest did not finish is a failed result saying why. `work` keeps the console
-    /// log, the job files and fio's JSON per job. `progress` gets each job's name as the
+    /// log, the job files and fio's JSON per job. `progress` gets each job as the
     /// guest starts it. A job that overruns its time (twice its length plus a minute) stops
     /// the guest: a disk that stops answering must not hang the whole run.
     pub fn run(
@@ -172,7 +172,7 @@ impl Guest {
         target: &Target,
         jobs: &[Job],
         work: &Path,
-        progress: &mut dyn FnMut(&str),
+        progress: &mut dyn FnMut(&Job),
     ) -> Result<Vec<JobResult>, String> {
         std::fs::create_dir_all(work).map_err(|e| format!("{}: {e}", work.display()))?;
         let boot_dir = work.join("guest");
@@ -204,7 +204,7 @@ impl Guest {
                 .filter_map(|l| l.strip_prefix("TWINPATH-FIO-BEGIN "))
             {
                 if started < jobs.len() && line.trim() == file_name(started, &jobs[started]) {
-                    progress(&jobs[started].name);
+                    progress(&jobs[started]);
                     started += 1;
                     since = Instant::now();
                 }
@@ -270,7 +270,7 @@ impl Guest {
         target: &Target,
         jobs: &[Job],
         work: &Path,
-        progress: &mut dyn FnMut(&str),
+        progress: &mut dyn FnMut(&Job),
     ) -> Result<(Vec<JobResult>, Option<String>), String> {
         let mut results = self.run(target, jobs, work, progress)?;
         let Some(at) = results.iter().position(|r| r.stalled) else {

@@ -260,10 +260,12 @@ fn run(mut args: Args) -> Result<(), String> {
     let mut retried = Vec::new();
     for target in &targets {
         let work = args.out.join(target.label.replace([' ', '/'], "-"));
-        let mut index = 0;
-        let mut progress = |name: &str| {
-            index += 1;
-            let job = jobs.iter().find(|j| j.name == name).expect("a job we sent");
+        // Retried jobs are the same elements of `jobs`, so they keep their numbers.
+        let mut progress = |job: &guestfio::Job| {
+            let index = jobs
+                .iter()
+                .position(|j| std::ptr::eq(j, job))
+                .map_or(0, |i| i + 1);
             guestfio::progress_line(&target.label, index, jobs.len(), job, started);
         };
         eprintln!(

@@ -516,7 +516,7 @@ fn panel(
         .flat_map(|(_, rs)| jobs.iter().map(|&(i, _)| value(&rs[i])))
         .fold(0.0, f64::max)
         .max(1.0)
-        * 1.15;
+        * 1.35; // headroom for the legend
     let n = jobs.len() as f64;
     let mut chart = ChartBuilder::on(area)
         .caption(if iops { "IOPS" } else { "MB/s" }, ("sans-serif", 16))

@@ -32,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve every disk of the config until SIGINT or SIGTERM.
+    /// Serve every disk of the config until SIGINT or SIGTERM; SIGHUP reloads it.
     ///
     /// SIGHUP re-reads the config: added disks start, removed disks drain and stop, a disk
     /// whose entry changed is replaced, and disks whose entry is unchanged are not touched
@@ -59,10 +59,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Print the counters of a running `twinpath serve` as a table: per disk (what its guests
-    /// asked) and per backend path (network, direct): requests, bytes, errors, in flight,
-    /// latency quantiles, fallbacks, recalls, throttled. Needs `metrics.listen` in the config;
-    /// Prometheus scrapes the same counters from http://LISTEN/metrics.
+    /// Print the counters of a running `twinpath serve` as a table.
+    ///
+    /// Per disk (what its guests asked) and per backend path (network, direct): requests,
+    /// bytes, errors, in flight, latency quantiles, fallbacks, recalls, throttled. Needs
+    /// `metrics.listen` in the config; Prometheus scrapes the same counters from
+    /// http://LISTEN/metrics.
     Stats(stats::StatsArgs),
     /// List the backend plugins this binary was built with.
     Plugins,

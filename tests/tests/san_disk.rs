@@ -846,3 +846,76 @@ fn metrics_count_each_path_while_io_runs() {
     assert!(rows.iter().any(|r| r.first() == Some(&"direct")), "{out}");
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn reload_removing_a_san_disk_gives_its_leases_back_and_leaves_the_other_direct() {
+    use twinpath_mapproto::{Key, MapClient, Reply, Request};
+    let rig = Rig::start(Fs::Xfs);
+    let mut gone_data = rig.image("vm.raw", 111, 16 * MIB);
+    rig.image("vm2.raw", 113, 16 * MIB);
+    let lun = rig.lun.device().display().to_string();
+    let keep = rig.disk_yaml("san9", "vm2.raw", &lun);
+    let gone = rig.disk_yaml("san10", "vm.raw", &lun);
+    let mut daemon = rig.serve(&format!("{keep}{gone}"));
+
+    // The disk that goes away holds a write lease on its image when the reload comes.
+    let mut c = client(&rig.sock("san10"));
+    let fresh = pattern(112, MIB as usize);
+    c.write(0, MIB, &fresh).unwrap();
+    gone_data[MIB as usize..2 * MIB as usize].copy_from_slice(&fresh);
+    drop(c);
+    let mut kept = client(&rig.sock("san9"));
+    kept.write(0, 0, &pattern(114, MIB as usize)).unwrap();
+
+    let log = daemon.reload(&rig.dir.path().join("daemon"), &format!("disks:\n{keep}"));
+    assert!(
+        log.contains("1 unchanged, 1 removed, 0 replaced, 0 added"),
+        "{log}"
+    );
+    assert!(
+        rig.server_file("vm.raw") == gone_data,
+        "vm.raw differs after the drain"
+    );
+
+    // Another host gets the write map at once: no recall needed, the lease came back.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
+    let (other, _) = rt
+        .block_on(MapClient::connect(&rig.map_addr, &key, "host-b"))
+        .unwrap();
+    match rt
+        .block_on(other.call(Request::GetMap {
+            path: "vm.raw".into(),
+            offset: 0,
+            len: 16 * MIB,
+            write: true,
+        }))
+        .unwrap()
+    {
+        Reply::Map(_) => {}
+        r => panic!(
+            "host-b got {r:?}: the removed disk kept its lease\n{}",
+            daemon.log()
+        ),
+    }
+    // The disk that stayed still writes the LUN directly, on the same map connection.
+    let before = rig.lun_sectors_written();
+    kept.write(0, 4 * MIB, &pattern(115, 2 * MIB as usize))
+        .unwrap();
+    assert!(
+        rig.lun_sectors_written() - before >= 2 * MIB / 512,
+        "san9 direct after the reload:\n{}",
+        daemon.log()
+    );
+    let map_log = rig.map.as_ref().unwrap().log();
+    assert_eq!(
+        map_log
+            .lines()
+            .filter(|l| l.contains("host connected") && l.contains("test-host"))
+            .count(),
+        1,
+        "{map_log}"
+    );
+    drop(kept);
+    assert!(daemon.stop().success());
+}

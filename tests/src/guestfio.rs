@@ -77,7 +77,6 @@ fn apply(name: &str, text: &str, o: &Overrides) -> Job {
             section = trimmed.to_owned();
         }
         let key = trimmed.split('=').next().unwrap_or("").trim();
-        let value = trimmed.split_once('=').map(|(_, v)| v.trim());
         let replaced = match (section.as_str(), key) {
             ("[global]", "runtime") => o.runtime.map(|v| format!("runtime={v}")),
             ("[global]", "ramp_time") => o.ramp_time.map(|v| format!("ramp_time={v}")),
@@ -85,10 +84,10 @@ fn apply(name: &str, text: &str, o: &Overrides) -> Job {
             _ => None,
         };
         let line = replaced.unwrap_or_else(|| line.to_owned());
-        let value_now = line.split_once('=').map(|(_, v)| v.trim().to_owned());
+        let value = line.split_once('=').map(|(_, v)| v.trim());
         match key {
-            "runtime" => runtime = value_now.and_then(|v| v.parse().ok()),
-            "ramp_time" => ramp = value_now.and_then(|v| v.parse().ok()).unwrap_or(0),
+            "runtime" => runtime = value.and_then(|v| v.parse().ok()),
+            "ramp_time" => ramp = value.and_then(|v| v.parse().ok()).unwrap_or(0),
             "time_based" => time_based = value == Some("1"),
             _ => {}
         }
@@ -133,7 +132,7 @@ impl JobResult {
 
     /// 4 KiB jobs are judged by IOPS, the others by bandwidth.
     pub fn is_iops(&self) -> bool {
-        self.job.contains("4k")
+        crate::bench::is_iops(&self.job)
     }
 }
 

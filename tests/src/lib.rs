@@ -50,6 +50,21 @@ pub fn make_image(path: &Path, size: u64) {
     f.set_len(size).expect("size image");
 }
 
+/// Creates an image of `size` bytes with every page written: on tmpfs a sparse image would
+/// have its pages allocated while being measured.
+pub fn make_written_image(path: &Path, size: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    f.flush()
+}
+
 /// A running `twinpath serve`.
 pub struct Daemon {
     child: Option<Child>,

@@ -5,6 +5,7 @@
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 
+use twinpath_mapproto::{Key, MapClient, Reply, Request};
 use twinpath_tests::fileserver::{FileServer, MAP_KEY};
 use twinpath_tests::lun::{Fs, LoopLun};
 use twinpath_tests::samba::{self, SHARE, USER};
@@ -85,6 +86,47 @@ impl Rig {
 
     fn server_file(&self, image: &str) -> Vec<u8> {
         std::fs::read(self.lun.mount_point().join(image)).unwrap()
+    }
+}
+
+/// How many connections this host (`test-host`) opened to the map server so far.
+fn map_connections(rig: &Rig) -> (usize, String) {
+    let map_log = rig.map.as_ref().unwrap().log();
+    let n = map_log
+        .lines()
+        .filter(|l| l.contains("host connected") && l.contains("test-host"))
+        .count();
+    (n, map_log)
+}
+
+/// A second VM host on the same map server, wanting the images this host's disks use.
+struct OtherHost {
+    rt: tokio::runtime::Runtime,
+    client: MapClient,
+}
+
+impl OtherHost {
+    fn connect(rig: &Rig) -> OtherHost {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
+        let (client, _) = rt
+            .block_on(MapClient::connect(&rig.map_addr, &key, "host-b"))
+            .unwrap();
+        OtherHost { rt, client }
+    }
+
+    /// Asks for a write map of the first `len` bytes of `image`.
+    fn ask_write(&self, image: &str, len: u64) -> Reply {
+        self.call(Request::GetMap {
+            path: image.into(),
+            offset: 0,
+            len,
+            write: true,
+        })
+    }
+
+    fn call(&self, request: Request) -> Reply {
+        self.rt.block_on(self.client.call(request)).unwrap()
     }
 }
 
@@ -289,7 +331,6 @@ fn map_server_lost_mid_run_costs_no_guest_error_and_comes_back() {
 
 #[test]
 fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
-    use twinpath_mapproto::{Key, MapClient, Reply, Request};
     let rig = Rig::start(Fs::Xfs);
     let data = rig.image("vm.raw", 81, 32 * MIB);
     let mut other_data = rig.image("vm2.raw", 83, 16 * MIB);
@@ -306,30 +347,14 @@ fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
     model.churn(&mut c, 20);
     c2.write(0, 0, &pattern(84, MIB as usize)).unwrap();
     other_data[..MIB as usize].copy_from_slice(&pattern(84, MIB as usize));
-    let map_log = rig.map.as_ref().unwrap().log();
+    let (connections, map_log) = map_connections(&rig);
     assert_eq!(
-        map_log
-            .lines()
-            .filter(|l| l.contains("host connected") && l.contains("test-host"))
-            .count(),
-        1,
+        connections, 1,
         "one connection for the host's two disks:\n{map_log}"
     );
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
-    let (other, _) = rt
-        .block_on(MapClient::connect(&rig.map_addr, &key, "host-b"))
-        .unwrap();
-    let ask = || {
-        rt.block_on(other.call(Request::GetMap {
-            path: "vm.raw".into(),
-            offset: 0,
-            len: 32 * MIB,
-            write: true,
-        }))
-        .unwrap()
-    };
+    let other = OtherHost::connect(&rig);
+    let ask = || other.ask_write("vm.raw", 32 * MIB);
     match ask() {
         Reply::Refused { reason } => assert!(reason.contains("test-host"), "{reason}"),
         r => panic!("host-b got {r:?} while test-host held the file"),
@@ -368,7 +393,7 @@ fn another_host_asking_for_the_file_recalls_the_lease_without_guest_errors() {
         "{log}"
     );
     // host-b is done; test-host regains the direct path after its rest.
-    rt.block_on(other.call(Request::Return { lease })).unwrap();
+    other.call(Request::Return { lease });
     std::thread::sleep(std::time::Duration::from_secs(6));
     model.churn(&mut c, 2);
     let before = rig.lun_sectors_written();
@@ -700,7 +725,6 @@ fn metrics_count_each_path_while_io_runs() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-    use twinpath_mapproto::{Key, MapClient, Request};
 
     let _one = heavy();
     let rig = Rig::start(Fs::Xfs);
@@ -770,18 +794,8 @@ fn metrics_count_each_path_while_io_runs() {
     }
 
     // Another host wants the file: the lease is recalled and the disk falls back to SMB.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
-    let (other, _) = rt
-        .block_on(MapClient::connect(&rig.map_addr, &key, "host-b"))
-        .unwrap();
-    rt.block_on(other.call(Request::GetMap {
-        path: "vm.raw".into(),
-        offset: 0,
-        len: 32 * MIB,
-        write: true,
-    }))
-    .unwrap();
+    let other = OtherHost::connect(&rig);
+    other.ask_write("vm.raw", 32 * MIB);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = scrape();
@@ -849,7 +863,6 @@ fn metrics_count_each_path_while_io_runs() {
 
 #[test]
 fn reload_removing_a_san_disk_gives_its_leases_back_and_leaves_the_other_direct() {
-    use twinpath_mapproto::{Key, MapClient, Reply, Request};
     let rig = Rig::start(Fs::Xfs);
     let mut gone_data = rig.image("vm.raw", 111, 16 * MIB);
     rig.image("vm2.raw", 113, 16 * MIB);
@@ -878,20 +891,8 @@ fn reload_removing_a_san_disk_gives_its_leases_back_and_leaves_the_other_direct(
     );
 
     // Another host gets the write map at once: no recall needed, the lease came back.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
-    let (other, _) = rt
-        .block_on(MapClient::connect(&rig.map_addr, &key, "host-b"))
-        .unwrap();
-    match rt
-        .block_on(other.call(Request::GetMap {
-            path: "vm.raw".into(),
-            offset: 0,
-            len: 16 * MIB,
-            write: true,
-        }))
-        .unwrap()
-    {
+    let other = OtherHost::connect(&rig);
+    match other.ask_write("vm.raw", 16 * MIB) {
         Reply::Map(_) => {}
         r => panic!(
             "host-b got {r:?}: the removed disk kept its lease\n{}",
@@ -907,15 +908,8 @@ fn reload_removing_a_san_disk_gives_its_leases_back_and_leaves_the_other_direct(
         "san9 direct after the reload:\n{}",
         daemon.log()
     );
-    let map_log = rig.map.as_ref().unwrap().log();
-    assert_eq!(
-        map_log
-            .lines()
-            .filter(|l| l.contains("host connected") && l.contains("test-host"))
-            .count(),
-        1,
-        "{map_log}"
-    );
+    let (connections, map_log) = map_connections(&rig);
+    assert_eq!(connections, 1, "{map_log}");
     drop(kept);
     assert!(daemon.stop().success());
 }

@@ -55,7 +55,9 @@ impl IoStats {
         }
     }
 
-    fn record(&self, op: Op, bytes: u64, started: Instant, ok: bool) {
+    /// Counts a request begun at `started` that is done, without the in-flight gauge: for a
+    /// caller that counts its requests in flight anyway (the device, for draining).
+    pub fn record(&self, op: Op, bytes: u64, started: Instant, ok: bool) {
         let us = started.elapsed().as_micros() as u64;
         self.latency[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);

@@ -318,9 +318,9 @@ impl BlkDevice {
         // SAFETY: the parser checked every segment against `mem`, which `keepalive` holds.
         let bufs = unsafe { GuestBuffers::from_raw_parts(req.data.iter().copied(), keepalive) };
         let used_len = req.used_len();
+        let started = Instant::now();
         Box::pin(async move {
             let disk = guard.disk();
-            let timer = disk.io.begin();
             let op = match req.kind {
                 RequestKind::Read { .. } => Op::Read,
                 RequestKind::Write { .. } => Op::Write,
@@ -356,7 +356,8 @@ impl BlkDevice {
                         .map_err(|e| (offset, e)),
                 ),
             };
-            timer.end(op, req.data_len as u64, result.is_ok());
+            disk.io
+                .record(op, req.data_len as u64, started, result.is_ok());
             let code = match result {
                 Ok(()) => STATUS_OK,
                 Err((offset, e)) => {

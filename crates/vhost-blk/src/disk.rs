@@ -122,8 +122,12 @@ impl Disk {
     }
 
     /// The guest-facing counters: every accepted request, from acceptance to completion.
+    /// In flight is the count draining waits on, not kept twice.
     pub fn io_stats(&self) -> IoSnapshot {
-        self.io.snapshot()
+        IoSnapshot {
+            in_flight: self.inflight() as u64,
+            ..self.io.snapshot()
+        }
     }
 
     pub fn rejected_count(&self) -> u64 {

@@ -129,20 +129,8 @@ struct Local {
     metrics: String,
 }
 
-/// Writes an image of `size` bytes (written, not sparse: tmpfs would otherwise allocate pages
-/// while being measured).
 fn write_image(path: &std::path::Path, size: u64) -> Result<(), String> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let chunk = vec![0x5au8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        f.write_all(&chunk[..n])
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        left -= n as u64;
-    }
-    Ok(())
+    twinpath_tests::make_written_image(path, size).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn start_local(size: u64) -> Result<(Local, Vec<Target>), String> {

@@ -7,13 +7,15 @@
 //! server sends a grant before any recall of it, so no recall can outrun its owner's record.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures::future::{select, Either};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Frame, Key, ProtoError, Reply, Request};
+use crate::{ConnReader, Frame, Key, ProtoError, Reply, Request};
 
 /// The server wants a lease back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,19 +27,23 @@ pub struct Recall {
     pub owner: Option<u64>,
 }
 
+/// Where a call's answer goes.
+type Waiter = oneshot::Sender<Result<Reply, ProtoError>>;
+
 #[derive(Default)]
 struct Book {
     /// Waiting callers by request id, with the owner they asked as.
-    pending: HashMap<u64, (oneshot::Sender<Reply>, Option<u64>)>,
+    pending: HashMap<u64, (Waiter, Option<u64>)>,
     /// Owner of each lease granted to a named owner and not given back.
     owners: HashMap<u64, u64>,
+    /// Why the connection ended, once it has.
+    lost: Option<String>,
 }
 
 pub struct MapClient {
     /// Frames for the writer task: sending never waits, so it works from `Drop` too.
     outbox: mpsc::UnboundedSender<Frame>,
     book: Arc<Mutex<Book>>,
-    closed: Arc<AtomicBool>,
     next_id: AtomicU64,
 }
 
@@ -45,10 +51,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Hands replies to their callers and recalls to `recalls` until a frame cannot be read.
+async fn receive(
+    reader: &mut ConnReader<TcpStream>,
+    book: &Mutex<Book>,
+    recalls: &mpsc::UnboundedSender<Recall>,
+) -> ProtoError {
+    loop {
+        match reader.recv().await {
+            Ok(Frame::Reply { id, reply }) => {
+                let mut b = lock(book);
+                if let Some((waiter, owner)) = b.pending.remove(&id) {
+                    if let (Reply::Map(m), Some(owner)) = (&reply, owner) {
+                        b.owners.insert(m.lease, owner);
+                    }
+                    let _ = waiter.send(Ok(reply));
+                }
+            }
+            Ok(Frame::Recall { lease, reason }) => {
+                let owner = lock(book).owners.get(&lease).copied();
+                let _ = recalls.send(Recall {
+                    lease,
+                    reason,
+                    owner,
+                });
+            }
+            Ok(other) => tracing::warn!("map client: ignored frame {other:?}"),
+            Err(e) => return e,
+        }
+    }
+}
+
 impl MapClient {
     /// Connects to the map server at `addr` and authenticates as `host`. Recalls arrive on
     /// the returned channel; it closes when the connection does. Dropping the client closes
     /// the connection (the server then drops every lease it held).
+    ///
+    /// Any frame that fails authentication or breaks the protocol's bounds ends the
+    /// connection: every waiting call fails with [`ProtoError::Lost`], every lease is
+    /// forgotten, and the recall channel closes.
     pub async fn connect(
         addr: &str,
         key: &Key,
@@ -58,64 +99,66 @@ impl MapClient {
         stream.set_nodelay(true)?;
         let conn = crate::connect(stream, key, host).await?;
         let book: Arc<Mutex<Book>> = Arc::default();
-        let closed = Arc::new(AtomicBool::new(false));
         let (recalls, recalled) = mpsc::unbounded_channel();
         let (outbox, mut outgoing) = mpsc::unbounded_channel::<Frame>();
+        let (send_failed, sending_failed) = oneshot::channel::<ProtoError>();
         let mut writer = conn.writer;
-        tokio::spawn(async move {
+        let sending = tokio::spawn(async move {
             while let Some(f) = outgoing.recv().await {
-                if writer.send(&f).await.is_err() {
+                if let Err(e) = writer.send(&f).await {
+                    let _ = send_failed.send(e);
                     return;
                 }
             }
             let _ = writer.close().await;
         });
         let mut reader = conn.reader;
-        let (replies, gone) = (book.clone(), closed.clone());
+        let replies = book.clone();
         tokio::spawn(async move {
-            loop {
-                match reader.recv().await {
-                    Ok(Frame::Reply { id, reply }) => {
-                        let mut b = lock(&replies);
-                        if let Some((waiter, owner)) = b.pending.remove(&id) {
-                            if let (Reply::Map(m), Some(owner)) = (&reply, owner) {
-                                b.owners.insert(m.lease, owner);
-                            }
-                            let _ = waiter.send(reply);
-                        }
-                    }
-                    Ok(Frame::Recall { lease, reason }) => {
-                        let owner = lock(&replies).owners.get(&lease).copied();
-                        let _ = recalls.send(Recall {
-                            lease,
-                            reason,
-                            owner,
-                        });
-                    }
-                    Ok(other) => tracing::warn!("map client: ignored frame {other:?}"),
-                    Err(_) => break,
+            // A request that cannot go out would never be answered: that ends the
+            // connection as surely as a bad frame coming in.
+            let send_failed = async move {
+                match sending_failed.await {
+                    Ok(e) => e,
+                    // The client was dropped and the writer closed: read until the server
+                    // closes too.
+                    Err(_) => std::future::pending().await,
                 }
+            };
+            let receiving = receive(&mut reader, &replies, &recalls);
+            let e = match select(pin!(receiving), pin!(send_failed)).await {
+                Either::Left((e, _)) | Either::Right((e, _)) => e,
+            };
+            if !matches!(e, ProtoError::Closed) {
+                tracing::warn!("map connection dropped: {e}");
             }
-            gone.store(true, Ordering::Release);
-            // Waiters see their sender dropped: the call fails with Closed.
+            // Nothing more goes out either: the connection is dropped as a whole, and the
+            // server sees it end and takes back this host's leases.
+            sending.abort();
+            let why = e.to_string();
             let mut b = lock(&replies);
-            b.pending.clear();
+            for (_, (waiter, _)) in b.pending.drain() {
+                let _ = waiter.send(Err(ProtoError::Lost(why.clone())));
+            }
             b.owners.clear();
+            b.lost = Some(why);
+            drop(b);
+            // Only now, with every grant forgotten here: the owners hear the connection is gone.
+            drop(recalls);
         });
         Ok((
             MapClient {
                 outbox,
                 book,
-                closed,
                 next_id: AtomicU64::new(1),
             },
             recalled,
         ))
     }
 
-    /// Whether the server closed the connection (or it broke).
+    /// Whether the server closed the connection, or it broke.
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire) || self.outbox.is_closed()
+        lock(&self.book).lost.is_some() || self.outbox.is_closed()
     }
 
     /// Sends `request` and waits for its reply.
@@ -130,6 +173,11 @@ impl MapClient {
         let (tx, rx) = oneshot::channel();
         {
             let mut b = lock(&self.book);
+            // Checked under the lock the reader takes to fail waiters, so no call can wait
+            // on a connection that is already gone.
+            if let Some(why) = &b.lost {
+                return Err(ProtoError::Lost(why.clone()));
+            }
             if let Request::Return { lease } = &request {
                 b.owners.remove(lease);
             }
@@ -139,7 +187,7 @@ impl MapClient {
             lock(&self.book).pending.remove(&id);
             return Err(ProtoError::Closed);
         }
-        rx.await.map_err(|_| ProtoError::Closed)
+        rx.await.map_err(|_| ProtoError::Closed)?
     }
 
     /// Returns `lease` without waiting for the answer: for owners going away, and for

@@ -1,17 +1,20 @@
-//! Mutual challenge-response on the pre-shared key.
+//! Mutual challenge-response on a pre-shared key, then the switch to sealed frames.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{Conn, Frame, Key, ProtoError, PROTOCOL_VERSION};
+use crate::bounds::hex32;
+use crate::key::Transcript;
+use crate::{Conn, Frame, HostKeys, Key, ProtoError, Role, MAX_HOST_NAME, PROTOCOL_VERSION};
 
-fn nonce() -> String {
+fn nonce() -> [u8; 32] {
     let mut n = [0u8; 32];
     getrandom::fill(&mut n).expect("the OS random source");
-    hex::encode(n)
+    n
 }
 
-fn unhex(what: &str, s: &str) -> Result<Vec<u8>, ProtoError> {
-    hex::decode(s).map_err(|_| ProtoError::Malformed(format!("{what} is not hex")))
+/// Nonces and MACs are checked on receipt already; a peer's input must still not panic here.
+fn decode(what: &str, s: &str) -> Result<[u8; 32], ProtoError> {
+    hex32(s).ok_or_else(|| ProtoError::Malformed(format!("{what} is not 32 bytes of hex")))
 }
 
 fn unexpected(f: &Frame) -> ProtoError {
@@ -22,20 +25,23 @@ fn unexpected(f: &Frame) -> ProtoError {
     ProtoError::Unexpected(name)
 }
 
-/// Server side: challenges the host and checks its answer. Returns the connection and the
-/// host's name.
+/// Server side: challenges the host, finds the entry of `keys` whose key the host proves,
+/// and proves that key back. Returns the sealed connection and that entry's name.
+///
+/// Errors never contain the name the host claimed: the server logs them, and before this
+/// returns the name is only what the peer typed.
 pub async fn accept<S: AsyncRead + AsyncWrite>(
     stream: S,
-    key: &Key,
+    keys: &HostKeys,
 ) -> Result<(Conn<S>, String), ProtoError> {
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::new(stream, Role::Host);
     let ours = nonce();
     conn.send(&Frame::Challenge {
         version: PROTOCOL_VERSION,
-        nonce: ours.clone(),
+        nonce: hex::encode(ours),
     })
     .await?;
-    let (version, host, theirs, mac) = match conn.recv().await? {
+    let (version, claimed, theirs, mac) = match conn.recv().await? {
         Frame::Auth {
             version,
             host,
@@ -44,64 +50,104 @@ pub async fn accept<S: AsyncRead + AsyncWrite>(
         } => (version, host, nonce, mac),
         other => return Err(unexpected(&other)),
     };
-    let deny = |reason: &str| Frame::Denied {
-        reason: reason.to_owned(),
-    };
+    let deny = |reason: String| Frame::Denied { reason };
     if version != PROTOCOL_VERSION {
-        conn.send(&deny("protocol version not supported")).await?;
-        return Err(ProtoError::Version { theirs: version });
+        conn.send(&deny(format!(
+            "protocol version {version} not supported: this map server speaks \
+             {PROTOCOL_VERSION}"
+        )))
+        .await?;
+        return Err(ProtoError::Version {
+            peer: Role::Host,
+            theirs: version,
+        });
     }
-    let (ours_b, theirs_b) = (unhex("nonce", &ours)?, unhex("nonce", &theirs)?);
-    let parts: [&[u8]; 4] = [b"host", &ours_b, &theirs_b, host.as_bytes()];
-    if theirs_b.len() != 32 || !key.verify(&parts, &unhex("mac", &mac)?) {
-        conn.send(&deny("authentication failed")).await?;
+    let (theirs, host_mac) = (decode("host nonce", &theirs)?, decode("host MAC", &mac)?);
+    let parts: [&[u8]; 4] = [b"host", &ours, &theirs, claimed.as_bytes()];
+    // Every entry is tried, not only one named like the claim: the key decides who it is.
+    let Some((name, key)) = keys
+        .entries()
+        .iter()
+        .find(|(_, key)| key.verify(&parts, &host_mac))
+    else {
+        conn.send(&deny("authentication failed".into())).await?;
+        return Err(ProtoError::Auth(
+            "the peer proved none of the host keys".into(),
+        ));
+    };
+    if *name != claimed {
+        conn.send(&deny("authentication failed".into())).await?;
         return Err(ProtoError::Auth(format!(
-            "host `{host}` did not prove the key"
+            "the key of host `{name}` was presented under another name"
         )));
     }
+    let server_mac = key.mac(&[b"server", &theirs, &ours]);
     conn.send(&Frame::Welcome {
-        mac: hex::encode(key.mac(&[b"server", &theirs_b, &ours_b])),
+        mac: hex::encode(server_mac),
     })
     .await?;
-    Ok((conn, host))
+    let session = key.session(&Transcript {
+        server_nonce: &ours,
+        host_nonce: &theirs,
+        host: name,
+        host_mac: &host_mac,
+        server_mac: &server_mac,
+    });
+    conn.secure(&session.to_host, &session.to_server);
+    Ok((conn, name.clone()))
 }
 
 /// Host side: answers the server's challenge as `host` and checks that the server knows the
-/// key too.
+/// key too. Returns the sealed connection.
 pub async fn connect<S: AsyncRead + AsyncWrite>(
     stream: S,
     key: &Key,
     host: &str,
 ) -> Result<Conn<S>, ProtoError> {
-    let mut conn = Conn::new(stream);
+    if host.is_empty() || host.len() > MAX_HOST_NAME {
+        return Err(ProtoError::Auth(format!(
+            "host name of {} bytes: 1 to {MAX_HOST_NAME} are allowed",
+            host.len()
+        )));
+    }
+    let mut conn = Conn::new(stream, Role::MapServer);
     let (version, theirs) = match conn.recv().await? {
         Frame::Challenge { version, nonce } => (version, nonce),
         other => return Err(unexpected(&other)),
     };
     if version != PROTOCOL_VERSION {
-        return Err(ProtoError::Version { theirs: version });
+        return Err(ProtoError::Version {
+            peer: Role::MapServer,
+            theirs: version,
+        });
     }
-    let theirs_b = unhex("nonce", &theirs)?;
+    let theirs = decode("challenge nonce", &theirs)?;
     let ours = nonce();
-    let ours_b = unhex("nonce", &ours)?;
+    let host_mac = key.mac(&[b"host", &theirs, &ours, host.as_bytes()]);
     conn.send(&Frame::Auth {
         version: PROTOCOL_VERSION,
         host: host.to_owned(),
-        nonce: ours,
-        mac: hex::encode(key.mac(&[b"host", &theirs_b, &ours_b, host.as_bytes()])),
+        nonce: hex::encode(ours),
+        mac: hex::encode(host_mac),
     })
     .await?;
-    match conn.recv().await? {
-        Frame::Welcome { mac } => {
-            if key.verify(&[b"server", &ours_b, &theirs_b], &unhex("mac", &mac)?) {
-                Ok(conn)
-            } else {
-                Err(ProtoError::Auth(
-                    "the map server did not prove the key".into(),
-                ))
-            }
-        }
-        Frame::Denied { reason } => Err(ProtoError::Auth(format!("map server: {reason}"))),
-        other => Err(unexpected(&other)),
+    let server_mac = match conn.recv().await? {
+        Frame::Welcome { mac } => decode("server MAC", &mac)?,
+        Frame::Denied { reason } => return Err(ProtoError::Auth(format!("map server: {reason}"))),
+        other => return Err(unexpected(&other)),
+    };
+    if !key.verify(&[b"server", &ours, &theirs], &server_mac) {
+        return Err(ProtoError::Auth(
+            "the map server did not prove the key".into(),
+        ));
     }
+    let session = key.session(&Transcript {
+        server_nonce: &theirs,
+        host_nonce: &ours,
+        host,
+        host_mac: &host_mac,
+        server_mac: &server_mac,
+    });
+    conn.secure(&session.to_server, &session.to_host);
+    Ok(conn)
 }

@@ -131,8 +131,9 @@ async fn identity_and_maps(fs: Fs) {
         "a read map grants no writes"
     );
 
-    // A preallocated file maps as zeros for reading; a write map makes the range written
-    // first, and a direct write under it is what the server reads after commit.
+    // A preallocated file maps as zeros for reading. On xfs (reflink) a write map makes the
+    // range written first, and a direct write under it is what the server reads after commit.
+    // ext4 cannot fill without risking a concurrent write: the range is no write grant there.
     let pre = s.fs.lun.mount_point().join("pre.raw");
     let f = File::create(&pre).unwrap();
     // SAFETY: fallocate on a file we own.
@@ -146,65 +147,92 @@ async fn identity_and_maps(fs: Fs) {
         m.spans
     );
     let w = granted(map(&c, "pre.raw", MIB, MIB, true).await);
-    let grant = Grant::new(w.spans, s.device_size).unwrap();
-    let new = pattern(52, MIB as usize);
-    // The server's page cache now holds the zeros; commit must drop them.
-    let mut back = vec![1u8; MIB as usize];
-    File::open(&pre)
-        .unwrap()
-        .read_exact_at(&mut back, MIB)
-        .unwrap();
-    assert!(back.iter().all(|&b| b == 0));
-    write_under(&grant, &dev, MIB, &new);
-    assert_eq!(
-        c.call(Request::Commit {
-            lease: w.lease,
-            size: 8 * MIB
-        })
-        .await
-        .unwrap(),
-        Reply::Done
-    );
-    let mut back = vec![0u8; MIB as usize];
-    File::open(&pre)
-        .unwrap()
-        .read_exact_at(&mut back, MIB)
-        .unwrap();
-    assert!(
-        back == new,
-        "{fs:?}: the server reads the host's direct write"
-    );
+    let grant = Grant::new(w.spans.clone(), s.device_size).unwrap();
+    if fs == Fs::Ext4 {
+        assert!(
+            grant.resolve(MIB, 4096, true).is_none(),
+            "ext4: preallocated space granted for writing: {:?}",
+            w.spans
+        );
+        assert!(
+            w.spans.iter().all(|s| s.kind == SpanKind::Zero),
+            "{:?}",
+            w.spans
+        );
+    } else {
+        let new = pattern(52, MIB as usize);
+        // The server's page cache now holds the zeros; commit must drop them.
+        let mut back = vec![1u8; MIB as usize];
+        File::open(&pre)
+            .unwrap()
+            .read_exact_at(&mut back, MIB)
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        write_under(&grant, &dev, MIB, &new);
+        assert_eq!(
+            c.call(Request::Commit {
+                lease: w.lease,
+                size: 8 * MIB
+            })
+            .await
+            .unwrap(),
+            Reply::Done
+        );
+        let mut back = vec![0u8; MIB as usize];
+        File::open(&pre)
+            .unwrap()
+            .read_exact_at(&mut back, MIB)
+            .unwrap();
+        assert!(
+            back == new,
+            "{fs:?}: the server reads the host's direct write"
+        );
+    }
 
-    // Allocation: a sparse file gets whole chunks (4 MiB here) written, its size unchanged.
+    // Allocation: on xfs a sparse file gets whole chunks (4 MiB here) written, its size
+    // unchanged; ext4 refuses (holes stay on the network path) and allocates nothing.
     let sparse = s.fs.lun.mount_point().join("sparse.raw");
     File::create(&sparse).unwrap().set_len(16 * MIB).unwrap();
-    assert_eq!(
-        c.call(Request::Allocate {
+    let allocated = c
+        .call(Request::Allocate {
             path: "sparse.raw".into(),
             offset: MIB,
-            len: 4096
+            len: 4096,
         })
         .await
-        .unwrap(),
-        Reply::Allocated {
-            offset: 0,
-            len: 4 * MIB
+        .unwrap();
+    let chunk = if fs == Fs::Ext4 {
+        match allocated {
+            Reply::Refused { reason } => assert!(reason.contains("network path"), "{reason}"),
+            other => panic!("ext4 allocated: {other:?}"),
         }
-    );
+        0
+    } else {
+        assert_eq!(
+            allocated,
+            Reply::Allocated {
+                offset: 0,
+                len: 4 * MIB
+            }
+        );
+        4 * MIB
+    };
     assert_eq!(std::fs::metadata(&sparse).unwrap().len(), 16 * MIB);
     let m = granted(map(&c, "sparse.raw", 0, 8 * MIB, false).await);
     let grant = Grant::new(m.spans, s.device_size).unwrap();
+    if chunk > 0 {
+        assert!(
+            grant
+                .resolve(0, chunk, false)
+                .unwrap()
+                .iter()
+                .all(|p| matches!(p, Piece::Device { .. })),
+            "the allocated chunk is on the device"
+        );
+    }
     assert!(
         grant
-            .resolve(0, 4 * MIB, false)
-            .unwrap()
-            .iter()
-            .all(|p| matches!(p, Piece::Device { .. })),
-        "the allocated chunk is on the device"
-    );
-    assert!(
-        grant
-            .resolve(4 * MIB, 4 * MIB, false)
+            .resolve(chunk, 8 * MIB - chunk, false)
             .unwrap()
             .iter()
             .all(|p| matches!(p, Piece::Zero { .. })),
@@ -417,7 +445,7 @@ async fn changes_by_others_recall_leases_but_the_servers_own_writes_do_not() {
     for name in ["a.raw", "b.raw", "c.raw"] {
         std::fs::write(mnt.join(name), pattern(54, MIB as usize)).unwrap();
     }
-    // d.raw is preallocated: a write map makes the server zero-fill it itself.
+    // d.raw is preallocated: a write map makes the server fill it itself (dedupe, unshare).
     let f = File::create(mnt.join("d.raw")).unwrap();
     // SAFETY: fallocate on a file we own.
     let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 8 * MIB as i64) };
@@ -436,7 +464,7 @@ async fn changes_by_others_recall_leases_but_the_servers_own_writes_do_not() {
     let next = |recalls: &mut tokio::sync::mpsc::UnboundedReceiver<twinpath_mapproto::Recall>| {
         recalls.try_recv().ok()
     };
-    // The server's own zero-fill of d.raw recalled nothing.
+    // The server's own filling of d.raw recalled nothing.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         next(&mut recalls).is_none(),

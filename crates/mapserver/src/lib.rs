@@ -9,12 +9,15 @@
 
 mod config;
 mod export;
+mod fill;
 mod maps;
 mod volume;
 mod watch;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +27,7 @@ use twinpath_core::lock;
 use twinpath_mapproto::{Frame, Key, MapGrant, Reply, Request, VolumeIdentity};
 
 pub use config::MapServerConfig;
+pub use fill::ZERO_FILE;
 pub use volume::TOKEN_FILE;
 
 use crate::export::Export;
@@ -52,6 +56,7 @@ struct State {
     key: Key,
     chunk: u64,
     identity: VolumeIdentity,
+    fill: fill::Filler,
     leases: Mutex<Leases>,
     /// Reports changes to leased files by others; `None` where fanotify is unavailable.
     watcher: Option<watch::Watcher>,
@@ -114,6 +119,10 @@ impl MapServer {
         let identity = tokio::task::spawn_blocking(move || volume::identify(&root))
             .await
             .map_err(|e| e.to_string())??;
+        let root = export.root().to_path_buf();
+        let fill = tokio::task::spawn_blocking(move || fill::Filler::new(&root))
+            .await
+            .map_err(|e| e.to_string())??;
         let watcher = match watch::Watcher::new() {
             Ok(w) => Some(w),
             Err(e) => {
@@ -137,6 +146,7 @@ impl MapServer {
                 key,
                 chunk: cfg.allocation_chunk.0,
                 identity,
+                fill,
                 leases: Mutex::default(),
                 watcher,
             }),
@@ -260,13 +270,36 @@ impl Respond<'_> {
 async fn released(state: &Arc<State>, path: PathBuf, write: bool) {
     if write {
         let p = path.clone();
-        match tokio::task::spawn_blocking(move || maps::commit(&p)).await {
+        let dropped =
+            tokio::task::spawn_blocking(move || open(&p, false).map(|f| maps::commit(&f)));
+        match dropped.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(path = %path.display(), "dropping cache: {e}"),
+            Ok(Err(e)) => tracing::warn!("dropping cache: {e}"),
             Err(e) => tracing::warn!(path = %path.display(), "dropping cache: {e}"),
         }
     }
     state.forget_if_unleased(&path);
+}
+
+/// `path` opened for the map work, refused if it is the zero file (a host writing its blocks
+/// would turn later fills into its data).
+fn open(path: &Path, write: bool) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn open_mappable(state: &State, path: &Path, write: bool) -> Result<File, String> {
+    let file = open(path, write)?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if state.fill.zero_file_id() == Some((meta.dev(), meta.ino())) {
+        return Err(format!("{} is the map server's own", path.display()));
+    }
+    Ok(file)
 }
 
 fn refused(reason: impl Into<String>) -> Reply {
@@ -301,10 +334,12 @@ async fn handle(
                     "`{path}` is leased by {holders}; recalled"
                 )));
             }
-            let chunk = state.chunk;
+            let worker = state.clone();
             let target = real.clone();
             let mapped = tokio::task::spawn_blocking(move || {
-                maps::get_map(&target, offset, len, write, chunk)
+                let file = open_mappable(&worker, &target, write)?;
+                maps::get_map(&file, offset, len, write, worker.chunk, &worker.fill)
+                    .map_err(|e| format!("{}: {e}", target.display()))
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
@@ -344,11 +379,14 @@ async fn handle(
                 Ok(p) => p,
                 Err(e) => return Some(refused(e)),
             };
-            let chunk = state.chunk;
-            let done =
-                tokio::task::spawn_blocking(move || maps::allocate(&real, offset, len, chunk))
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
+            let worker = state.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let file = open_mappable(&worker, &real, true)?;
+                maps::allocate(&file, offset, len, worker.chunk, &worker.fill)
+                    .map_err(|e| format!("{}: {e}", real.display()))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
             match done {
                 Ok((offset, len)) => Reply::Allocated { offset, len },
                 Err(e) => refused(e),
@@ -366,7 +404,9 @@ async fn handle(
                     }
                 }
             };
-            match tokio::task::spawn_blocking(move || maps::commit(&path)).await {
+            match tokio::task::spawn_blocking(move || open(&path, false).map(|f| maps::commit(&f)))
+                .await
+            {
                 Ok(Ok(())) => Reply::Done,
                 Ok(Err(e)) => refused(e),
                 Err(e) => refused(e.to_string()),

@@ -4,26 +4,20 @@
 //! from overwriting each other: the file is fsynced before a map is taken (no dirty server
 //! pages can be written back over a host's direct write later), its cached pages are dropped
 //! (the server's next read goes to the device), and ranges granted for writing are made
-//! written first (a device write into an unwritten extent would stay invisible).
+//! written first where that can be done without overwriting anyone ([`Filler`]); elsewhere
+//! they stay out of write grants (a device write into an unwritten extent would stay
+//! invisible).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use twinpath_filemap::{file_extents, Access, ExtentClass, FileExtent, Span, SpanKind, SECTOR};
+
+use crate::fill::Filler;
 
 fn drop_cache(file: &File) {
     // SAFETY: advice on a file we hold open; failure only costs coherency we re-check later.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-}
-
-fn open(path: &Path, write: bool) -> Result<File, String> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Ranges of `[start, end)` that are holes or unwritten in `extents`. Refused extents hold
@@ -50,37 +44,32 @@ fn unwritten_ranges(extents: &[FileExtent], start: u64, end: u64) -> Vec<(u64, u
     out
 }
 
-/// Writes zeros over the holes and unwritten parts of `[start, end)`, then makes them durable.
-fn fill_zeros(file: &File, extents: &[FileExtent], start: u64, end: u64) -> std::io::Result<bool> {
-    let ranges = unwritten_ranges(extents, start, end);
-    if ranges.is_empty() {
-        return Ok(false);
-    }
-    let zeros = vec![0u8; 1 << 20];
-    for (lo, hi) in ranges {
-        let mut at = lo;
-        while at < hi {
-            let n = ((hi - at) as usize).min(zeros.len());
-            file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-    }
-    file.sync_all()?;
-    Ok(true)
+/// `[offset, offset + len)` widened to whole chunks, within a file of `size` bytes.
+fn chunks(offset: u64, len: u64, chunk: u64, size: u64) -> (u64, u64) {
+    (
+        (offset - offset % chunk).min(size),
+        offset
+            .saturating_add(len)
+            .div_ceil(chunk)
+            .saturating_mul(chunk)
+            .min(size),
+    )
 }
 
-/// The map of `[offset, offset + len)` of `path` (clipped to the file), for reading or
-/// writing. Extents that may not be used directly are left out: the host takes the network
-/// path there. `chunk` is the allocation granularity for ranges made written.
+/// The map of `[offset, offset + len)` of `file` (clipped to the file), for reading or
+/// writing. Extents that may not be used directly are left out, and so are holes and
+/// unwritten ranges from write access: the host takes the network path there. For a write
+/// map, `fill` first makes the holes of the surrounding chunks (`chunk` bytes each) written
+/// where it safely can. `file` must be open for writing when `write`.
 pub fn get_map(
-    path: &Path,
+    file: &File,
     offset: u64,
     len: u64,
     write: bool,
     chunk: u64,
+    fill: &Filler,
 ) -> Result<(u64, Vec<Span>), String> {
-    let file = open(path, write)?;
-    let err = |what: &str, e: std::io::Error| format!("{}: {what}: {e}", path.display());
+    let err = |what: &str, e: std::io::Error| format!("{what}: {e}");
     file.sync_all().map_err(|e| err("fsync", e))?;
     let size = file.metadata().map_err(|e| err("stat", e))?.len();
     let start = offset - offset % SECTOR;
@@ -88,17 +77,14 @@ pub fn get_map(
     if start >= end {
         return Ok((size, Vec::new()));
     }
-    let mut extents = file_extents(&file).map_err(|e| err("FIEMAP", e))?;
-    if write {
-        let (lo, hi) = (
-            start - start % chunk,
-            end.div_ceil(chunk).saturating_mul(chunk).min(size),
-        );
-        if fill_zeros(&file, &extents, lo, hi).map_err(|e| err("zero-fill", e))? {
-            extents = file_extents(&file).map_err(|e| err("FIEMAP", e))?;
-        }
+    let mut extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
+    if write && fill.fills() {
+        let (lo, hi) = chunks(start, end - start, chunk, size);
+        fill.make_written(file, &unwritten_ranges(&extents, lo, hi), lo, hi)
+            .map_err(|e| format!("filling holes of [{lo}, {hi}): {e}"))?;
+        extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
     }
-    drop_cache(&file);
+    drop_cache(file);
     Ok((size, spans(&extents, start, end, write)))
 }
 
@@ -146,28 +132,32 @@ fn spans(extents: &[FileExtent], start: u64, end: u64, write: bool) -> Vec<Span>
     out
 }
 
-/// Makes `[offset, offset + len)` (widened to whole chunks, within the file) written.
-pub fn allocate(path: &Path, offset: u64, len: u64, chunk: u64) -> Result<(u64, u64), String> {
-    let file = open(path, true)?;
-    let err = |what: &str, e: std::io::Error| format!("{}: {what}: {e}", path.display());
+/// Makes `[offset, offset + len)` (widened to whole chunks, within the file) written, where
+/// the filesystem can do that without overwriting anyone (see [`Filler`]); refused elsewhere.
+/// `file` must be open for writing.
+pub fn allocate(
+    file: &File,
+    offset: u64,
+    len: u64,
+    chunk: u64,
+    fill: &Filler,
+) -> Result<(u64, u64), String> {
+    if !fill.fills() {
+        return Err("no reflink on this filesystem: holes stay on the network path".into());
+    }
+    let err = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let size = file.metadata().map_err(|e| err("stat", e))?.len();
-    let lo = (offset - offset % chunk).min(size);
-    let hi = offset
-        .saturating_add(len)
-        .div_ceil(chunk)
-        .saturating_mul(chunk)
-        .min(size);
-    let extents = file_extents(&file).map_err(|e| err("FIEMAP", e))?;
-    fill_zeros(&file, &extents, lo, hi).map_err(|e| err("zero-fill", e))?;
-    drop_cache(&file);
+    let (lo, hi) = chunks(offset, len, chunk, size);
+    let extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
+    fill.make_written(file, &unwritten_ranges(&extents, lo, hi), lo, hi)
+        .map_err(|e| format!("filling holes of [{lo}, {hi}): {e}"))?;
+    drop_cache(file);
     Ok((lo, hi - lo))
 }
 
 /// After direct writes: the server's cached pages of the file are stale; drop them.
-pub fn commit(path: &Path) -> Result<(), String> {
-    let file = open(path, false)?;
-    drop_cache(&file);
-    Ok(())
+pub fn commit(file: &File) {
+    drop_cache(file);
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod iscsi;
 pub mod lun;
 pub mod relay;
 pub mod samba;
+pub mod tamper;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,19 @@ pub fn scratch() -> tempfile::TempDir {
         .prefix("twinpath-test-")
         .tempdir_in("/dev/shm")
         .expect("tempdir on /dev/shm")
+}
+
+/// Writes a secret file (password, key) readable by its owner only, as twinpath demands.
+pub fn write_secret(path: &Path, contents: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, contents.as_bytes()).expect("write secret");
 }
 
 /// Creates a zero-filled (allocated) image of `size` bytes.

@@ -275,10 +275,59 @@ fn client_disconnect_then_reconnect() {
     assert!(daemon.stop().success());
 }
 
+/// What inotify saw happen to `name` in the watched directory: (mask, name) per event.
+fn inotify_events(fd: i32) -> Vec<(u32, String)> {
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: reading into a buffer we own, at most its length (the descriptor is non-blocking).
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    const HEAD: usize = std::mem::size_of::<libc::inotify_event>();
+    while n > 0 && at + HEAD <= n as usize {
+        // SAFETY: at least HEAD bytes of a kernel-written event; read_unaligned copes with
+        // any alignment.
+        let ev: libc::inotify_event =
+            unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+        let name = &buf[at + HEAD..at + HEAD + ev.len as usize];
+        let name = String::from_utf8_lossy(name)
+            .trim_end_matches('\0')
+            .to_owned();
+        out.push((ev.mask, name));
+        at += HEAD + ev.len as usize;
+    }
+    out
+}
+
 #[test]
-fn socket_is_private_and_removed_on_sigterm() {
+fn socket_is_private_from_its_first_moment_and_removed_on_sigterm() {
     let dir = scratch();
+    // Watch the directory from before the daemon starts: a socket bound in place and chmod'ed
+    // afterwards shows as created there (with the umask's mode) and then changed.
+    // SAFETY: plain syscalls; the descriptor is closed below.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(fd >= 0);
+    let c_dir = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and our inotify descriptor.
+    let wd = unsafe {
+        libc::inotify_add_watch(
+            fd,
+            c_dir.as_ptr(),
+            libc::IN_CREATE | libc::IN_ATTRIB | libc::IN_MOVED_TO,
+        )
+    };
+    assert!(wd >= 0);
     let (daemon, _img, sock) = one_disk(dir.path(), "");
+    let events: Vec<(u32, String)> = inotify_events(fd)
+        .into_iter()
+        .filter(|(_, name)| name == "disk.sock")
+        .collect();
+    // SAFETY: closing the descriptor we opened.
+    unsafe { libc::close(fd) };
+    assert_eq!(
+        events,
+        vec![(libc::IN_MOVED_TO, "disk.sock".to_owned())],
+        "the socket must appear whole, with its final mode"
+    );
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();

@@ -145,7 +145,7 @@ fn qemu_guest_writes_reads_and_verifies_an_smb_disk() {
     make_image(&img, 64 << 20);
     let (sock, log) = (dir.path().join("g.sock"), dir.path().join("guest.log"));
     let pass = dir.path().join("smb.pass");
-    std::fs::write(&pass, samba::PASSWORD).unwrap();
+    twinpath_tests::write_secret(&pass, samba::PASSWORD);
     let daemon = Daemon::start(
         dir.path(),
         &format!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use twinpath_filemap::{file_extents, Access, ExtentClass, SpanKind};
 use twinpath_mapproto::{Key, MapClient, MapGrant, Reply, Request};
-use twinpath_tests::fileserver::{FileServer, MAP_KEY};
+use twinpath_tests::fileserver::{host_key, FileServer};
 use twinpath_tests::lun::Fs;
 use twinpath_tests::pattern;
 
@@ -20,7 +20,7 @@ const MIB: u64 = 1 << 20;
 const ZERO_FILE: &str = ".twinpath-zeros";
 
 fn key() -> Key {
-    Key::new(MAP_KEY.as_bytes().to_vec()).unwrap()
+    host_key("host-a")
 }
 
 fn start(fs: Fs) -> (FileServer, tokio::runtime::Runtime, MapClient) {
@@ -341,15 +341,9 @@ fn ext4_grants_only_written_ranges_for_writing_and_fills_nothing() {
         "{:?}",
         m.spans
     );
-    give_back(&rt, &c, m.lease);
-    assert_eq!(
-        std::fs::metadata(&img).unwrap().blocks(),
-        blocks_before,
-        "the server allocated or wrote nothing"
-    );
     match rt
         .block_on(c.call(Request::Allocate {
-            path: "vm.raw".into(),
+            lease: m.lease,
             offset: MIB,
             len: 4096,
         }))
@@ -358,6 +352,12 @@ fn ext4_grants_only_written_ranges_for_writing_and_fills_nothing() {
         Reply::Refused { reason } => assert!(reason.contains("network path"), "{reason}"),
         other => panic!("allocate on ext4: {other:?}"),
     }
+    give_back(&rt, &c, m.lease);
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().blocks(),
+        blocks_before,
+        "the server allocated or wrote nothing"
+    );
     drop(c);
     assert!(fs.map.unwrap().stop().success());
 }

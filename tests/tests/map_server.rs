@@ -9,12 +9,11 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use sha2::{Digest, Sha256};
 use twinpath_filemap::{read_direct, Grant, Piece, SpanKind};
 use twinpath_mapproto::{Key, MapClient, MapGrant, ProtoError, Reply, Request};
-use twinpath_tests::fileserver::{FileServer, MAP_KEY};
+use twinpath_tests::fileserver::{host_key, FileServer};
 use twinpath_tests::lun::Fs;
 use twinpath_tests::{pattern, scratch, Daemon};
 
 const MIB: u64 = 1 << 20;
-const KEY: &str = MAP_KEY;
 
 struct Setup {
     /// The LUN and the host-side scratch directory; its map server is `server`.
@@ -35,8 +34,17 @@ fn setup(fs: Fs) -> Setup {
     }
 }
 
-fn key() -> Key {
-    Key::new(KEY.as_bytes().to_vec()).unwrap()
+/// Connects as test host `name`, with its own key.
+async fn connect(
+    s: &Setup,
+    name: &str,
+) -> (
+    MapClient,
+    tokio::sync::mpsc::UnboundedReceiver<twinpath_mapproto::Recall>,
+) {
+    MapClient::connect(&s.addr, &host_key(name), name)
+        .await
+        .unwrap()
 }
 
 async fn map(c: &MapClient, path: &str, offset: u64, len: u64, write: bool) -> Reply {
@@ -97,7 +105,7 @@ fn write_direct(dev: &File, physical: u64, data: &[u8]) {
 
 async fn identity_and_maps(fs: Fs) {
     let s = setup(fs);
-    let (c, _recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
+    let (c, _recalls) = connect(&s, "host-a").await;
 
     // Identity: the volume the host must find, and a token only that volume holds.
     let Reply::Identity(id) = c.call(Request::Identity).await.unwrap() else {
@@ -193,9 +201,11 @@ async fn identity_and_maps(fs: Fs) {
     // unchanged; ext4 refuses (holes stay on the network path) and allocates nothing.
     let sparse = s.fs.lun.mount_point().join("sparse.raw");
     File::create(&sparse).unwrap().set_len(16 * MIB).unwrap();
+    // Allocation acts under a write lease of the file (this one fills its own last chunk).
+    let lease = granted(map(&c, "sparse.raw", 12 * MIB, 4096, true).await).lease;
     let allocated = c
         .call(Request::Allocate {
-            path: "sparse.raw".into(),
+            lease,
             offset: MIB,
             len: 4096,
         })
@@ -249,7 +259,6 @@ async fn identity_and_maps(fs: Fs) {
             other => panic!("{bad}: {other:?}"),
         }
     }
-    assert!(!s.server.log().contains(KEY));
     drop(c);
     assert!(s.server.stop().success());
 }
@@ -275,8 +284,8 @@ async fn a_second_hosts_write_map_recalls_the_first() {
     let mut f = File::create(&img).unwrap();
     f.write_all(&pattern(53, 4 * MIB as usize)).unwrap();
     drop(f);
-    let (a, mut a_recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
-    let (b, _) = MapClient::connect(&s.addr, &key(), "host-b").await.unwrap();
+    let (a, mut a_recalls) = connect(&s, "host-a").await;
+    let (b, _) = connect(&s, "host-b").await;
     let lease = granted(map(&a, "vm.raw", 0, MIB, true).await).lease;
     match map(&b, "vm.raw", 0, MIB, true).await {
         Reply::Refused { reason } => assert!(reason.contains("host-a"), "{reason}"),
@@ -325,8 +334,8 @@ async fn recalls_name_the_leases_owner_and_returned_write_leases_drop_the_server
     let img = s.fs.lun.mount_point().join("vm.raw");
     std::fs::write(&img, pattern(55, MIB as usize)).unwrap();
     let dev = device(&s, true);
-    let (a, mut a_recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
-    let (b, _) = MapClient::connect(&s.addr, &key(), "host-b").await.unwrap();
+    let (a, mut a_recalls) = connect(&s, "host-a").await;
+    let (b, _) = connect(&s, "host-b").await;
 
     // A lease asked for by owner 7 of host A: its recall says so.
     let w = granted(
@@ -382,59 +391,101 @@ async fn recalls_name_the_leases_owner_and_returned_write_leases_drop_the_server
 }
 
 #[tokio::test]
-async fn a_host_with_the_wrong_key_is_refused() {
+async fn a_host_is_known_by_its_key_and_nothing_it_claims_is_logged_before() {
     let mut s = setup(Fs::Ext4);
     let wrong = Key::new(b"not-the-right-key-at-all".to_vec()).unwrap();
-    match MapClient::connect(&s.addr, &wrong, "intruder").await {
+    // A forged line in the claimed name would show up as its own log line if logged.
+    let forged = "intruder\n2026-12-02T00:00:00Z  INFO host connected host=vmhost-07";
+    match MapClient::connect(&s.addr, &wrong, forged).await {
         Err(ProtoError::Auth(m)) => assert!(m.contains("authentication failed"), "{m}"),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("connected with the wrong key"),
     }
-    // The server logs the refusal after sending it.
-    s.server
-        .wait_for_log("did not prove the key", std::time::Duration::from_secs(5));
+    // Host A's own key under host B's name: the key decides who it is, and it is refused.
+    match MapClient::connect(&s.addr, &host_key("host-a"), "host-b").await {
+        Err(ProtoError::Auth(m)) => assert!(m.contains("authentication failed"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("host-a's key was accepted as host-b"),
+    }
+    s.server.wait_for_log(
+        "presented under another name",
+        std::time::Duration::from_secs(5),
+    );
+    let (_c, _) = connect(&s, "host-c").await;
+    s.server.wait_for_log(
+        "host connected host=host-c",
+        std::time::Duration::from_secs(5),
+    );
     let log = s.server.log();
-    assert!(log.contains("intruder"), "{log}");
-    assert!(!log.contains(KEY) && !log.contains("not-the-right-key"));
+    assert!(
+        !log.contains("intruder"),
+        "a claimed name was logged: {log}"
+    );
+    assert!(log.contains("host-a"), "the key's owner is named: {log}");
+    for h in twinpath_tests::fileserver::HOSTS {
+        let key = std::fs::read_to_string(s.fs.key_file_of(h)).unwrap();
+        assert!(!log.contains(key.trim()), "a key in the log");
+    }
+    assert!(!log.contains("not-the-right-key"));
     assert!(s.server.stop().success());
 }
 
 #[test]
 fn bad_map_server_configs_name_the_key() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = scratch();
     let short = dir.path().join("short.key");
     std::fs::write(&short, "tiny\n").unwrap();
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let open = dir.path().join("open.key");
+    std::fs::write(&open, "a-key-long-enough-but-readable-by-all\n").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let host =
+        |key: &std::path::Path| format!("hosts: [{{name: h1, key_file: {}}}]\n", key.display());
     for (yaml, code, needle) in [
         (
-            "listen: 127.0.0.1:1\nexport: /tmp\nkey_file: /k\nexprot: x\n",
-            2,
-            "exprot",
-        ),
-        (
-            "listen: 127.0.0.1:1\nexport: rel\nkey_file: /k\n",
-            2,
-            "key `export`",
-        ),
-        (
-            "listen: 127.0.0.1:1\nexport: /tmp\nkey_file: /k\nallocation_chunk: 3M\n",
-            2,
-            "allocation_chunk",
-        ),
-        (
-            &format!(
-                "listen: 127.0.0.1:1\nexport: /tmp\nkey_file: {}\n",
-                short.display()
+            format!(
+                "listen: 127.0.0.1:1\nexport: /tmp\n{}exprot: x\n",
+                host(&short)
             ),
+            2,
+            "exprot".to_owned(),
+        ),
+        (
+            format!("listen: 127.0.0.1:1\nexport: rel\n{}", host(&short)),
+            2,
+            "key `export`".to_owned(),
+        ),
+        (
+            format!(
+                "listen: 127.0.0.1:1\nexport: /tmp\n{}allocation_chunk: 3M\n",
+                host(&short)
+            ),
+            2,
+            "allocation_chunk".to_owned(),
+        ),
+        (
+            "listen: 127.0.0.1:1\nexport: /tmp\nkey_file: /k\n".to_owned(),
+            2,
+            "own `key_file`".to_owned(),
+        ),
+        (
+            format!("listen: 127.0.0.1:1\nexport: /tmp\n{}", host(&short)),
             1,
-            "at least 16",
+            "at least 16".to_owned(),
+        ),
+        (
+            format!("listen: 127.0.0.1:1\nexport: /tmp\n{}", host(&open)),
+            1,
+            format!("{}: mode 0644", open.display()),
         ),
     ] {
         let cfg = dir.path().join("m.yaml");
-        std::fs::write(&cfg, yaml).unwrap();
+        std::fs::write(&cfg, &yaml).unwrap();
         let (status, _, stderr) =
             twinpath_tests::run_twinpath(&["map-server", "--config", cfg.to_str().unwrap()]);
         assert_eq!(status.code(), Some(code), "{yaml}: {stderr}");
-        assert!(stderr.contains(needle), "{yaml}: {stderr}");
+        assert!(stderr.contains(&needle), "{yaml}: {stderr}");
     }
 }
 
@@ -451,7 +502,7 @@ async fn changes_by_others_recall_leases_but_the_servers_own_writes_do_not() {
     let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 8 * MIB as i64) };
     assert_eq!(r, 0);
     drop(f);
-    let (c, mut recalls) = MapClient::connect(&s.addr, &key(), "host-a").await.unwrap();
+    let (c, mut recalls) = connect(&s, "host-a").await;
     let mut leases = std::collections::HashMap::new();
     for (name, write) in [
         ("a.raw", false),
@@ -485,7 +536,10 @@ async fn changes_by_others_recall_leases_but_the_servers_own_writes_do_not() {
     while seen.len() < 3 && std::time::Instant::now() < deadline {
         match tokio::time::timeout(std::time::Duration::from_millis(200), recalls.recv()).await {
             Ok(Some(r)) => {
-                seen.insert(leases[&r.lease], r.reason);
+                let name = leases
+                    .get(&r.lease)
+                    .unwrap_or_else(|| panic!("{r:?} {leases:?}"));
+                seen.insert(*name, r.reason);
             }
             _ => continue,
         }

@@ -5,8 +5,8 @@
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 
-use twinpath_mapproto::{Key, MapClient, Reply, Request};
-use twinpath_tests::fileserver::{FileServer, MAP_KEY};
+use twinpath_mapproto::{MapClient, Reply, Request};
+use twinpath_tests::fileserver::{host_key, FileServer};
 use twinpath_tests::lun::{Fs, LoopLun};
 use twinpath_tests::samba::{self, SHARE, USER};
 use twinpath_tests::*;
@@ -108,9 +108,12 @@ struct OtherHost {
 impl OtherHost {
     fn connect(rig: &Rig) -> OtherHost {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let key = Key::new(MAP_KEY.as_bytes().to_vec()).unwrap();
         let (client, _) = rt
-            .block_on(MapClient::connect(&rig.map_addr, &key, "host-b"))
+            .block_on(MapClient::connect(
+                &rig.map_addr,
+                &host_key("host-b"),
+                "host-b",
+            ))
             .unwrap();
         OtherHost { rt, client }
     }
@@ -659,7 +662,7 @@ fn a_san_disk_over_iscsi_reads_and_writes_the_lun_through_the_target() {
     let canary = rig.image("canary.raw", 92, 16 * MIB);
     let mut tgt = Tgtd::start(rig.lun.device(), true, rig.dir.path());
     let pass = rig.dir.path().join("chap.pass");
-    std::fs::write(&pass, format!("{CHAP_PASSWORD}\n")).unwrap();
+    twinpath_tests::write_secret(&pass, &format!("{CHAP_PASSWORD}\n"));
     let yaml = format!(
         "{}      lun_password_file: {}\n",
         rig.disk_yaml("san6", "vm.raw", &format!("\"{}\"", tgt.url())),

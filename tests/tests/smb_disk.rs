@@ -23,7 +23,7 @@ fn smb_disk_reads_writes_and_flushes_through_the_share() {
     let image = smb.share_dir().join("images/vm.raw");
     std::fs::write(&image, pattern(1, 16 * MIB as usize)).unwrap();
     let pass = dir.path().join("smb.pass");
-    std::fs::write(&pass, format!("{PASSWORD}\n")).unwrap();
+    twinpath_tests::write_secret(&pass, &format!("{PASSWORD}\n"));
     let sock = dir.path().join("smb.sock");
     let extra = format!(
         "      user: {USER}\n      password_file: {}\n      section_size: 64K\n",
@@ -93,14 +93,26 @@ fn start_errors_name_the_disk_and_the_cause() {
     let smb = Samba::start();
     let dir = scratch();
     let pass = dir.path().join("bad.pass");
-    std::fs::write(&pass, "wrong-password\n").unwrap();
+    twinpath_tests::write_secret(&pass, "wrong-password\n");
     let creds = format!(
         "      user: {USER}\n      password_file: {}\n",
         pass.display()
     );
+    // A password file others may read: refused, naming the file and its mode.
+    let loose = dir.path().join("loose.pass");
+    std::fs::write(&loose, format!("{PASSWORD}\n")).unwrap();
+    std::fs::set_permissions(
+        &loose,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644),
+    )
+    .unwrap();
+    let loose_creds = format!(
+        "      user: {USER}\n      password_file: {}\n",
+        loose.display()
+    );
     std::fs::write(smb.share_dir().join("there.raw"), pattern(3, 4096)).unwrap();
     let cfg = format!(
-        "disks:\n{}{}{}{}",
+        "disks:\n{}{}{}{}{}",
         smb_disk_yaml("missing", &dir.path().join("m.sock"), &smb, "nope.raw", ""),
         smb_disk_yaml(
             "badpass",
@@ -113,6 +125,13 @@ fn start_errors_name_the_disk_and_the_cause() {
             .replace(&format!("share: {SHARE}"), "share: nosuchshare"),
         smb_disk_yaml("denied", &dir.path().join("d.sock"), &smb, "there.raw", "")
             .replace(&format!("share: {SHARE}"), &format!("share: {RO_SHARE}")),
+        smb_disk_yaml(
+            "loose",
+            &dir.path().join("l.sock"),
+            &smb,
+            "there.raw",
+            &loose_creds
+        ),
     );
     let status = spawn_daemon(dir.path(), &cfg).wait_exit(std::time::Duration::from_secs(60));
     assert_eq!(status.code(), Some(1));
@@ -128,6 +147,10 @@ fn start_errors_name_the_disk_and_the_cause() {
             .to_owned()
     };
     assert!(line("badpass").contains("connect and log in"), "{log}");
+    assert!(
+        line("loose").contains(&format!("{}: mode 0644", loose.display())),
+        "{log}"
+    );
     assert!(line("noshare").contains("share `nosuchshare`"), "{log}");
     assert!(line("denied").contains("ACCESS_DENIED"), "{log}");
 }
@@ -227,7 +250,7 @@ fn read_once_back(c: &mut Client, queue: usize, offset: u64, len: usize) -> Vec<
 /// Config lines that log in as the test user, the password in a file under `dir`.
 fn user_login(dir: &Path) -> String {
     let pass = dir.join("smb.pass");
-    std::fs::write(&pass, format!("{PASSWORD}\n")).unwrap();
+    twinpath_tests::write_secret(&pass, &format!("{PASSWORD}\n"));
     format!(
         "      user: {USER}\n      password_file: {}\n",
         pass.display()

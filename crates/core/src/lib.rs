@@ -24,7 +24,7 @@ pub use buffers::{GuestBuffers, IoVecs};
 pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig};
 pub use error::{Error, ErrorKind, Result};
 pub use registry::{parse_options, BackendSpec, DiskContext, OptionError, Plugin, Registry};
-pub use secret::read_secret;
+pub use secret::{read_secret, read_secret_bytes};
 pub use size::ByteSize;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the mutexes of

@@ -1,7 +1,6 @@
 //! Pre-shared keys, the server's ring of them, and the session keys derived from one.
 
 use std::fmt;
-use std::path::Path;
 
 use hkdf::Hkdf;
 use hmac::{KeyInit, Mac};
@@ -33,18 +32,8 @@ impl Key {
     /// Keys shorter than this are refused: they could be guessed.
     pub const MIN_LEN: usize = 16;
 
-    /// The file's contents without a trailing newline.
-    pub fn from_file(path: &Path) -> Result<Key, String> {
-        let raw = Zeroizing::new(
-            std::fs::read(path).map_err(|e| format!("key file {}: {e}", path.display()))?,
-        );
-        let trimmed = raw
-            .strip_suffix(b"\n")
-            .map(|r| r.strip_suffix(b"\r").unwrap_or(r))
-            .unwrap_or(&raw);
-        Key::new(trimmed.to_vec()).map_err(|e| format!("key file {}: {e}", path.display()))
-    }
-
+    /// A key from its bytes (callers read key files with twinpath_core::read_secret_bytes,
+    /// which refuses files others may read).
     pub fn new(bytes: Vec<u8>) -> Result<Key, String> {
         if bytes.len() < Self::MIN_LEN {
             return Err(format!(

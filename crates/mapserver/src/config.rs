@@ -1,6 +1,8 @@
 //! The map server's YAML config.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 use twinpath_core::ByteSize;
@@ -12,22 +14,74 @@ fn default_chunk() -> ByteSize {
 /// ```yaml
 /// listen: 0.0.0.0:7410                 # address VM hosts connect to
 /// export: /srv/vmstore                 # the tree whose files are mapped (on the shared LUN)
-/// key_file: /etc/twinpath/map.key      # pre-shared key, at least 16 bytes
+/// hosts:                               # every VM host, each with its own key
+///   - name: vmhost-07
+///     key_file: /etc/twinpath/hosts/vmhost-07.key
+///     paths: [images/vm1/, images/shared/]   # prefixes under export; omitted = everything
 /// allocation_chunk: 64M                # holes are filled in chunks this large (default)
+/// metrics:
+///   listen: 127.0.0.1:9811             # /metrics and /leases
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MapServerConfig {
     pub listen: String,
     pub export: PathBuf,
-    pub key_file: PathBuf,
+    pub hosts: Vec<HostConfig>,
     #[serde(default = "default_chunk")]
     pub allocation_chunk: ByteSize,
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The name the host gives as its `host_name`; it must come with this entry's key.
+    pub name: String,
+    pub key_file: PathBuf,
+    /// Prefixes (directories) under the export whose files the host may map; `None` is all.
+    #[serde(default)]
+    pub paths: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+/// Host names go into logs and metric labels: keep them short and printable.
+fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A path prefix is relative and goes down only: `images/vm1/`, `images`.
+fn valid_prefix(p: &str) -> bool {
+    !p.is_empty()
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
 }
 
 impl MapServerConfig {
     pub fn from_file(path: &Path) -> Result<MapServerConfig, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |key: &str, why: &str| format!("{}: key `{key}`: {why}", path.display());
+        // One key for all hosts was protocol 1; say what replaces it instead of "unknown key".
+        if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str(&text) {
+            if m.contains_key("key_file") {
+                return Err(bad(
+                    "key_file",
+                    "one key shared by every host is gone: list each host under `hosts:` with \
+                     its own `key_file` (docs/san.md, \"Per-host keys\")",
+                ));
+            }
+        }
         let de = serde_yaml::Deserializer::from_str(&text);
         let cfg: MapServerConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -35,16 +89,47 @@ impl MapServerConfig {
         })?;
         let chunk = cfg.allocation_chunk.0;
         if chunk < 4096 || !chunk.is_power_of_two() {
-            return Err(format!(
-                "{}: key `allocation_chunk`: must be a power of two, at least 4K",
-                path.display()
+            return Err(bad(
+                "allocation_chunk",
+                "must be a power of two, at least 4K",
             ));
         }
         if !cfg.export.is_absolute() {
-            return Err(format!(
-                "{}: key `export`: must be an absolute path",
-                path.display()
-            ));
+            return Err(bad("export", "must be an absolute path"));
+        }
+        if cfg.hosts.is_empty() {
+            return Err(bad("hosts", "list at least one host"));
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashSet::new();
+        for (i, h) in cfg.hosts.iter().enumerate() {
+            let at = |k: &str| format!("hosts[{i}].{k}");
+            if !valid_host_name(&h.name) {
+                return Err(bad(
+                    &at("name"),
+                    "1 to 64 characters of letters, digits, `-`, `_` and `.`",
+                ));
+            }
+            if !names.insert(h.name.as_str()) {
+                return Err(bad(
+                    &at("name"),
+                    &format!("host `{}` is listed twice", h.name),
+                ));
+            }
+            if !keys.insert(&h.key_file) {
+                return Err(bad(
+                    &at("key_file"),
+                    "each host needs its own key file (a key identifies its host)",
+                ));
+            }
+            for p in h.paths.iter().flatten() {
+                if !valid_prefix(p) {
+                    return Err(bad(
+                        &at("paths"),
+                        &format!("`{p}` must be relative to the export, without `..`"),
+                    ));
+                }
+            }
         }
         Ok(cfg)
     }
@@ -61,5 +146,49 @@ mod tests {
         assert_eq!(cfg.listen, "0.0.0.0:7410");
         assert_eq!(cfg.export, Path::new("/srv/vmstore"));
         assert_eq!(cfg.allocation_chunk.0, 64 << 20);
+        assert_eq!(cfg.hosts[0].name, "vmhost-07");
+        assert_eq!(
+            cfg.hosts[0].paths.as_deref(),
+            Some(&["images/vm1/".to_owned(), "images/shared/".to_owned()][..])
+        );
+        assert!(cfg.metrics.is_some());
+    }
+
+    #[test]
+    fn bad_host_lists_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("tp-mapcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("m.yaml");
+        let head = "listen: 127.0.0.1:1\nexport: /srv\n";
+        for (body, needle) in [
+            ("key_file: /k\nhosts: []\n", "`hosts:`"),
+            ("hosts: []\n", "key `hosts`"),
+            (
+                "hosts: [{name: a, key_file: /k}, {name: a, key_file: /j}]\n",
+                "hosts[1].name",
+            ),
+            (
+                "hosts: [{name: a, key_file: /k}, {name: b, key_file: /k}]\n",
+                "hosts[1].key_file",
+            ),
+            (
+                "hosts: [{name: \"a\\nb\", key_file: /k}]\n",
+                "hosts[0].name",
+            ),
+            (
+                "hosts: [{name: a, key_file: /k, paths: [../x]}]\n",
+                "hosts[0].paths",
+            ),
+            (
+                "hosts: [{name: a, key_file: /k, paths: [/abs]}]\n",
+                "hosts[0].paths",
+            ),
+            ("hosts: [{name: a, key_fiel: /k}]\n", "key_fiel"),
+        ] {
+            std::fs::write(&cfg, format!("{head}{body}")).unwrap();
+            let e = MapServerConfig::from_file(&cfg).unwrap_err();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,103 +1,100 @@
 //! twinpath-mapserver: `twinpath map-server`, run on the file-server host next to smbd, over
 //! a directory tree on the filesystem that lives on the shared LUN. VM hosts connect (one
-//! authenticated connection each), learn which volume to look for, and ask for maps of the
-//! images they serve; the server hands out extents with leases and takes them back.
+//! authenticated connection each, with their own key), learn which volume to look for, and
+//! ask for maps of the images they serve; the server hands out extents with leases and takes
+//! them back.
 //!
 //! Leases: any number of hosts may hold read leases on a file, or one host a write lease.
 //! A request that conflicts recalls the leases in its way (the holders fall back to the
 //! network path and return them) and is refused meanwhile; the asking host retries later.
 
+mod admission;
 mod config;
 mod export;
 mod fill;
+mod leases;
 mod maps;
+mod metrics;
 mod volume;
 mod watch;
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use twinpath_core::lock;
-use twinpath_mapproto::{Frame, Key, MapGrant, Reply, Request, VolumeIdentity};
+use twinpath_mapproto::{Frame, HostKeys, Key, MapGrant, Reply, Request, VolumeIdentity};
 
-pub use config::MapServerConfig;
+pub use config::{HostConfig, MapServerConfig};
 pub use fill::ZERO_FILE;
+pub use leases::LeaseInfo;
 pub use volume::TOKEN_FILE;
 
-use crate::export::Export;
+use crate::admission::Admission;
+use crate::export::{Export, Inode, Opened};
+use crate::fill::Filler;
+use crate::leases::{Lease, Leases};
+use crate::metrics::Metrics;
 
-/// How long a host may take to answer the challenge.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer may take to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Lease {
-    conn: u64,
-    host: String,
-    path: PathBuf,
-    write: bool,
-    recalled: bool,
+/// A request the server will not carry out: a reason from a fixed set (the metric label),
+/// and what the host is told.
+#[derive(Debug)]
+pub struct Refusal {
+    reason: &'static str,
+    message: String,
 }
 
-#[derive(Default)]
-struct Leases {
-    next: u64,
-    by_id: HashMap<u64, Lease>,
-    /// Where to push frames (recalls) for each connected host.
-    outboxes: HashMap<u64, mpsc::UnboundedSender<Frame>>,
+impl Refusal {
+    fn new(reason: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// Opening `rel` failed with `e`.
+    fn io(rel: &str, e: std::io::Error) -> Refusal {
+        let reason = match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR) => "not_found",
+            // RESOLVE_BENEATH / RESOLVE_NO_XDEV / RESOLVE_NO_MAGICLINKS said no.
+            Some(libc::EXDEV | libc::ELOOP) => "outside",
+            _ => "io",
+        };
+        Refusal::new(reason, format!("path {rel:?}: {e}"))
+    }
+}
+
+/// A host as the config lists it.
+struct Host {
+    name: Arc<str>,
+    paths: Option<Vec<String>>,
 }
 
 struct State {
     export: Export,
-    key: Key,
+    hosts: Vec<Arc<Host>>,
+    keys: HostKeys,
     chunk: u64,
+    fill: Arc<Filler>,
     identity: VolumeIdentity,
-    fill: fill::Filler,
-    leases: Mutex<Leases>,
+    /// Files of the server's own (token, zeros): never mapped.
+    internal: Vec<Inode>,
+    leases: std::sync::Mutex<Leases>,
     /// Reports changes to leased files by others; `None` where fanotify is unavailable.
     watcher: Option<watch::Watcher>,
-}
-
-impl Leases {
-    /// Sends a recall for every lease that `pred` selects and that was not recalled yet.
-    /// Returns the hosts holding selected leases.
-    fn recall(&mut self, pred: impl Fn(&Lease) -> bool, reason: &str) -> Vec<String> {
-        let mut holders = Vec::new();
-        let mut recalls = Vec::new();
-        for (&id, lease) in self.by_id.iter_mut() {
-            if pred(lease) {
-                holders.push(lease.host.clone());
-                if !lease.recalled {
-                    lease.recalled = true;
-                    recalls.push((lease.conn, id, lease.path.clone()));
-                }
-            }
-        }
-        for (holder, id, path) in recalls {
-            tracing::info!(lease = id, path = %path.display(), "recalling lease: {reason}");
-            if let Some(outbox) = self.outboxes.get(&holder) {
-                let _ = outbox.send(Frame::Recall {
-                    lease: id,
-                    reason: reason.to_owned(),
-                });
-            }
-        }
-        holders.sort();
-        holders.dedup();
-        holders
-    }
+    metrics: Metrics,
 }
 
 impl State {
-    /// Stops watching `path` once no lease refers to it.
-    fn forget_if_unleased(&self, path: &std::path::Path) {
-        let leased = lock(&self.leases).by_id.values().any(|l| l.path == path);
+    /// Stops watching `inode` once no lease refers to it.
+    fn forget_if_unleased(&self, inode: Inode) {
+        let leased = lock(&self.leases).refers_to(inode);
         if let (false, Some(w)) = (leased, &self.watcher) {
-            w.unwatch(path);
+            w.unwatch(inode);
         }
     }
 }
@@ -105,24 +102,42 @@ impl State {
 /// A running map server.
 pub struct MapServer {
     pub local_addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     state: Arc<State>,
 }
 
 impl MapServer {
-    /// Reads the key, identifies the volume (writing this session's token file) and binds.
+    /// Reads the host keys, identifies the volume (writing this session's token file) and
+    /// binds.
     pub async fn bind(cfg: &MapServerConfig) -> Result<MapServer, String> {
-        let key = Key::from_file(&cfg.key_file)?;
+        let mut keys = Vec::new();
+        let mut hosts = Vec::new();
+        for h in &cfg.hosts {
+            let key = twinpath_core::read_secret_bytes("key_file", &h.key_file)
+                .map_err(|e| format!("host {}: {e}", h.name))?;
+            let key = Key::new(key)
+                .map_err(|e| format!("host {}: key_file {}: {e}", h.name, h.key_file.display()))?;
+            keys.push((h.name.clone(), key));
+            hosts.push(Arc::new(Host {
+                name: h.name.as_str().into(),
+                paths: h.paths.clone(),
+            }));
+        }
+        let keys = HostKeys::new(keys).map_err(|e| format!("hosts: {e}"))?;
         let export = Export::new(&cfg.export)
             .map_err(|e| format!("export {}: {e}", cfg.export.display()))?;
         let root = export.root().to_path_buf();
-        let identity = tokio::task::spawn_blocking(move || volume::identify(&root))
-            .await
-            .map_err(|e| e.to_string())??;
-        let root = export.root().to_path_buf();
-        let fill = tokio::task::spawn_blocking(move || fill::Filler::new(&root))
-            .await
-            .map_err(|e| e.to_string())??;
+        let (identity, fill, internal) = tokio::task::spawn_blocking(move || {
+            let (identity, token) = volume::identify(&root)?;
+            let fill = Filler::new(&root)?;
+            let mut internal = vec![token];
+            internal.extend(fill.zero_file_id().map(|(dev, ino)| Inode { dev, ino }));
+            Ok::<_, String>((identity, fill, internal))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let watcher = match watch::Watcher::new() {
             Ok(w) => Some(w),
             Err(e) => {
@@ -137,24 +152,49 @@ impl MapServer {
             .await
             .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
         let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(%local_addr, export = %cfg.export.display(), "map server listening");
+        let metrics_listener = match &cfg.metrics {
+            Some(m) => Some(
+                TcpListener::bind(m.listen)
+                    .await
+                    .map_err(|e| format!("metrics.listen {}: {e}", m.listen))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().map_err(|e| e.to_string()))
+            .transpose()?;
+        tracing::info!(
+            %local_addr,
+            export = %cfg.export.display(),
+            hosts = cfg.hosts.len(),
+            "map server listening"
+        );
         Ok(MapServer {
             local_addr,
+            metrics_addr,
             listener,
+            metrics_listener,
             state: Arc::new(State {
                 export,
-                key,
+                hosts,
+                keys,
                 chunk: cfg.allocation_chunk.0,
+                fill: Arc::new(fill),
                 identity,
-                fill,
-                leases: Mutex::default(),
+                internal,
+                leases: Default::default(),
                 watcher,
+                metrics: Metrics::default(),
             }),
         })
     }
 
     /// Serves hosts until the task is dropped.
     pub async fn serve(self) {
+        if let Some(l) = self.metrics_listener {
+            tokio::spawn(metrics::serve(l, self.state.clone()));
+        }
         let watching = self.state.clone();
         let _changes = tokio::spawn(async move {
             let Some(w) = &watching.watcher else { return };
@@ -162,8 +202,9 @@ impl MapServer {
                 match w.changes().await {
                     Ok(changes) => {
                         let mut l = lock(&watching.leases);
-                        for (path, why) in changes {
-                            l.recall(|lease| lease.path == path, why);
+                        for (inode, why) in changes {
+                            let (_, sent) = l.recall(|lease| lease.inode == inode, why);
+                            watching.metrics.recalled("changed", sent);
                         }
                     }
                     Err(e) => {
@@ -173,6 +214,7 @@ impl MapServer {
                 }
             }
         });
+        let admission = Admission::default();
         let mut next_conn = 0u64;
         loop {
             let (stream, peer) = match self.listener.accept().await {
@@ -183,46 +225,65 @@ impl MapServer {
                     continue;
                 }
             };
+            // Over the cap the connection is closed before anything is read from it.
+            let Some(pending) = admission.admit(peer.ip()) else {
+                self.state.metrics.auth_failed("capacity");
+                continue;
+            };
             next_conn += 1;
             let state = self.state.clone();
             let conn = next_conn;
             tokio::spawn(async move {
-                if let Err(e) = serve_host(state.clone(), conn, stream).await {
+                if let Err(e) = serve_host(&state, conn, stream, pending).await {
                     tracing::warn!(%peer, "map connection: {e}");
                 }
-                let gone: Vec<(PathBuf, bool)> = {
-                    let mut l = lock(&state.leases);
-                    l.outboxes.remove(&conn);
-                    let gone = l
-                        .by_id
-                        .values()
-                        .filter(|lease| lease.conn == conn)
-                        .map(|lease| (lease.path.clone(), lease.write))
-                        .collect();
-                    l.by_id.retain(|_, lease| lease.conn != conn);
-                    gone
-                };
-                for (path, write) in gone {
-                    released(&state, path, write).await;
+                let gone = lock(&state.leases).remove_conn(conn);
+                for lease in gone {
+                    released(&state, lease).await;
                 }
             });
         }
     }
 }
 
-async fn serve_host(state: Arc<State>, conn: u64, stream: TcpStream) -> Result<(), String> {
+async fn serve_host(
+    state: &Arc<State>,
+    conn: u64,
+    stream: TcpStream,
+    pending: admission::Pending,
+) -> Result<(), String> {
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (c, host) = tokio::time::timeout(
+    let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        twinpath_mapproto::accept(stream, &state.key),
+        twinpath_mapproto::accept(stream, &state.keys),
     )
-    .await
-    .map_err(|_| "handshake timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    tracing::info!(host, "host connected");
+    .await;
+    drop(pending);
+    let (c, name) = match accepted {
+        Err(_) => {
+            state.metrics.auth_failed("timeout");
+            return Err("handshake timed out".into());
+        }
+        Ok(Err(e)) => {
+            state.metrics.auth_failed(auth_reason(&e));
+            return Err(e.to_string());
+        }
+        Ok(Ok(a)) => a,
+    };
+    let host = &state
+        .hosts
+        .iter()
+        .find(|h| *h.name == name)
+        .cloned()
+        .ok_or_else(|| format!("host {name:?} verified but is not configured"))?;
+    tracing::info!(host = %host.name, "host connected");
     let (mut reader, mut writer) = (c.reader, c.writer);
     let (outbox, mut outgoing) = mpsc::unbounded_channel::<Frame>();
     lock(&state.leases).outboxes.insert(conn, outbox.clone());
+    state
+        .metrics
+        .connected
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let sender = tokio::spawn(async move {
         while let Some(f) = outgoing.recv().await {
             if writer.send(&f).await.is_err() {
@@ -237,18 +298,39 @@ async fn serve_host(state: Arc<State>, conn: u64, stream: TcpStream) -> Result<(
                     id,
                     outbox: &outbox,
                 };
-                if let Some(reply) = handle(&state, conn, &host, request, &respond).await {
-                    respond.send(reply);
+                match handle(state, conn, host, request, &respond).await {
+                    Ok(Some(reply)) => respond.send(reply),
+                    Ok(None) => {}
+                    Err(r) => {
+                        state.metrics.refused(r.reason);
+                        tracing::debug!(host = %host.name, reason = r.reason, "refused: {}", r.message);
+                        respond.send(Reply::Refused { reason: r.message });
+                    }
                 }
             }
-            Ok(other) => break Err(format!("host {host} sent {other:?}")),
+            Ok(_) => break Err(format!("host {}: unexpected frame", host.name)),
             Err(twinpath_mapproto::ProtoError::Closed) => break Ok(()),
-            Err(e) => break Err(format!("host {host}: {e}")),
+            Err(e) => break Err(format!("host {}: {e}", host.name)),
         }
     };
-    tracing::info!(host, "host disconnected");
+    tracing::info!(host = %host.name, "host disconnected");
+    state
+        .metrics
+        .connected
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     sender.abort();
     result
+}
+
+/// The metric label for a failed handshake.
+fn auth_reason(e: &twinpath_mapproto::ProtoError) -> &'static str {
+    use twinpath_mapproto::ProtoError as P;
+    match e {
+        P::Auth(_) => "bad_key",
+        P::Version { .. } => "version",
+        P::Malformed(_) | P::Unexpected(_) => "malformed",
+        _ => "io",
+    }
 }
 
 /// Where the reply to one request goes.
@@ -267,56 +349,33 @@ impl Respond<'_> {
 /// A lease is gone (returned, or its host disconnected). The host may have written under a
 /// write lease without committing: drop the server's cached pages of the file, so they cannot
 /// hide those writes. Stops watching the file once nobody holds a lease on it.
-async fn released(state: &Arc<State>, path: PathBuf, write: bool) {
-    if write {
-        let p = path.clone();
-        let dropped =
-            tokio::task::spawn_blocking(move || open(&p, false).map(|f| maps::commit(&f)));
-        match dropped.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("dropping cache: {e}"),
-            Err(e) => tracing::warn!(path = %path.display(), "dropping cache: {e}"),
-        }
+async fn released(state: &Arc<State>, lease: Lease) {
+    let inode = lease.inode;
+    if lease.write {
+        let file = lease.file.clone();
+        let _ = tokio::task::spawn_blocking(move || maps::commit(&file)).await;
     }
-    state.forget_if_unleased(&path);
+    state.forget_if_unleased(inode);
 }
 
-/// `path` opened for the map work, refused if it is the zero file (a host writing its blocks
-/// would turn later fills into its data).
-fn open(path: &Path, write: bool) -> Result<File, String> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
 }
 
-fn open_mappable(state: &State, path: &Path, write: bool) -> Result<File, String> {
-    let file = open(path, write)?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if state.fill.zero_file_id() == Some((meta.dev(), meta.ino())) {
-        return Err(format!("{} is the map server's own", path.display()));
-    }
-    Ok(file)
-}
-
-fn refused(reason: impl Into<String>) -> Reply {
-    Reply::Refused {
-        reason: reason.into(),
-    }
-}
-
-/// The reply to `request`, or `None` where `handle` sent it itself (a grant goes out under
+/// The reply to `request`, `Ok(None)` where `handle` sent it itself (a grant goes out under
 /// the lease table's lock, so that no recall of its lease can overtake it).
 async fn handle(
     state: &Arc<State>,
     conn: u64,
-    host: &str,
+    host: &Arc<Host>,
     request: Request,
     respond: &Respond<'_>,
-) -> Option<Reply> {
+) -> Result<Option<Reply>, Refusal> {
     let reply = match request {
         Request::Identity => Reply::Identity(state.identity.clone()),
         Request::GetMap {
@@ -324,120 +383,145 @@ async fn handle(
             offset,
             len,
             write,
-        } => {
-            let real = match state.export.resolve(&path) {
-                Ok(p) => p,
-                Err(e) => return Some(refused(e)),
-            };
-            if let Some(holders) = recall_conflicts(state, conn, &real, write) {
-                return Some(refused(format!(
-                    "`{path}` is leased by {holders}; recalled"
-                )));
-            }
-            let worker = state.clone();
-            let target = real.clone();
-            let mapped = tokio::task::spawn_blocking(move || {
-                let file = open_mappable(&worker, &target, write)?;
-                maps::get_map(&file, offset, len, write, worker.chunk, &worker.fill)
-                    .map_err(|e| format!("{}: {e}", target.display()))
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-            match mapped {
-                Err(e) => refused(e),
-                Ok((file_size, spans)) => {
-                    if let Some(w) = &state.watcher {
-                        if let Err(e) = w.watch(&real) {
-                            tracing::warn!(path, "cannot watch for changes: {e}");
-                        }
-                    }
-                    let mut l = lock(&state.leases);
-                    l.next += 1;
-                    let lease = l.next;
-                    l.by_id.insert(
-                        lease,
-                        Lease {
-                            conn,
-                            host: host.to_owned(),
-                            path: real,
-                            write,
-                            recalled: false,
-                        },
-                    );
-                    tracing::debug!(host, path, lease, write, spans = spans.len(), "map granted");
-                    respond.send(Reply::Map(MapGrant {
-                        lease,
-                        file_size,
-                        spans,
-                    }));
-                    return None;
-                }
-            }
-        }
-        Request::Allocate { path, offset, len } => {
-            let real = match state.export.resolve(&path) {
-                Ok(p) => p,
-                Err(e) => return Some(refused(e)),
-            };
-            let worker = state.clone();
-            let done = tokio::task::spawn_blocking(move || {
-                let file = open_mappable(&worker, &real, true)?;
-                maps::allocate(&file, offset, len, worker.chunk, &worker.fill)
-                    .map_err(|e| format!("{}: {e}", real.display()))
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-            match done {
-                Ok((offset, len)) => Reply::Allocated { offset, len },
-                Err(e) => refused(e),
-            }
+        } => return get_map(state, conn, host, path, offset, len, write, respond).await,
+        Request::Allocate { lease, offset, len } => {
+            let file = write_lease(state, conn, lease)?;
+            let (chunk, fill) = (state.chunk, state.fill.clone());
+            let (offset, len) = blocking(move || maps::allocate(&file, offset, len, chunk, &fill))
+                .await
+                .map_err(|e| Refusal::new("map_error", format!("allocate: {e}")))?;
+            Reply::Allocated { offset, len }
         }
         Request::Commit { lease, size: _ } => {
-            let path = {
-                let l = lock(&state.leases);
-                match l.by_id.get(&lease) {
-                    Some(x) if x.conn == conn && x.write => x.path.clone(),
-                    _ => {
-                        return Some(refused(format!(
-                            "lease {lease} is not a write lease of this host"
-                        )))
-                    }
-                }
-            };
-            match tokio::task::spawn_blocking(move || open(&path, false).map(|f| maps::commit(&f)))
-                .await
-            {
-                Ok(Ok(())) => Reply::Done,
-                Ok(Err(e)) => refused(e),
-                Err(e) => refused(e.to_string()),
-            }
+            let file = write_lease(state, conn, lease)?;
+            blocking(move || {
+                maps::commit(&file);
+                Ok(())
+            })
+            .await
+            .map_err(|e| Refusal::new("io", format!("commit: {e}")))?;
+            Reply::Done
         }
         Request::Return { lease } => {
             let returned = {
                 let mut l = lock(&state.leases);
-                match l.by_id.get(&lease) {
-                    Some(x) if x.conn == conn => l.by_id.remove(&lease),
-                    _ => None,
+                match l.held(lease, conn) {
+                    Some(_) => l.remove(lease),
+                    None => None,
                 }
             };
-            match returned {
-                Some(x) => {
-                    released(state, x.path, x.write).await;
-                    Reply::Done
-                }
-                None => refused(format!("lease {lease} is not held by this host")),
-            }
+            let Some(returned) = returned else {
+                return Err(Refusal::new(
+                    "bad_lease",
+                    format!("lease {lease} is not held by this host"),
+                ));
+            };
+            released(state, returned).await;
+            Reply::Done
         }
     };
-    Some(reply)
+    Ok(Some(reply))
 }
 
-/// Recalls other hosts' leases on `path` that conflict with a new lease (any lease against a
-/// write, a write lease against a read). Returns who held them, or `None` if nobody did.
-fn recall_conflicts(state: &State, conn: u64, path: &PathBuf, write: bool) -> Option<String> {
-    let holders = lock(&state.leases).recall(
-        |lease| lease.conn != conn && &lease.path == path && (write || lease.write),
-        "another host asked for the file",
-    );
-    (!holders.is_empty()).then(|| holders.join(", "))
+/// The file of write lease `lease`, if connection `conn` holds it.
+fn write_lease(state: &State, conn: u64, lease: u64) -> Result<Arc<std::fs::File>, Refusal> {
+    match lock(&state.leases).held(lease, conn) {
+        Some(l) if l.write => Ok(l.file.clone()),
+        _ => Err(Refusal::new(
+            "bad_lease",
+            format!("lease {lease} is not a write lease of this host"),
+        )),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn get_map(
+    state: &Arc<State>,
+    conn: u64,
+    host: &Arc<Host>,
+    path: String,
+    offset: u64,
+    len: u64,
+    write: bool,
+    respond: &Respond<'_>,
+) -> Result<Option<Reply>, Refusal> {
+    let opened = {
+        let (s, h, rel) = (state.clone(), host.clone(), path.clone());
+        tokio::task::spawn_blocking(move || s.export.open(&rel, h.paths.as_deref(), write))
+            .await
+            .map_err(|e| Refusal::new("io", e.to_string()))??
+    };
+    let Opened { file, inode } = opened;
+    if state.internal.contains(&inode) {
+        return Err(Refusal::new(
+            "internal_file",
+            format!("path {path:?} is the map server's own file"),
+        ));
+    }
+    let file = Arc::new(file);
+    let reserved = {
+        let mut l = lock(&state.leases);
+        let r = l.reserve(Lease {
+            conn,
+            host: host.name.clone(),
+            path: path.clone(),
+            inode,
+            file: file.clone(),
+            write,
+            granted: false,
+            recalled: false,
+            since: std::time::SystemTime::now(),
+        });
+        if let Err(holders) = &r {
+            state.metrics.recalled("conflict", holders.len() as u64);
+        }
+        r
+    };
+    let id = reserved.map_err(|holders| {
+        let names: Vec<&str> = holders.iter().map(|h| &**h).collect();
+        Refusal::new(
+            "conflict",
+            format!("{path:?} is leased by {}; recalled", names.join(", ")),
+        )
+    })?;
+    if let Some(w) = &state.watcher {
+        if let Err(e) = w.watch(&file, inode) {
+            tracing::warn!(path = ?path, "cannot watch for changes: {e}");
+        }
+    }
+    let (chunk, fill, f) = (state.chunk, state.fill.clone(), file.clone());
+    let mapped = blocking(move || maps::get_map(&f, offset, len, write, chunk, &fill)).await;
+    let (file_size, spans) = match mapped {
+        Ok(m) => m,
+        Err(e) => {
+            let dropped = lock(&state.leases).remove(id);
+            if let Some(l) = dropped {
+                released(state, l).await;
+            }
+            return Err(Refusal::new("map_error", format!("{path:?}: {e}")));
+        }
+    };
+    let overtaken = {
+        let mut l = lock(&state.leases);
+        match l.grant(id) {
+            Ok(_) => {
+                state.metrics.granted(write);
+                tracing::debug!(host = %host.name, path = ?path, lease = id, write, spans = spans.len(), "map granted");
+                respond.send(Reply::Map(MapGrant {
+                    lease: id,
+                    file_size,
+                    spans,
+                }));
+                return Ok(None);
+            }
+            Err(e) => e,
+        }
+    };
+    if let Some(l) = overtaken {
+        released(state, l).await;
+    }
+    Err(Refusal::new(
+        "recalled",
+        format!("{path:?} was recalled while its map was made"),
+    ))
 }

@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 use twinpath_filemap::{file_extents, ExtentClass, VolumeId};
 use twinpath_mapproto::VolumeIdentity;
 
+use crate::export::Inode;
+
 /// Name of the token file in the export's root.
 pub const TOKEN_FILE: &str = ".twinpath-token";
 const TOKEN_LEN: usize = 4096;
@@ -34,7 +36,8 @@ pub fn device_of(path: &Path) -> Result<PathBuf, String> {
 }
 
 /// Identifies the volume under `export` and writes a fresh token file for this session.
-pub fn identify(export: &Path) -> Result<VolumeIdentity, String> {
+/// Returns the identity and the token file's inode (never to be mapped for a host).
+pub fn identify(export: &Path) -> Result<(VolumeIdentity, Inode), String> {
     let device = device_of(export)?;
     let dev = File::open(&device).map_err(|e| format!("{}: {e}", device.display()))?;
     let id = VolumeId::read(&dev)
@@ -67,12 +70,16 @@ pub fn identify(export: &Path) -> Result<VolumeIdentity, String> {
         size,
         "volume identified"
     );
-    Ok(VolumeIdentity {
-        fs_type: id.fs_type.name().to_owned(),
-        uuid: id.uuid_hex(),
-        size,
-        token_offset: first.physical,
-        token_len: TOKEN_LEN as u64,
-        token_sha256: hex::encode(Sha256::digest(&token)),
-    })
+    let inode = Inode::of(&f).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((
+        VolumeIdentity {
+            fs_type: id.fs_type.name().to_owned(),
+            uuid: id.uuid_hex(),
+            size,
+            token_offset: first.physical,
+            token_len: TOKEN_LEN as u64,
+            token_sha256: hex::encode(Sha256::digest(&token)),
+        },
+        inode,
+    ))
 }

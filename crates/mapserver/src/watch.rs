@@ -5,46 +5,58 @@
 //! the few raw calls here.
 
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::unix::AsyncFd;
 use twinpath_core::lock;
 
+use crate::export::Inode;
+
 /// Writes and truncation (a size change is reported as a modification), renames, deletion.
 /// Attribute changes are left out: they do not move data, and smbd touches timestamps
 /// after its own writes, which would recall leases for nothing.
-const EVENTS: u64 = libc::FAN_MODIFY | libc::FAN_MOVE_SELF | libc::FAN_DELETE_SELF;
+///
+/// A leased file is held open (by its lease), so unlinking it frees nothing and reports no
+/// DELETE_SELF: the unlink shows as an attribute change (the link count), told apart from
+/// timestamp changes by the link count being zero.
+const EVENTS: u64 =
+    libc::FAN_MODIFY | libc::FAN_MOVE_SELF | libc::FAN_DELETE_SELF | libc::FAN_ATTRIB;
 /// MAX_HANDLE_SZ in <linux/exportfs.h>.
 const MAX_HANDLE: usize = 128;
 
 /// A file's identity as fanotify reports it: handle type and handle bytes.
 type Handle = (i32, Vec<u8>);
 
+#[derive(Default)]
+struct Watched {
+    by_handle: HashMap<Handle, Inode>,
+    /// The descriptor each mark was made through (a mark is removed through it too).
+    files: HashMap<Inode, Arc<File>>,
+}
+
 pub struct Watcher {
     fd: AsyncFd<OwnedFd>,
-    watched: Mutex<HashMap<Handle, PathBuf>>,
+    watched: Mutex<Watched>,
     own_pid: i32,
 }
 
-fn handle_of(path: &Path) -> io::Result<Handle> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
+fn handle_of(file: &File) -> io::Result<Handle> {
     // struct file_handle: handle_bytes (u32), handle_type (i32), then the bytes.
     let mut buf = vec![0u8; 8 + MAX_HANDLE];
     buf[..4].copy_from_slice(&(MAX_HANDLE as u32).to_ne_bytes());
     let mut mount_id = 0;
-    // SAFETY: `buf` is a file_handle with room for MAX_HANDLE bytes, as handle_bytes says.
+    // SAFETY: `buf` is a file_handle with room for MAX_HANDLE bytes, as handle_bytes says;
+    // the empty path with AT_EMPTY_PATH names the open file itself.
     let r = unsafe {
         libc::name_to_handle_at(
-            libc::AT_FDCWD,
-            c.as_ptr(),
+            file.as_raw_fd(),
+            c"".as_ptr(),
             buf.as_mut_ptr().cast(),
             &mut mount_id,
-            0,
+            libc::AT_EMPTY_PATH,
         )
     };
     if r != 0 {
@@ -92,16 +104,15 @@ impl Watcher {
         })
     }
 
-    fn mark(&self, path: &Path, op: libc::c_uint) -> io::Result<()> {
-        let c = CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: plain syscall on our fanotify descriptor and a NUL-terminated path.
+    fn mark(&self, file: &File, op: libc::c_uint) -> io::Result<()> {
+        // SAFETY: plain syscall on our fanotify descriptor; a null path marks the open file.
         let r = unsafe {
             libc::fanotify_mark(
                 self.fd.get_ref().as_raw_fd(),
                 op,
                 EVENTS,
-                libc::AT_FDCWD,
-                c.as_ptr(),
+                file.as_raw_fd(),
+                std::ptr::null(),
             )
         };
         if r != 0 {
@@ -110,25 +121,30 @@ impl Watcher {
         Ok(())
     }
 
-    /// Starts reporting changes to `path` (idempotent).
-    pub fn watch(&self, path: &Path) -> io::Result<()> {
-        let handle = handle_of(path)?;
-        if let std::collections::hash_map::Entry::Vacant(slot) = lock(&self.watched).entry(handle) {
-            self.mark(path, libc::FAN_MARK_ADD)?;
-            slot.insert(path.to_path_buf());
+    /// Starts reporting changes to `file`, which is `inode` (idempotent).
+    pub fn watch(&self, file: &Arc<File>, inode: Inode) -> io::Result<()> {
+        let mut w = lock(&self.watched);
+        if w.files.contains_key(&inode) {
+            return Ok(());
         }
+        let handle = handle_of(file)?;
+        self.mark(file, libc::FAN_MARK_ADD)?;
+        w.by_handle.insert(handle, inode);
+        w.files.insert(inode, file.clone());
         Ok(())
     }
 
-    /// Stops reporting changes to `path`.
-    pub fn unwatch(&self, path: &Path) {
+    /// Stops reporting changes to `inode`.
+    pub fn unwatch(&self, inode: Inode) {
         let mut w = lock(&self.watched);
-        w.retain(|_, p| p != path);
-        let _ = self.mark(path, libc::FAN_MARK_REMOVE);
+        if let Some(file) = w.files.remove(&inode) {
+            w.by_handle.retain(|_, i| *i != inode);
+            let _ = self.mark(&file, libc::FAN_MARK_REMOVE);
+        }
     }
 
     /// The next changes by others: which watched file, and what happened to it.
-    pub async fn changes(&self) -> io::Result<Vec<(PathBuf, &'static str)>> {
+    pub async fn changes(&self) -> io::Result<Vec<(Inode, &'static str)>> {
         let mut buf = vec![0u8; 16 << 10];
         loop {
             let mut ready = self.fd.readable().await?;
@@ -153,7 +169,7 @@ impl Watcher {
         }
     }
 
-    fn parse(&self, mut buf: &[u8]) -> Vec<(PathBuf, &'static str)> {
+    fn parse(&self, mut buf: &[u8]) -> Vec<(Inode, &'static str)> {
         const META: usize = std::mem::size_of::<libc::fanotify_event_metadata>();
         let watched = lock(&self.watched);
         let mut out = Vec::new();
@@ -179,8 +195,19 @@ impl Watcher {
             let Some(bytes) = info.get(20..20 + len) else {
                 continue;
             };
-            if let Some(path) = watched.get(&(kind, bytes.to_vec())) {
-                out.push((path.clone(), what(meta.mask)));
+            let Some(inode) = watched.by_handle.get(&(kind, bytes.to_vec())) else {
+                continue;
+            };
+            let changed = libc::FAN_MODIFY | libc::FAN_MOVE_SELF | libc::FAN_DELETE_SELF;
+            if meta.mask & changed != 0 {
+                out.push((*inode, what(meta.mask)));
+            } else if watched
+                .files
+                .get(inode)
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0)
+            {
+                out.push((*inode, "deleted on the server"));
             }
         }
         out

@@ -1,6 +1,7 @@
 //! `twinpath`: serve virtual disks to VM guests over vhost-user-blk.
 
 mod bench;
+mod leases;
 mod map_server;
 mod serve;
 mod stats;
@@ -54,8 +55,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the map service on a file server: hand VM hosts the extent maps of the images
     /// under an exported directory that lives on a shared LUN (the direct path).
+    ///
+    /// Each VM host listed under `hosts:` authenticates with its own key and may map only
+    /// files under its `paths`. See docs/san.md.
     MapServer {
-        /// YAML config: listen, export, key_file, allocation_chunk.
+        /// YAML config: listen, export, hosts (name, key_file, paths), allocation_chunk,
+        /// metrics.listen.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -66,6 +71,12 @@ enum Command {
     /// `metrics.listen` in the config; Prometheus scrapes the same counters from
     /// http://LISTEN/metrics.
     Stats(stats::StatsArgs),
+    /// Print the leases a running `twinpath map-server` holds, as a table.
+    ///
+    /// One line per lease: the path the host asked for, the host, read or write, the file's
+    /// device and inode, and how long it has been held. Needs `metrics.listen` in
+    /// map-server.yaml; Prometheus scrapes the server's counters from http://LISTEN/metrics.
+    Leases(leases::LeasesArgs),
     /// List the backend plugins this binary was built with.
     Plugins,
 }
@@ -143,6 +154,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::MapServer { config } => map_server::run(&config),
         Command::Stats(args) => stats::run(args, &registry),
+        Command::Leases(args) => leases::run(args),
         Command::Plugins => {
             for name in registry.names() {
                 println!("{name}");

@@ -88,7 +88,9 @@ impl DiskServer {
     }
 }
 
-/// Binds a fresh socket, replacing a stale one but never another kind of file.
+/// Binds a fresh socket, replacing a stale one but never another kind of file. The socket
+/// appears at `path` with its final mode: it is bound and chmod'ed in a private (0700)
+/// directory next to it and renamed into place, so no one can connect in between.
 fn bind(path: &Path) -> io::Result<Listener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -101,11 +103,18 @@ fn bind(path: &Path) -> io::Result<Listener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let staging = tempfile::Builder::new()
+        .prefix(".twinpath-socket-")
+        .tempdir_in(dir)?;
+    let staged = staging.path().join("socket");
+    let listener = UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&staged, path)?;
     Ok(Listener::from(listener))
 }
 

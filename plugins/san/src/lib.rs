@@ -232,10 +232,22 @@ impl Plugin for SanPlugin {
 }
 
 impl DirectSetup {
+    /// This host's map key. A key file that cannot be used fails the disk's open, like a bad
+    /// SMB password file: an operator must hear of it, not find the disk silently on SMB.
+    fn key(&self) -> Result<Key> {
+        let bytes = twinpath_core::read_secret_bytes("map_key_file", &self.map_key_file)?;
+        Key::new(bytes).map_err(|e| {
+            twinpath_core::Error::new(
+                twinpath_core::ErrorKind::InvalidInput,
+                format!("map_key_file {}: {e}", self.map_key_file.display()),
+            )
+        })
+    }
+
     /// Joins this host's connection to the map server, finds the LUN and opens it for
     /// direct I/O.
     async fn open(&self, stats: Arc<PathStats>) -> std::result::Result<Arc<Direct>, String> {
-        let key = Key::from_file(&self.map_key_file)?;
+        let key = self.key().map_err(|e| e.to_string())?;
         let link = MapLink::shared(&self.map_server, key, &self.host_name);
         let member = link.join();
         let connected = link.connect().await?;
@@ -288,6 +300,7 @@ impl BackendSpec for SanSpec {
     }
 
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
+        self.setup.key()?;
         let network = self.network.open().await?;
         let direct = Arc::new(OnceLock::new());
         let stats = Arc::<PathStats>::default();

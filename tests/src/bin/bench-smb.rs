@@ -59,7 +59,7 @@ fn main() {
     std::fs::write(&put_source, &image).unwrap();
     drop(image);
     let pass = dir.path().join("smb.pass");
-    std::fs::write(&pass, PASSWORD).unwrap();
+    twinpath_tests::write_secret(&pass, PASSWORD);
 
     let disks: [(&str, std::net::SocketAddr, &str); 4] = [
         ("loopback", smb.addr(), ""),

@@ -140,7 +140,7 @@ fn start_local(size: u64) -> Result<(Local, Vec<Target>), String> {
     let smb = Samba::start();
     write_image(&smb.share_dir().join("smb.raw"), size)?;
     let password = dir.path().join("smb.pass");
-    std::fs::write(&password, PASSWORD).map_err(|e| e.to_string())?;
+    twinpath_tests::write_secret(&password, PASSWORD);
     let (file_sock, smb_sock) = (dir.path().join("file.sock"), dir.path().join("smb.sock"));
     let metrics = format!("127.0.0.1:{}", twinpath_tests::samba::free_port());
     let config = format!(

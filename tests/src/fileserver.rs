@@ -44,11 +44,12 @@ fn map_config(
     )
 }
 
+/// Fields drop in order: the map server and smbd stop before the LUN is unmounted.
 pub struct FileServer {
-    pub lun: LoopLun,
-    pub smb: Option<Samba>,
     /// The running map server; take it to stop it, [`FileServer::restart_map`] to start it again.
     pub map: Option<Daemon>,
+    pub smb: Option<Samba>,
+    pub lun: LoopLun,
     pub map_addr: String,
     /// Scratch space for the host side: key and password files, sockets, logs.
     pub dir: tempfile::TempDir,

@@ -492,7 +492,12 @@ async fn get_map(
     let (chunk, fill, f) = (state.chunk, state.fill.clone(), file.clone());
     let mapped = blocking(move || maps::get_map(&f, offset, len, write, chunk, &fill)).await;
     let (file_size, spans) = match mapped {
-        Ok(m) => m,
+        // A host hangs up on a map of more spans than it accepts; the rest of the range is
+        // simply not granted (the host goes over SMB there).
+        Ok((size, mut spans)) => {
+            spans.truncate(twinpath_mapproto::MAX_SPANS);
+            (size, spans)
+        }
         Err(e) => {
             let dropped = lock(&state.leases).remove(id);
             if let Some(l) = dropped {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -45,29 +45,58 @@ pub struct LeaseInfo {
     pub since: u64,
 }
 
+/// Leases one connection may hold at once: a window of 64 MiB each, so 4 TiB of images
+/// mapped at the same time; beyond that a host is refused, not the server's memory taken.
+pub const MAX_LEASES_PER_CONN: usize = 65536;
+
+/// Why a reservation was not made.
+pub enum Denied {
+    /// Other hosts hold conflicting leases (recalled now).
+    Conflict(Vec<Arc<str>>),
+    /// The connection holds [`MAX_LEASES_PER_CONN`] already.
+    TooMany,
+}
+
 #[derive(Default)]
 pub struct Leases {
     next: u64,
     by_id: HashMap<u64, Lease>,
     /// Where to push frames (recalls) for each connected host.
-    pub outboxes: HashMap<u64, mpsc::UnboundedSender<Frame>>,
+    pub outboxes: HashMap<u64, mpsc::Sender<Frame>>,
+    /// One open file per inode and access, shared by its leases: descriptors grow with the
+    /// files leased, not with the leases (a host maps one image in many windows).
+    files: HashMap<(Inode, bool), Weak<File>>,
 }
 
 impl Leases {
     /// Reserves `lease` unless another connection holds a conflicting one (any lease against
     /// a write, a write lease against a read): then recalls those and returns their holders.
-    pub fn reserve(&mut self, lease: Lease) -> Result<u64, Vec<Arc<str>>> {
+    /// Returns the reservation's id and the file it uses (an already open one of the inode
+    /// where there is one).
+    pub fn reserve(&mut self, mut lease: Lease) -> Result<(u64, Arc<File>), Denied> {
         let (inode, conn, write) = (lease.inode, lease.conn, lease.write);
         let (holders, _) = self.recall(
             |l| l.inode == inode && l.conn != conn && (write || l.write),
             "another host asked for the file",
         );
         if !holders.is_empty() {
-            return Err(holders);
+            return Err(Denied::Conflict(holders));
         }
+        if self.by_id.values().filter(|l| l.conn == conn).count() >= MAX_LEASES_PER_CONN {
+            return Err(Denied::TooMany);
+        }
+        let key = (inode, write);
+        match self.files.get(&key).and_then(Weak::upgrade) {
+            Some(open) => lease.file = open,
+            None => {
+                self.files.retain(|_, f| f.strong_count() > 0);
+                self.files.insert(key, Arc::downgrade(&lease.file));
+            }
+        }
+        let file = lease.file.clone();
         self.next += 1;
         self.by_id.insert(self.next, lease);
-        Ok(self.next)
+        Ok((self.next, file))
     }
 
     /// Turns reservation `id` into a grant, unless it was recalled or dropped meanwhile
@@ -105,11 +134,17 @@ impl Leases {
             }
             tracing::info!(lease = id, host = %lease.host, path = ?lease.path, "recalling lease: {reason}");
             if let Some(outbox) = self.outboxes.get(&lease.conn) {
-                sent += 1;
-                let _ = outbox.send(Frame::Recall {
+                let recall = Frame::Recall {
                     lease: id,
                     reason: reason.to_owned(),
-                });
+                };
+                match outbox.try_send(recall) {
+                    Ok(()) => sent += 1,
+                    // A host that reads nothing holds its leases until its connection ends.
+                    Err(e) => {
+                        tracing::warn!(lease = id, host = %lease.host, "recall not sent: {e}")
+                    }
+                }
             }
         }
         holders.sort();

@@ -34,8 +34,12 @@ pub use volume::TOKEN_FILE;
 use crate::admission::Admission;
 use crate::export::{Export, Inode, Opened};
 use crate::fill::Filler;
-use crate::leases::{Lease, Leases};
+use crate::leases::{Denied, Lease, Leases, MAX_LEASES_PER_CONN};
 use crate::metrics::Metrics;
+
+/// The longest range one map or allocation covers (hosts ask for 64 MiB windows): a larger
+/// request is clipped, so that one request cannot make the server fill a whole image.
+const MAX_MAP_LEN: u64 = 1 << 30;
 
 /// How long a peer may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,10 +94,12 @@ struct State {
 }
 
 impl State {
-    /// Stops watching `inode` once no lease refers to it.
+    /// Stops watching `inode` once no lease refers to it. Decided and done under the lease
+    /// table's lock: a reservation made meanwhile (which watches after it reserved) cannot
+    /// lose its mark to this.
     fn forget_if_unleased(&self, inode: Inode) {
-        let leased = lock(&self.leases).refers_to(inode);
-        if let (false, Some(w)) = (leased, &self.watcher) {
+        let l = lock(&self.leases);
+        if let (false, Some(w)) = (l.refers_to(inode), &self.watcher) {
             w.unwatch(inode);
         }
     }
@@ -112,6 +118,7 @@ impl MapServer {
     /// Reads the host keys, identifies the volume (writing this session's token file) and
     /// binds.
     pub async fn bind(cfg: &MapServerConfig) -> Result<MapServer, String> {
+        raise_open_files_limit();
         let mut keys = Vec::new();
         let mut hosts = Vec::new();
         for h in &cfg.hosts {
@@ -246,6 +253,28 @@ impl MapServer {
     }
 }
 
+/// Every leased file is held open: take the hard limit on open files, not the soft one
+/// (1024 under systemd), so that the number of images leased, not a default, is the bound.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read the struct we pass.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    };
+    if !raised {
+        tracing::warn!(
+            "cannot raise the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 async fn serve_host(
     state: &Arc<State>,
     conn: u64,
@@ -278,7 +307,7 @@ async fn serve_host(
         .ok_or_else(|| format!("host {name:?} verified but is not configured"))?;
     tracing::info!(host = %host.name, "host connected");
     let (mut reader, mut writer) = (c.reader, c.writer);
-    let (outbox, mut outgoing) = mpsc::unbounded_channel::<Frame>();
+    let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX_FRAMES);
     lock(&state.leases).outboxes.insert(conn, outbox.clone());
     state
         .metrics
@@ -294,9 +323,14 @@ async fn serve_host(
     let result = loop {
         match reader.recv().await {
             Ok(Frame::Request { id, request }) => {
+                // A host that does not read its replies stops being read from: its requests
+                // wait in its own socket buffer, not in the server's memory.
+                let Ok(permit) = outbox.clone().reserve_owned().await else {
+                    break Ok(());
+                };
                 let respond = Respond {
                     id,
-                    outbox: &outbox,
+                    permit: std::sync::Mutex::new(Some(permit)),
                 };
                 match handle(state, conn, host, request, &respond).await {
                     Ok(Some(reply)) => respond.send(reply),
@@ -333,16 +367,21 @@ fn auth_reason(e: &twinpath_mapproto::ProtoError) -> &'static str {
     }
 }
 
-/// Where the reply to one request goes.
-struct Respond<'a> {
+/// Frames queued for one host at most (replies and recalls).
+const OUTBOX_FRAMES: usize = 64;
+
+/// Where the reply to one request goes: a slot in the host's outbox taken before the request
+/// is handled, so the reply never waits (a grant is sent under the lease table's lock).
+struct Respond {
     id: u64,
-    outbox: &'a mpsc::UnboundedSender<Frame>,
+    permit: std::sync::Mutex<Option<mpsc::OwnedPermit<Frame>>>,
 }
 
-impl Respond<'_> {
+impl Respond {
     fn send(&self, reply: Reply) {
-        // A closed outbox means the host is gone; its reader loop ends on its own.
-        let _ = self.outbox.send(Frame::Reply { id: self.id, reply });
+        if let Some(p) = lock(&self.permit).take() {
+            p.send(Frame::Reply { id: self.id, reply });
+        }
     }
 }
 
@@ -374,7 +413,7 @@ async fn handle(
     conn: u64,
     host: &Arc<Host>,
     request: Request,
-    respond: &Respond<'_>,
+    respond: &Respond,
 ) -> Result<Option<Reply>, Refusal> {
     let reply = match request {
         Request::Identity => Reply::Identity(state.identity.clone()),
@@ -383,8 +422,12 @@ async fn handle(
             offset,
             len,
             write,
-        } => return get_map(state, conn, host, path, offset, len, write, respond).await,
+        } => {
+            let len = len.min(MAX_MAP_LEN);
+            return get_map(state, conn, host, path, offset, len, write, respond).await;
+        }
         Request::Allocate { lease, offset, len } => {
+            let len = len.min(MAX_MAP_LEN);
             let file = write_lease(state, conn, lease)?;
             let (chunk, fill) = (state.chunk, state.fill.clone());
             let (offset, len) = blocking(move || maps::allocate(&file, offset, len, chunk, &fill))
@@ -443,7 +486,7 @@ async fn get_map(
     offset: u64,
     len: u64,
     write: bool,
-    respond: &Respond<'_>,
+    respond: &Respond,
 ) -> Result<Option<Reply>, Refusal> {
     let opened = {
         let (s, h, rel) = (state.clone(), host.clone(), path.clone());
@@ -458,7 +501,6 @@ async fn get_map(
             format!("path {path:?} is the map server's own file"),
         ));
     }
-    let file = Arc::new(file);
     let reserved = {
         let mut l = lock(&state.leases);
         let r = l.reserve(Lease {
@@ -466,23 +508,29 @@ async fn get_map(
             host: host.name.clone(),
             path: path.clone(),
             inode,
-            file: file.clone(),
+            file: Arc::new(file),
             write,
             granted: false,
             recalled: false,
             since: std::time::SystemTime::now(),
         });
-        if let Err(holders) = &r {
+        if let Err(Denied::Conflict(holders)) = &r {
             state.metrics.recalled("conflict", holders.len() as u64);
         }
         r
     };
-    let id = reserved.map_err(|holders| {
-        let names: Vec<&str> = holders.iter().map(|h| &**h).collect();
-        Refusal::new(
-            "conflict",
-            format!("{path:?} is leased by {}; recalled", names.join(", ")),
-        )
+    let (id, file) = reserved.map_err(|denied| match denied {
+        Denied::Conflict(holders) => {
+            let names: Vec<&str> = holders.iter().map(|h| &**h).collect();
+            Refusal::new(
+                "conflict",
+                format!("{path:?} is leased by {}; recalled", names.join(", ")),
+            )
+        }
+        Denied::TooMany => Refusal::new(
+            "too_many_leases",
+            format!("this host holds {MAX_LEASES_PER_CONN} leases already; return some"),
+        ),
     })?;
     if let Some(w) = &state.watcher {
         if let Err(e) = w.watch(&file, inode) {

@@ -13,7 +13,7 @@ fn default_chunk() -> ByteSize {
 /// listen: 0.0.0.0:7410                 # address VM hosts connect to
 /// export: /srv/vmstore                 # the tree whose files are mapped (on the shared LUN)
 /// key_file: /etc/twinpath/map.key      # pre-shared key, at least 16 bytes
-/// allocation_chunk: 64M                # holes are filled in chunks this large (default)
+/// allocation_chunk: 64M                # with reflink, holes are filled in chunks this large (default)
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

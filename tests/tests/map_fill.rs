@@ -217,6 +217,18 @@ fn filled_holes_never_share_blocks_with_the_zero_file_and_it_stays_zeros() {
     let log = fs.map.as_ref().unwrap().log();
     assert!(log.contains("holes are filled by dedupe from"), "{log}");
     let zero_blocks = physical_ranges(&zeros);
+    // Nobody may map it: a direct write into its blocks would make later fills someone's data.
+    for write in [false, true] {
+        let reply = rt
+            .block_on(c.call(Request::GetMap {
+                path: ZERO_FILE.into(),
+                offset: 0,
+                len: MIB,
+                write,
+            }))
+            .unwrap();
+        assert!(matches!(reply, Reply::Refused { .. }), "{reply:?}");
+    }
 
     // A sparse file with a written middle and a preallocated tail.
     let img = mnt.join("vm.raw");

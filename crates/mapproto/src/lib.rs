@@ -162,7 +162,8 @@ pub enum Request {
     /// Make `[offset, offset + len)` of the file under write lease `lease` (granted to this
     /// connection by [`Request::GetMap`]) allocated and written (zeros where it was a hole or
     /// unwritten), in the server's allocation chunks, so later write maps need no
-    /// allocation. Never changes the file's size.
+    /// allocation. Never changes the file's size. Refused where the server's filesystem
+    /// cannot fill holes without risking a concurrent write (no reflink).
     Allocate { lease: u64, offset: u64, len: u64 },
     /// Direct writes under `lease` are done and durable on the device; `size` is the file's
     /// size as the host sees it.

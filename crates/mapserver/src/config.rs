@@ -18,7 +18,7 @@ fn default_chunk() -> ByteSize {
 ///   - name: vmhost-07
 ///     key_file: /etc/twinpath/hosts/vmhost-07.key
 ///     paths: [images/vm1/, images/shared/]   # prefixes under export; omitted = everything
-/// allocation_chunk: 64M                # holes are filled in chunks this large (default)
+/// allocation_chunk: 64M                # with reflink, holes are filled in chunks this large
 /// metrics:
 ///   listen: 127.0.0.1:9811             # /metrics and /leases
 /// ```

@@ -1,7 +1,7 @@
 //! Watching leased files for changes made by anyone but the map server itself: writes
 //! (through smbd or locally), truncation, renames, deletion. fanotify
 //! with file identifiers reports all of these with the writer's PID, so the server's own
-//! zero-filling is told apart without guessing. No crate wraps fanotify's FID mode, hence
+//! filling of holes (dedupe, unshare) is told apart without guessing. No crate wraps fanotify's FID mode, hence
 //! the few raw calls here.
 
 use std::collections::HashMap;

@@ -1,8 +1,8 @@
-//! Resource attacks by an authenticated host on the map server that every host shares.
-//! Every lease keeps its file open (`Lease::file`, and the watcher keeps one more per inode),
-//! leases are never capped per host, and a host may hold any number of read leases on the
-//! same file on one connection. The process's descriptor limit is the service's limit: once
-//! it is reached, no host gets a map and no host can connect.
+//! Resource attacks by an authenticated host on the map server that every host shares. Every
+//! lease needs its file open; were that one descriptor per lease, one host holding many
+//! leases (as a host with a large image does, one per 64 MiB window) would reach the
+//! process's descriptor limit, and then no host would get a map or even connect. Leases of
+//! one inode share one open file.
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ const MIB: u64 = 1 << 20;
 /// does the same with one 64 GiB image: one lease per 64 MiB window). Host B then asks for a
 /// map of its own image, and host C tries to connect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_one_hosts_leases_exhaust_the_servers_descriptors() {
+async fn one_hosts_many_leases_do_not_take_the_servers_descriptors() {
     let fs = FileServer::start(512 * MIB, Fs::Xfs, false, "allocation_chunk: 4M\n");
     let pid = fs.map.as_ref().unwrap().pid();
     let st = std::process::Command::new("prlimit")

@@ -104,24 +104,22 @@ async fn a_server_without_the_key_is_not_trusted() {
     assert!(matches!(host, Err(ProtoError::Auth(m)) if m.contains("did not prove")));
 }
 
-#[tokio::test]
-async fn a_version_1_server_is_named_with_both_versions() {
+/// Host `host-a` answering a fake server that sends this challenge and then only listens.
+async fn against_challenge(
+    version: u32,
+    nonce: String,
+) -> Result<twinpath_mapproto::Conn<tokio::io::DuplexStream>, ProtoError> {
     let (mut a, b) = duplex(1 << 16);
     tokio::spawn(async move {
-        write_json(
-            &mut a,
-            &Frame::Challenge {
-                version: 1,
-                nonce: "00".repeat(32),
-            },
-        )
-        .await;
+        write_json(&mut a, &Frame::Challenge { version, nonce }).await;
         let _ = common::read_raw(&mut a).await;
     });
-    let e = connect(b, &key("key-of-host-a-0001"), "host-a")
-        .await
-        .err()
-        .unwrap();
+    connect(b, &key("key-of-host-a-0001"), "host-a").await
+}
+
+#[tokio::test]
+async fn a_version_1_server_is_named_with_both_versions() {
+    let e = against_challenge(1, "00".repeat(32)).await.err().unwrap();
     assert!(matches!(
         e,
         ProtoError::Version {
@@ -213,19 +211,7 @@ async fn handshake_fields_of_the_wrong_size_and_garbage_are_clear_errors() {
     let r = connect(b, &key("key-of-host-a-0001"), "host-a").await;
     assert!(matches!(r, Err(ProtoError::Malformed(_))), "{:?}", r.err());
 
-    let (mut a, b) = duplex(1 << 16);
-    tokio::spawn(async move {
-        write_json(
-            &mut a,
-            &Frame::Challenge {
-                version: 2,
-                nonce: "00".repeat(31),
-            },
-        )
-        .await;
-        let _ = common::read_raw(&mut a).await;
-    });
-    let r = connect(b, &key("key-of-host-a-0001"), "host-a").await;
+    let r = against_challenge(2, "00".repeat(31)).await;
     assert!(
         matches!(&r, Err(ProtoError::Malformed(m)) if m.contains("challenge nonce")),
         "{:?}",

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::{select, Either};
@@ -45,6 +45,19 @@ pub struct MapClient {
     outbox: mpsc::UnboundedSender<Frame>,
     book: Arc<Mutex<Book>>,
     next_id: AtomicU64,
+    alive: Alive,
+}
+
+/// Whether a connection still stands, cheap enough to ask before every direct I/O: it turns
+/// false the moment the connection's reader sees it end, before any waiting call or owner
+/// hears of it.
+#[derive(Clone, Debug)]
+pub struct Alive(Arc<AtomicBool>);
+
+impl Alive {
+    pub fn is_alive(&self) -> bool {
+        !self.0.load(Ordering::Acquire)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,6 +127,8 @@ impl MapClient {
         });
         let mut reader = conn.reader;
         let replies = book.clone();
+        let alive = Alive(Arc::default());
+        let lost_flag = alive.0.clone();
         tokio::spawn(async move {
             // A request that cannot go out would never be answered: that ends the
             // connection as surely as a bad frame coming in.
@@ -132,6 +147,8 @@ impl MapClient {
             if !matches!(e, ProtoError::Closed) {
                 tracing::warn!("map connection dropped: {e}");
             }
+            // First of all: no direct I/O may start under this connection's grants now.
+            lost_flag.store(true, Ordering::Release);
             // Nothing more goes out either: the connection is dropped as a whole, and the
             // server sees it end and takes back this host's leases.
             sending.abort();
@@ -151,6 +168,7 @@ impl MapClient {
                 outbox,
                 book,
                 next_id: AtomicU64::new(1),
+                alive,
             },
             recalled,
         ))
@@ -158,7 +176,12 @@ impl MapClient {
 
     /// Whether the server closed the connection, or it broke.
     pub fn is_closed(&self) -> bool {
-        lock(&self.book).lost.is_some() || self.outbox.is_closed()
+        !self.alive.is_alive() || self.outbox.is_closed()
+    }
+
+    /// A handle that tells whether this connection still stands (for grants made on it).
+    pub fn alive(&self) -> Alive {
+        self.alive.clone()
     }
 
     /// Sends `request` and waits for its reply.

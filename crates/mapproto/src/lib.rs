@@ -47,7 +47,7 @@ mod handshake;
 mod key;
 mod wire;
 
-pub use client::{MapClient, Recall};
+pub use client::{Alive, MapClient, Recall};
 pub use handshake::{accept, connect};
 pub use key::{HostKeys, Key};
 pub use wire::{Conn, ConnReader, ConnWriter};

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use twinpath_core::stats::{Op, PathStats};
 use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
 use twinpath_filemap::{Grant, Guard, Piece};
-use twinpath_mapproto::{MapClient, Reply, Request};
+use twinpath_mapproto::{Alive, MapClient, Reply, Request};
 use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
 
 use crate::link::{Event, Member};
@@ -59,6 +59,8 @@ struct Window {
     guard: Guard,
     lease: u64,
     write: bool,
+    /// The connection the grant came on: when it ends, so does the grant, at once.
+    conn: Alive,
     /// Direct I/Os under this grant still running.
     inflight: AtomicUsize,
     /// Direct writes not yet committed to the server.
@@ -231,10 +233,14 @@ impl Direct {
                     }
                     hit
                 };
-                match found {
-                    Some((_, win)) => d.retire(win).await,
-                    None => d.give_back(r.lease).await,
-                }
+                // Retiring waits for the grant's I/O and a device flush: not here, where a
+                // lost connection queued behind it would wait too.
+                tokio::spawn(async move {
+                    match found {
+                        Some((_, win)) => d.retire(win).await,
+                        None => d.give_back(r.lease).await,
+                    }
+                });
             }
         });
     }
@@ -269,6 +275,8 @@ impl Direct {
     async fn window(self: &Arc<Self>, w: u64, write: bool) -> Option<Arc<Window>> {
         let usable = |d: &Direct| -> std::result::Result<Arc<Window>, bool> {
             match lock(&d.windows).get(&w) {
+                // Its connection ended; the loss is on its way to `go_down`.
+                Some(Slot::Mapped(win)) if !win.conn.is_alive() => Err(false),
                 Some(Slot::Mapped(win)) if !write || win.write => Ok(win.clone()),
                 Some(Slot::Resting(until)) if Instant::now() < *until => Err(false),
                 _ => Err(true),
@@ -312,19 +320,23 @@ impl Direct {
                         grant,
                         lease: m.lease,
                         write,
+                        conn: client.alive(),
                         inflight: AtomicUsize::new(0),
                         dirty: AtomicBool::new(false),
                     });
-                    // The direct path went down while the map was on its way: keep it down.
-                    if self.resting() {
-                        self.give_back(m.lease).await;
-                        return None;
-                    }
                     // Recalled on its way here (and given back by the recall's handler). Checked
                     // under the windows lock, which the handler holds while it looks for the
-                    // lease and notes it, so the recall cannot slip in between.
+                    // lease and notes it, so the recall cannot slip in between. The same for
+                    // the direct path going down: `go_down` rests first, then clears the
+                    // windows under this lock, so a grant is either seen resting here or
+                    // cleared there.
                     let old = {
                         let mut windows = lock(&self.windows);
+                        if self.resting() {
+                            drop(windows);
+                            self.give_back(m.lease).await;
+                            return None;
+                        }
                         if lock(&self.early_recalls).contains(&m.lease) {
                             windows.insert(w, Slot::Resting(Instant::now() + RETRY_AFTER));
                             return None;
@@ -440,7 +452,9 @@ impl Direct {
         let counted = {
             let windows = lock(&self.windows);
             match windows.get(&w) {
-                Some(Slot::Mapped(cur)) if Arc::ptr_eq(cur, &win) => InFlight::new(&win),
+                Some(Slot::Mapped(cur)) if Arc::ptr_eq(cur, &win) && win.conn.is_alive() => {
+                    InFlight::new(&win)
+                }
                 _ => return Ok(Outcome::Network),
             }
         };
@@ -465,7 +479,9 @@ impl Direct {
         let w = Self::window_of(offset, len)?;
         // Looked up and counted under one lock, so the window cannot be retired in between.
         let counted = match lock(&self.windows).get(&w) {
-            Some(Slot::Mapped(win)) if !write || win.write => InFlight::new(win),
+            Some(Slot::Mapped(win)) if (!write || win.write) && win.conn.is_alive() => {
+                InFlight::new(win)
+            }
             _ => return None,
         };
         let pieces = counted.0.grant.resolve(offset, len, write)?;

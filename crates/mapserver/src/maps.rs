@@ -80,9 +80,18 @@ pub fn get_map(
     let mut extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
     if write && fill.fills() {
         let (lo, hi) = chunks(start, end - start, chunk, size);
-        fill.make_written(file, &unwritten_ranges(&extents, lo, hi), lo, hi)
-            .map_err(|e| format!("filling holes of [{lo}, {hi}): {e}"))?;
-        extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
+        let holes = unwritten_ranges(&extents, lo, hi);
+        // Refused extents may be shared ones that unsharing makes grantable; a range all
+        // written and private needs neither filling nor unsharing (the common case: a
+        // written image mapped again).
+        let refused = extents
+            .iter()
+            .any(|e| e.class == ExtentClass::Refused && e.logical < hi && e.logical + e.len > lo);
+        if !holes.is_empty() || refused {
+            fill.make_written(file, &holes, lo, hi)
+                .map_err(|e| format!("filling holes of [{lo}, {hi}): {e}"))?;
+            extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
+        }
     }
     drop_cache(file);
     Ok((size, spans(&extents, start, end, write)))

@@ -146,3 +146,31 @@ fn a_relay_rewriting_maps_never_makes_the_host_write_another_tenants_blocks() {
         "the image holds the guest's writes"
     );
 }
+
+#[test]
+fn a_map_key_file_others_can_read_fails_the_disk_naming_file_and_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    let key = dir.path().join("map.key");
+    std::fs::write(&key, "a-key-long-enough-for-the-map-server\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pass = dir.path().join("smb.pass");
+    write_secret(&pass, "unused");
+    let cfg = format!(
+        "disks:\n  - name: loose\n    socket: {}\n    backend: {{type: san, server: \"127.0.0.1:1\", share: s, path: a.raw, user: u, password_file: {}, map_server: \"127.0.0.1:1\", map_key_file: {}, lun: auto}}\n",
+        dir.path().join("l.sock").display(),
+        pass.display(),
+        key.display()
+    );
+    let status = spawn_daemon(dir.path(), &cfg).wait_exit(std::time::Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("disk `loose`"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(&format!("{}: mode 0644", key.display())),
+        "{log}"
+    );
+}

@@ -77,9 +77,9 @@ pub async fn accept<S: AsyncRead + AsyncWrite>(
     };
     if *name != claimed {
         conn.send(&deny("authentication failed".into())).await?;
-        return Err(ProtoError::Auth(format!(
-            "the key of host `{name}` was presented under another name"
-        )));
+        return Err(ProtoError::WrongName {
+            key_of: name.clone(),
+        });
     }
     let server_mac = key.mac(&[b"server", &theirs, &ours]);
     conn.send(&Frame::Welcome {

@@ -228,6 +228,10 @@ pub enum ProtoError {
     Unexpected(String),
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// A peer proved a configured host's key under another host's name: it holds a real key,
+    /// so this is worth an operator's attention every time.
+    #[error("authentication failed: the key of host `{key_of}` was presented under another name")]
+    WrongName { key_of: String },
     #[error("{peer} speaks protocol version {theirs}, this {} speaks {PROTOCOL_VERSION}", .peer.other())]
     Version { peer: Role, theirs: u32 },
     /// A sealed frame did not open with the key and sequence number it should have.

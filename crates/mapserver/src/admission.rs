@@ -13,15 +13,34 @@ use twinpath_core::lock;
 pub const MAX_PENDING: usize = 64;
 /// Handshakes in progress at once from one address.
 pub const MAX_PENDING_PER_SOURCE: usize = 8;
-/// Refusals are logged at most this often (with how many there were).
+/// What peers without a key cause is logged at most this often (with how many there were),
+/// so that they cannot fill the server's disk with log lines.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A log line that is written at most every [`LOG_EVERY`], counting what it stood for.
+#[derive(Default)]
+pub struct Throttled {
+    skipped: u64,
+    logged: Option<Instant>,
+}
+
+impl Throttled {
+    /// Whether to log now, and how many events the line stands for.
+    pub fn due(&mut self) -> Option<u64> {
+        self.skipped += 1;
+        if self.logged.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            return None;
+        }
+        self.logged = Some(Instant::now());
+        Some(std::mem::take(&mut self.skipped))
+    }
+}
 
 #[derive(Default)]
 struct Counts {
     total: usize,
     by_source: HashMap<IpAddr, usize>,
-    refused: u64,
-    logged: Option<Instant>,
+    refused: Throttled,
 }
 
 #[derive(Default, Clone)]
@@ -39,16 +58,13 @@ impl Admission {
         let mut c = lock(&self.0);
         let mine = c.by_source.get(&source).copied().unwrap_or(0);
         if c.total >= MAX_PENDING || mine >= MAX_PENDING_PER_SOURCE {
-            c.refused += 1;
-            if c.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            if let Some(refused) = c.refused.due() {
                 tracing::warn!(
                     %source,
-                    refused = c.refused,
+                    refused,
                     "too many connections still authenticating (at most {MAX_PENDING}, \
                      {MAX_PENDING_PER_SOURCE} per address): closing new ones"
                 );
-                c.logged = Some(Instant::now());
-                c.refused = 0;
             }
             return None;
         }

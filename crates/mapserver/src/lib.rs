@@ -222,6 +222,7 @@ impl MapServer {
             }
         });
         let admission = Admission::default();
+        let failed_handshakes = Arc::new(std::sync::Mutex::new(admission::Throttled::default()));
         let mut next_conn = 0u64;
         loop {
             let (stream, peer) = match self.listener.accept().await {
@@ -240,9 +241,19 @@ impl MapServer {
             next_conn += 1;
             let state = self.state.clone();
             let conn = next_conn;
+            let failed_handshakes = failed_handshakes.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_host(&state, conn, stream, pending).await {
-                    tracing::warn!(%peer, "map connection: {e}");
+                match serve_host(&state, conn, stream, pending).await {
+                    Ok(()) => {}
+                    Err(Failed::Handshake(e)) => {
+                        if let Some(n) = lock(&failed_handshakes).due() {
+                            tracing::warn!(%peer, failed = n, "map connection refused: {e}");
+                        }
+                    }
+                    Err(Failed::WrongName(e)) => {
+                        tracing::warn!(%peer, "map connection refused: {e}")
+                    }
+                    Err(Failed::Session(e)) => tracing::warn!(%peer, "map connection: {e}"),
                 }
                 let gone = lock(&state.leases).remove_conn(conn);
                 for lease in gone {
@@ -275,13 +286,23 @@ fn raise_open_files_limit() {
     }
 }
 
+/// How a connection ended badly: before authentication (logged throttled: anyone can cause
+/// it), with a real host's key under another name, or after authentication.
+enum Failed {
+    Handshake(String),
+    WrongName(String),
+    Session(String),
+}
+
 async fn serve_host(
     state: &Arc<State>,
     conn: u64,
     stream: TcpStream,
     pending: admission::Pending,
-) -> Result<(), String> {
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+) -> Result<(), Failed> {
+    stream
+        .set_nodelay(true)
+        .map_err(|e| Failed::Handshake(e.to_string()))?;
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         twinpath_mapproto::accept(stream, &state.keys),
@@ -291,11 +312,14 @@ async fn serve_host(
     let (c, name) = match accepted {
         Err(_) => {
             state.metrics.auth_failed("timeout");
-            return Err("handshake timed out".into());
+            return Err(Failed::Handshake("handshake timed out".into()));
         }
         Ok(Err(e)) => {
             state.metrics.auth_failed(auth_reason(&e));
-            return Err(e.to_string());
+            return Err(match e {
+                twinpath_mapproto::ProtoError::WrongName { .. } => Failed::WrongName(e.to_string()),
+                e => Failed::Handshake(e.to_string()),
+            });
         }
         Ok(Ok(a)) => a,
     };
@@ -304,7 +328,7 @@ async fn serve_host(
         .iter()
         .find(|h| *h.name == name)
         .cloned()
-        .ok_or_else(|| format!("host {name:?} verified but is not configured"))?;
+        .ok_or_else(|| Failed::Session(format!("host {name:?} verified but is not configured")))?;
     tracing::info!(host = %host.name, "host connected");
     let (mut reader, mut writer) = (c.reader, c.writer);
     let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX_FRAMES);
@@ -353,7 +377,7 @@ async fn serve_host(
         .connected
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     sender.abort();
-    result
+    result.map_err(Failed::Session)
 }
 
 /// The metric label for a failed handshake.
@@ -361,6 +385,7 @@ fn auth_reason(e: &twinpath_mapproto::ProtoError) -> &'static str {
     use twinpath_mapproto::ProtoError as P;
     match e {
         P::Auth(_) => "bad_key",
+        P::WrongName { .. } => "wrong_name",
         P::Version { .. } => "version",
         P::Malformed(_) | P::Unexpected(_) => "malformed",
         _ => "io",

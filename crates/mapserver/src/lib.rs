@@ -47,7 +47,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A request the server will not carry out: a reason from a fixed set (the metric label),
 /// and what the host is told.
 #[derive(Debug)]
-pub struct Refusal {
+struct Refusal {
     reason: &'static str,
     message: String,
 }
@@ -108,7 +108,6 @@ impl State {
 /// A running map server.
 pub struct MapServer {
     pub local_addr: std::net::SocketAddr,
-    pub metrics_addr: Option<std::net::SocketAddr>,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     state: Arc<State>,
@@ -167,10 +166,6 @@ impl MapServer {
             ),
             None => None,
         };
-        let metrics_addr = metrics_listener
-            .as_ref()
-            .map(|l| l.local_addr().map_err(|e| e.to_string()))
-            .transpose()?;
         tracing::info!(
             %local_addr,
             export = %cfg.export.display(),
@@ -179,7 +174,6 @@ impl MapServer {
         );
         Ok(MapServer {
             local_addr,
-            metrics_addr,
             listener,
             metrics_listener,
             state: Arc::new(State {
@@ -333,10 +327,6 @@ async fn serve_host(
     let (mut reader, mut writer) = (c.reader, c.writer);
     let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX_FRAMES);
     lock(&state.leases).outboxes.insert(conn, outbox.clone());
-    state
-        .metrics
-        .connected
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let sender = tokio::spawn(async move {
         while let Some(f) = outgoing.recv().await {
             if writer.send(&f).await.is_err() {
@@ -372,10 +362,6 @@ async fn serve_host(
         }
     };
     tracing::info!(host = %host.name, "host disconnected");
-    state
-        .metrics
-        .connected
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     sender.abort();
     result.map_err(Failed::Session)
 }

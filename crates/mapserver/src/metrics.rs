@@ -1,7 +1,6 @@
 //! What the map server has done and holds, for operators: OpenMetrics on `/metrics`, the
 //! lease table as JSON on `/leases` (`twinpath leases` prints it).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::http::header::CONTENT_TYPE;
@@ -26,8 +25,6 @@ pub struct Metrics {
     recalls: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     auth_failures: Family<Labels, Counter>,
-    /// Authenticated connections now open.
-    pub connected: AtomicU64,
 }
 
 fn mode(write: bool) -> Labels {
@@ -63,11 +60,15 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 fn render(state: &State) -> String {
     let m = &state.metrics;
     let mut registry = Registry::with_prefix("twinpath_map");
+    // Both read off the lease table, which knows every authenticated connection's outbox.
+    let (connected, (read, write)) = {
+        let l = lock(&state.leases);
+        (l.outboxes.len(), l.counts())
+    };
     let hosts = Gauge::<i64>::default();
-    hosts.set(m.connected.load(Ordering::Relaxed) as i64);
+    hosts.set(connected as i64);
     registry.register("hosts_connected", "authenticated host connections", hosts);
     let leases = Family::<Labels, Gauge>::default();
-    let (read, write) = lock(&state.leases).counts();
     leases.get_or_create(&mode(false)).set(read as i64);
     leases.get_or_create(&mode(true)).set(write as i64);
     registry.register("leases", "leases held now, by mode", leases);

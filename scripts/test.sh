@@ -8,11 +8,17 @@ cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 qemu-utils busybox-static cpio fio xz-utils zstd samba smbclient xfsprogs e2fsprogs
           tgt libiscsi-dev libiscsi-bin systemd libvirt-clients libxml2-utils)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})) && [[ ${SKIP_APT:-0} != 1 ]]; then
+# Installs what is missing; run twice, since installing QEMU from bookworm can remove a newer
+# qemu-utils the machine came with (qemu-utils Breaks an older qemu-system-common).
+install_missing() {
+    local missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    if [[ ${SKIP_APT:-0} == 1 ]]; then
+        return 0
+    fi
     if [[ $(id -u) != 0 ]]; then
         echo "test.sh: missing packages: ${missing[*]} (run as root, or install them)" >&2
         exit 1
@@ -21,7 +27,9 @@ if ((${#missing[@]})) && [[ ${SKIP_APT:-0} != 1 ]]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+}
+install_missing
+install_missing
 # The guest kernel comes from Debian's archive; make sure the package lists exist.
 if ! apt-cache depends linux-image-amd64 >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     apt-get update -qq

@@ -73,8 +73,9 @@ struct Options {
     timeout: u64,
 }
 
+/// An `smb` disk's options, parsed: [`SmbSpec::open_image`] opens its image.
 #[derive(Debug)]
-struct SmbSpec {
+pub struct SmbSpec {
     server: String,
     share: String,
     path: String,
@@ -95,66 +96,74 @@ impl Plugin for SmbPlugin {
         disk: &DiskContext,
         options: serde_yaml::Value,
     ) -> std::result::Result<Box<dyn BackendSpec>, OptionError> {
-        let o: Options = parse_options(options)?;
-        if !o.server.contains(':') {
-            return Err(OptionError::new(
-                "server",
-                "must be host:port, e.g. 127.0.0.1:445",
-            ));
-        }
-        if o.path.is_empty()
-            || o.path.starts_with(['/', '\\'])
-            || o.path.split(['/', '\\']).any(|c| c == "..")
-        {
-            return Err(OptionError::new(
-                "path",
-                "must be a path inside the share, without `..`",
-            ));
-        }
-        if o.user.is_some() != o.password_file.is_some() {
-            return Err(OptionError::new(
-                "password_file",
-                "give both user and password_file, or neither (guest)",
-            ));
-        }
-        if o.create_size.is_some() && disk.read_only {
-            return Err(OptionError::new(
-                "create_size",
-                "cannot create an image for a read-only disk",
-            ));
-        }
-        if !(1..=1024).contains(&o.max_in_flight) {
-            return Err(OptionError::new(
-                "max_in_flight",
-                "must be between 1 and 1024",
-            ));
-        }
-        if o.section_size
-            .is_some_and(|s| !(4096..=64 << 20).contains(&s.0))
-        {
-            return Err(OptionError::new(
-                "section_size",
-                "must be between 4K and 64M (the server's maximum caps it further)",
-            ));
-        }
-        if o.timeout == 0 {
-            return Err(OptionError::new("timeout", "must be at least 1 second"));
-        }
-        Ok(Box::new(SmbSpec {
-            server: o.server,
-            share: o.share,
-            path: o.path,
-            user: o.user,
-            password_file: o.password_file,
-            create_size: o.create_size.map(|s| s.0),
-            read_only: disk.read_only,
-            pipeline: PipelineConfig {
-                section_len: Some(o.section_size.map_or(DEFAULT_SECTION, |s| s.0 as usize)),
-                max_in_flight: o.max_in_flight,
-                timeout: Duration::from_secs(o.timeout),
-            },
-        }))
+        Ok(Box::new(parse_spec(disk, options)?))
     }
+}
+
+/// Parses an `smb` disk's options (for plugins that build on an SMB image).
+pub fn parse_spec(
+    disk: &DiskContext,
+    options: serde_yaml::Value,
+) -> std::result::Result<SmbSpec, OptionError> {
+    let o: Options = parse_options(options)?;
+    if !o.server.contains(':') {
+        return Err(OptionError::new(
+            "server",
+            "must be host:port, e.g. 127.0.0.1:445",
+        ));
+    }
+    if o.path.is_empty()
+        || o.path.starts_with(['/', '\\'])
+        || o.path.split(['/', '\\']).any(|c| c == "..")
+    {
+        return Err(OptionError::new(
+            "path",
+            "must be a path inside the share, without `..`",
+        ));
+    }
+    if o.user.is_some() != o.password_file.is_some() {
+        return Err(OptionError::new(
+            "password_file",
+            "give both user and password_file, or neither (guest)",
+        ));
+    }
+    if o.create_size.is_some() && disk.read_only {
+        return Err(OptionError::new(
+            "create_size",
+            "cannot create an image for a read-only disk",
+        ));
+    }
+    if !(1..=1024).contains(&o.max_in_flight) {
+        return Err(OptionError::new(
+            "max_in_flight",
+            "must be between 1 and 1024",
+        ));
+    }
+    if o.section_size
+        .is_some_and(|s| !(4096..=64 << 20).contains(&s.0))
+    {
+        return Err(OptionError::new(
+            "section_size",
+            "must be between 4K and 64M (the server's maximum caps it further)",
+        ));
+    }
+    if o.timeout == 0 {
+        return Err(OptionError::new("timeout", "must be at least 1 second"));
+    }
+    Ok(SmbSpec {
+        server: o.server,
+        share: o.share,
+        path: o.path,
+        user: o.user,
+        password_file: o.password_file,
+        create_size: o.create_size.map(|s| s.0),
+        read_only: disk.read_only,
+        pipeline: PipelineConfig {
+            section_len: Some(o.section_size.map_or(DEFAULT_SECTION, |s| s.0 as usize)),
+            max_in_flight: o.max_in_flight,
+            timeout: Duration::from_secs(o.timeout),
+        },
+    })
 }
 
 #[async_trait]
@@ -168,6 +177,21 @@ impl BackendSpec for SmbSpec {
     }
 
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
+        Ok(Arc::new(SmbBackend {
+            image: Arc::new(self.open_image().await?),
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+}
+
+impl SmbSpec {
+    pub fn describe(&self) -> String {
+        BackendSpec::describe(self)
+    }
+
+    /// Logs in (or joins the server's session) and opens the image. Its operations run in
+    /// the calling task, which must be on the tokio runtime.
+    pub async fn open_image(&self) -> Result<SmbImage> {
         let password = match &self.password_file {
             Some(p) => twinpath_core::read_secret("password_file", p)?,
             None => String::new(),
@@ -192,31 +216,81 @@ impl BackendSpec for SmbSpec {
         info.read_only = self.read_only;
         info.discard = true;
         info.write_zeroes = true;
-        let shared = Arc::new(Shared {
+        Ok(SmbImage {
             file,
             pipeline: Pipeline::new(self.pipeline),
             timeout: self.pipeline.timeout,
             target,
-        });
-        Ok(Arc::new(SmbBackend {
-            shared,
             info,
-            runtime: tokio::runtime::Handle::current(),
             stats: Arc::default(),
-        }))
+        })
     }
 }
 
-/// What a request task needs; shared by all requests of the disk.
-struct Shared {
+/// An open image on a share: its requests, run in the calling task, counted in its stats.
+pub struct SmbImage {
     file: SmbFile,
     pipeline: Pipeline,
     /// Bounds the requests the pipeline does not (flush, zeroing).
     timeout: Duration,
     target: String,
+    info: DiskInfo,
+    stats: Arc<PathStats>,
 }
 
-impl Shared {
+impl SmbImage {
+    pub fn info(&self) -> DiskInfo {
+        self.info.clone()
+    }
+
+    /// The counters of every request made through this image.
+    pub fn stats(&self) -> Arc<PathStats> {
+        self.stats.clone()
+    }
+
+    /// Runs `op` of kind `kind` moving `bytes`, counted and with the image named in its error.
+    async fn counted(
+        &self,
+        (kind, bytes): (Op, u64),
+        op: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let timer = self.stats.io.begin();
+        let result = op.await.map_err(|e| e.within(&self.target));
+        timer.end(kind, bytes, result.is_ok());
+        result
+    }
+
+    pub async fn read(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
+        let len = bufs.len() as u64;
+        self.counted(
+            (Op::Read, len),
+            self.pipeline.read(&self.file, offset, bufs),
+        )
+        .await
+    }
+
+    pub async fn write(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
+        let len = bufs.len() as u64;
+        self.counted(
+            (Op::Write, len),
+            self.pipeline.write(&self.file, offset, bufs),
+        )
+        .await
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        self.counted(
+            (Op::Other, 0),
+            self.within_timeout("flush", self.file.flush()),
+        )
+        .await
+    }
+
+    /// Zeros `[offset, offset + len)` (discard and write-zeroes alike).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.counted((Op::Other, 0), self.zero(offset, len)).await
+    }
+
     async fn within_timeout(
         &self,
         what: &str,
@@ -249,60 +323,42 @@ impl Shared {
 /// Requests run as tasks on the tokio runtime (the SMB connection and the pipeline's timers
 /// live there); the device awaits their join handles from its queue threads.
 struct SmbBackend {
-    shared: Arc<Shared>,
-    info: DiskInfo,
+    image: Arc<SmbImage>,
     runtime: tokio::runtime::Handle,
-    stats: Arc<PathStats>,
 }
 
 impl SmbBackend {
-    /// Runs one request of kind `op` moving `bytes` (for the counters) on the runtime.
     async fn spawn<F>(
         &self,
         what: &'static str,
-        (op, bytes): (Op, u64),
-        task: impl FnOnce(Arc<Shared>) -> F,
+        task: impl FnOnce(Arc<SmbImage>) -> F,
     ) -> Result<()>
     where
         F: std::future::Future<Output = Result<()>> + Send + 'static,
     {
-        let target = &self.shared.target;
-        let timer = self.stats.io.begin();
-        let result = twinpath_core::run_on(&self.runtime, what, task(self.shared.clone()))
-            .await
-            .map_err(|e| e.within(target));
-        timer.end(op, bytes, result.is_ok());
-        result
+        twinpath_core::run_on(&self.runtime, what, task(self.image.clone())).await
     }
 }
 
 #[async_trait]
 impl BlockBackend for SmbBackend {
     fn info(&self) -> DiskInfo {
-        self.info.clone()
+        self.image.info()
     }
 
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        let len = bufs.len() as u64;
-        self.spawn("read", (Op::Read, len), |s| async move {
-            s.pipeline.read(&s.file, offset, &bufs).await
-        })
-        .await
+        self.spawn("read", |i| async move { i.read(offset, &bufs).await })
+            .await
     }
 
     async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        let len = bufs.len() as u64;
-        self.spawn("write", (Op::Write, len), |s| async move {
-            s.pipeline.write(&s.file, offset, &bufs).await
-        })
-        .await
+        self.spawn("write", |i| async move { i.write(offset, &bufs).await })
+            .await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.spawn("flush", (Op::Other, 0), |s| async move {
-            s.within_timeout("flush", s.file.flush()).await
-        })
-        .await
+        self.spawn("flush", |i| async move { i.flush().await })
+            .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -310,14 +366,14 @@ impl BlockBackend for SmbBackend {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
-        self.spawn("write-zeroes", (Op::Other, 0), |s| async move {
-            s.zero(offset, len).await
+        self.spawn("write-zeroes", |i| async move {
+            i.write_zeroes(offset, len).await
         })
         .await
     }
 
     fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
-        vec![("network", self.stats.clone())]
+        vec![("network", self.image.stats())]
     }
 }
 

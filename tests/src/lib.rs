@@ -328,3 +328,20 @@ pub fn file_disk_yaml(name: &str, socket: &Path, image: &Path, extra: &str) -> S
         image.display()
     )
 }
+
+/// The value of `series` (name and labels, as printed) in an OpenMetrics text.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// The metrics a daemon serves on `127.0.0.1:port`.
+pub fn scrape(port: u16) -> String {
+    ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .expect("scrape")
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}

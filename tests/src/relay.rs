@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 pub struct LatencyRelay {
     port: u16,
     stop: Arc<AtomicBool>,
+    /// Once set, nothing more is forwarded either way, and nothing is closed: a silent
+    /// partition, which neither end's TCP stack can see.
+    cut: Arc<AtomicBool>,
     /// Both ends of every relayed connection, to cut them when the relay stops.
     open: Arc<Mutex<Vec<TcpStream>>>,
     thread: Option<JoinHandle<()>>,
@@ -29,15 +32,16 @@ impl LatencyRelay {
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
         let open = Arc::new(Mutex::new(Vec::new()));
         let thread = {
-            let (stop, open) = (stop.clone(), open.clone());
+            let (stop, open, cut) = (stop.clone(), open.clone(), cut.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((client, _)) => {
                             if let Ok(server) = TcpStream::connect(target) {
-                                relay(client, server, delay, &open);
+                                relay(client, server, delay, &open, &cut);
                             }
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -48,6 +52,7 @@ impl LatencyRelay {
         LatencyRelay {
             port,
             stop,
+            cut,
             open,
             thread: Some(thread),
         }
@@ -55,6 +60,11 @@ impl LatencyRelay {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// From now on every byte either way is dropped, and every connection stays open.
+    pub fn cut_silently(&self) {
+        self.cut.store(true, Ordering::Relaxed);
     }
 }
 
@@ -75,7 +85,13 @@ impl Drop for LatencyRelay {
     }
 }
 
-fn relay(client: TcpStream, server: TcpStream, delay: Duration, open: &Mutex<Vec<TcpStream>>) {
+fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    delay: Duration,
+    open: &Mutex<Vec<TcpStream>>,
+    cut: &Arc<AtomicBool>,
+) {
     for s in [&client, &server] {
         let _ = s.set_nonblocking(false);
         let _ = s.set_nodelay(true);
@@ -85,13 +101,14 @@ fn relay(client: TcpStream, server: TcpStream, delay: Duration, open: &Mutex<Vec
         let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
             return;
         };
-        delayed_pipe(from, to, delay);
+        delayed_pipe(from, to, delay, cut.clone());
     }
     open.extend([client, server]);
 }
 
-/// Copies `from` to `to` on two threads, releasing each chunk `delay` after it arrived.
-fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+/// Copies `from` to `to` on two threads, releasing each chunk `delay` after it arrived, until
+/// `cut`.
+fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, cut: Arc<AtomicBool>) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 << 10];
@@ -108,6 +125,9 @@ fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
     std::thread::spawn(move || {
         while let Ok((due, chunk)) = rx.recv() {
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if cut.load(Ordering::Relaxed) {
+                continue;
+            }
             if to.write_all(&chunk).is_err() {
                 return;
             }

@@ -24,7 +24,12 @@ struct Setup {
 }
 
 fn setup(fs: Fs) -> Setup {
-    let mut fs = FileServer::start(512 * MIB, fs, false, "allocation_chunk: 4M\n");
+    setup_with(fs, "")
+}
+
+fn setup_with(fs: Fs, extra: &str) -> Setup {
+    let config = format!("allocation_chunk: 4M\n{extra}");
+    let mut fs = FileServer::start(512 * MIB, fs, false, &config);
     let server = fs.map.take().expect("map server");
     Setup {
         device_size: 512 * MIB,
@@ -330,12 +335,18 @@ fn server_reads(path: &std::path::Path, want: &[u8]) -> bool {
 // Multi-threaded: the client's writer task runs while this test blocks reading files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recalls_name_the_leases_owner_and_returned_write_leases_drop_the_servers_cache() {
-    let s = setup(Fs::Xfs);
+    let s = setup_with(Fs::Xfs, "lease_time: 2s\n");
     let img = s.fs.lun.mount_point().join("vm.raw");
     std::fs::write(&img, pattern(55, MIB as usize)).unwrap();
     let dev = device(&s, true);
     let (a, mut a_recalls) = connect(&s, "host-a").await;
     let (b, _) = connect(&s, "host-b").await;
+    let beat = std::time::Duration::from_secs(1);
+    assert_eq!(
+        a.keep_alive(beat).await.unwrap(),
+        std::time::Duration::from_secs(2)
+    );
+    b.keep_alive(beat).await.unwrap();
 
     // A lease asked for by owner 7 of host A: its recall says so.
     let w = granted(
@@ -385,7 +396,28 @@ async fn recalls_name_the_leases_owner_and_returned_write_leases_drop_the_server
         server_reads(&img, &pattern(57, MIB as usize)),
         "the server reads the direct write after the host left"
     );
-    granted(map(&a, "vm.raw", 0, MIB, true).await);
+    // Host B may not know yet that it is gone: its lease is kept for the lease time and a
+    // margin (2s + 0.2s + 1s) before anyone else gets the file.
+    let left = std::time::Instant::now();
+    match map(&a, "vm.raw", 0, MIB, true).await {
+        Reply::Refused { reason } => assert!(reason.contains("host-b"), "{reason}"),
+        other => panic!("granted while the lost host's lease was held: {other:?}"),
+    }
+    loop {
+        match map(&a, "vm.raw", 0, MIB, true).await {
+            Reply::Map(_) => break,
+            Reply::Refused { .. } => {
+                assert!(left.elapsed() < std::time::Duration::from_secs(6));
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        left.elapsed() >= std::time::Duration::from_millis(3100),
+        "granted after {:?}",
+        left.elapsed()
+    );
     drop(a);
     assert!(s.server.stop().success());
 }

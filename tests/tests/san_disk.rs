@@ -717,12 +717,6 @@ fn a_san_disk_over_iscsi_reads_and_writes_the_lun_through_the_target() {
 }
 
 /// The value of the sample `series` (name and labels, exactly as rendered) in Prometheus text.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-}
-
 #[test]
 fn metrics_count_each_path_while_io_runs() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -741,14 +735,7 @@ fn metrics_count_each_path_while_io_runs() {
     assert!(daemon
         .log()
         .contains(&format!("metrics on http://127.0.0.1:{port}/metrics")));
-    let scrape = || {
-        ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-            .call()
-            .expect("scrape")
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    };
+    let scrape = || scrape(port);
     const DISK: &str = "{disk=\"san8\"}";
     let path = |p: &str, op: Option<&str>| match op {
         Some(op) => format!("{{disk=\"san8\",path=\"{p}\",op=\"{op}\"}}"),

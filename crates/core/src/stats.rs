@@ -163,6 +163,9 @@ pub struct PathStats {
     pub recalls: AtomicU64,
     /// Requests the throttle delayed or sent to the network path.
     pub throttled: AtomicU64,
+    /// Direct requests stopped because their grant's lease ran out (not renewed in time,
+    /// or recalled) before all of their device I/O was issued.
+    pub expired: AtomicU64,
 }
 
 impl PathStats {
@@ -173,6 +176,7 @@ impl PathStats {
             fallbacks: get(&self.fallbacks),
             recalls: get(&self.recalls),
             throttled: get(&self.throttled),
+            expired: get(&self.expired),
         }
     }
 }
@@ -183,6 +187,8 @@ pub struct PathSnapshot {
     pub fallbacks: u64,
     pub recalls: u64,
     pub throttled: u64,
+    #[serde(default)]
+    pub expired: u64,
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! peer that breaks one ends the connection, like one that tampers.
 
 use crate::{
-    Frame, ProtoError, Reply, Request, MAX_HOST_NAME, MAX_PATH, MAX_REASON, MAX_SPANS, MAX_TOKEN,
+    Frame, ProtoError, Reply, Request, MAX_HOST_NAME, MAX_LEASE_TIME_MS, MAX_PATH, MAX_REASON,
+    MAX_SPANS, MAX_TOKEN, MIN_LEASE_TIME_MS,
 };
 
 /// `xfs` and `ext4` are the names in use; anything much longer is not a filesystem type.
@@ -76,7 +77,8 @@ pub(crate) fn check(frame: &mut Frame) -> Result<(), ProtoError> {
             Request::Identity
             | Request::Allocate { .. }
             | Request::Commit { .. }
-            | Request::Return { .. } => Ok(()),
+            | Request::Return { .. }
+            | Request::Renew => Ok(()),
         },
         Frame::Reply { reply, .. } => match reply {
             Reply::Identity(id) => {
@@ -104,6 +106,14 @@ pub(crate) fn check(frame: &mut Frame) -> Result<(), ProtoError> {
             Reply::Refused { reason } => {
                 tame(reason);
                 Ok(())
+            }
+            Reply::Renewed { lease_time_ms } => {
+                if *lease_time_ms < MIN_LEASE_TIME_MS {
+                    return Err(ProtoError::Malformed(format!(
+                        "lease time {lease_time_ms} ms is below {MIN_LEASE_TIME_MS} ms"
+                    )));
+                }
+                at_most("lease time (ms)", *lease_time_ms, MAX_LEASE_TIME_MS)
             }
             Reply::Allocated { .. } | Reply::Done => Ok(()),
         },

@@ -43,11 +43,12 @@
 
 mod bounds;
 mod client;
+pub mod clock;
 mod handshake;
 mod key;
 mod wire;
 
-pub use client::{Alive, MapClient, Recall};
+pub use client::{MapClient, Recall, Validity};
 pub use handshake::{accept, connect};
 pub use key::{HostKeys, Key};
 pub use wire::{Conn, ConnReader, ConnWriter};
@@ -56,7 +57,8 @@ use serde::{Deserialize, Serialize};
 use twinpath_filemap::Span;
 
 /// Bumped on any incompatible change; both sides must agree. 2: per-host keys, sealed frames.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: lease time and renewals.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts before the handshake is done: a peer that has not proven
 /// the key cannot make the other side buffer more.
@@ -82,6 +84,12 @@ pub const MAX_PATH: usize = 4096;
 
 /// Reasons (refusals, recalls, denials) are only shown to people: longer ones are cut.
 pub const MAX_REASON: usize = 1024;
+
+/// Shortest lease time a server may announce: a host renews every third of it.
+pub const MIN_LEASE_TIME_MS: u64 = 1000;
+
+/// Longest lease time a server may announce (an hour): what a lost host's leases may cost.
+pub const MAX_LEASE_TIME_MS: u64 = 3_600_000;
 
 /// Which end of a map connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +178,8 @@ pub enum Request {
     Commit { lease: u64, size: u64 },
     /// The host no longer uses `lease`.
     Return { lease: u64 },
+    /// The host is alive and keeps every lease it holds: see [`Reply::Renewed`].
+    Renew,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +193,14 @@ pub enum Reply {
         len: u64,
     },
     Done,
+    /// Every lease of this connection stays the host's for `lease_time_ms` after the host
+    /// *sent* the renewal (the server counts from when it received it, which is later), unless
+    /// recalled; a host that cannot renew in that time must stop using them. The server, for
+    /// its part, gives a silent or lost host's leases to nobody before that time (and a
+    /// margin) has passed since it last heard from the host, or since it recalled them.
+    Renewed {
+        lease_time_ms: u64,
+    },
     /// The server will not do it; the host uses the network path.
     Refused {
         reason: String,
@@ -219,6 +237,8 @@ pub enum ProtoError {
     Io(#[from] std::io::Error),
     #[error("map connection closed")]
     Closed,
+    #[error("no answer from the map server in {0:?}")]
+    TimedOut(std::time::Duration),
     /// A call could not be answered because the connection ended, for this reason.
     #[error("map connection lost: {0}")]
     Lost(String),

@@ -7,7 +7,7 @@ use tokio::io::duplex;
 use twinpath_filemap::{Access, Span, SpanKind};
 use twinpath_mapproto::{
     accept, connect, Frame, HostKeys, MapGrant, ProtoError, Reply, Request, Role, MAX_FRAME,
-    MAX_HANDSHAKE_FRAME, MAX_SPANS,
+    MAX_HANDSHAKE_FRAME, MAX_SPANS, PROTOCOL_VERSION,
 };
 
 fn ring() -> HostKeys {
@@ -85,7 +85,7 @@ async fn a_server_without_the_key_is_not_trusted() {
         write_json(
             &mut a,
             &Frame::Challenge {
-                version: 2,
+                version: PROTOCOL_VERSION,
                 nonce: "00".repeat(32),
             },
         )
@@ -129,7 +129,7 @@ async fn a_version_1_server_is_named_with_both_versions() {
     ));
     assert_eq!(
         e.to_string(),
-        "map server speaks protocol version 1, this host speaks 2"
+        format!("map server speaks protocol version 1, this host speaks {PROTOCOL_VERSION}")
     );
 }
 
@@ -137,9 +137,10 @@ async fn a_version_1_server_is_named_with_both_versions() {
 async fn a_version_1_host_is_denied_with_both_versions() {
     let (a, mut b) = duplex(1 << 16);
     let server = tokio::spawn(async move { accept(a, &ring()).await });
-    let Frame::Challenge { version: 2, .. } = read_json(&mut b).await else {
-        panic!("no version 2 challenge")
+    let Frame::Challenge { version, .. } = read_json(&mut b).await else {
+        panic!("no challenge")
     };
+    assert_eq!(version, PROTOCOL_VERSION);
     write_json(
         &mut b,
         &Frame::Auth {
@@ -154,7 +155,7 @@ async fn a_version_1_host_is_denied_with_both_versions() {
         panic!("not denied")
     };
     assert!(
-        reason.contains("version 1") && reason.contains("speaks 2"),
+        reason.contains("version 1") && reason.contains(&format!("speaks {PROTOCOL_VERSION}")),
         "{reason}"
     );
     let e = server.await.unwrap().err().unwrap();
@@ -167,7 +168,7 @@ async fn a_version_1_host_is_denied_with_both_versions() {
     ));
     assert_eq!(
         e.to_string(),
-        "host speaks protocol version 1, this map server speaks 2"
+        format!("host speaks protocol version 1, this map server speaks {PROTOCOL_VERSION}")
     );
 }
 

@@ -3,12 +3,18 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use twinpath_core::ByteSize;
+use twinpath_mapproto::{MAX_LEASE_TIME_MS, MIN_LEASE_TIME_MS};
 
 fn default_chunk() -> ByteSize {
     ByteSize(64 << 20)
+}
+
+fn default_lease_time() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// ```yaml
@@ -19,6 +25,9 @@ fn default_chunk() -> ByteSize {
 ///     key_file: /etc/twinpath/hosts/vmhost-07.key
 ///     paths: [images/vm1/, images/shared/]   # prefixes under export; omitted = everything
 /// allocation_chunk: 64M                # with reflink, holes are filled in chunks this large
+/// lease_time: 30s                      # a host that has not renewed for this long stops using
+///                                      # its leases; a lost host's leases wait this long (and a
+///                                      # margin) before anyone else gets the blocks
 /// metrics:
 ///   listen: 127.0.0.1:9811             # /metrics and /leases
 /// ```
@@ -30,6 +39,8 @@ pub struct MapServerConfig {
     pub hosts: Vec<HostConfig>,
     #[serde(default = "default_chunk")]
     pub allocation_chunk: ByteSize,
+    #[serde(default = "default_lease_time", with = "humantime_serde")]
+    pub lease_time: Duration,
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
 }
@@ -94,6 +105,10 @@ impl MapServerConfig {
                 "must be a power of two, at least 4K",
             ));
         }
+        let lease_ms = cfg.lease_time.as_millis();
+        if !(u128::from(MIN_LEASE_TIME_MS)..=u128::from(MAX_LEASE_TIME_MS)).contains(&lease_ms) {
+            return Err(bad("lease_time", "must be between 1s and 1h"));
+        }
         if !cfg.export.is_absolute() {
             return Err(bad("export", "must be an absolute path"));
         }
@@ -146,6 +161,7 @@ mod tests {
         assert_eq!(cfg.listen, "0.0.0.0:7410");
         assert_eq!(cfg.export, Path::new("/srv/vmstore"));
         assert_eq!(cfg.allocation_chunk.0, 64 << 20);
+        assert_eq!(cfg.lease_time, Duration::from_secs(30));
         assert_eq!(cfg.hosts[0].name, "vmhost-07");
         assert_eq!(
             cfg.hosts[0].paths.as_deref(),
@@ -184,6 +200,14 @@ mod tests {
                 "hosts[0].paths",
             ),
             ("hosts: [{name: a, key_fiel: /k}]\n", "key_fiel"),
+            (
+                "hosts: [{name: a, key_file: /k}]\nlease_time: 500ms\n",
+                "key `lease_time`: must be between",
+            ),
+            (
+                "hosts: [{name: a, key_file: /k}]\nlease_time: thirty\n",
+                "lease_time",
+            ),
         ] {
             std::fs::write(&cfg, format!("{head}{body}")).unwrap();
             let e = MapServerConfig::from_file(&cfg).unwrap_err();

@@ -4,14 +4,20 @@
 //! section that checks for conflicts, so two requests can never both win; the grant goes out
 //! only if nothing recalled the reservation while the map was being made. Keyed by (device,
 //! inode): a hard link or another name of a leased file conflicts like the same path.
+//!
+//! Lease time: a granted lease stays its host's, even after its connection is gone, until
+//! [`Leases::hold`] has passed since the server last heard from the connection, or since it
+//! recalled the lease; only then may anyone else get its blocks. A host stops using its
+//! leases a lease time after it sent its last answered request (or at the recall), which is
+//! never later.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use twinpath_mapproto::Frame;
 
 use crate::export::Inode;
@@ -29,6 +35,8 @@ pub struct Lease {
     pub granted: bool,
     /// Asked back (or, while reserved, overtaken: the grant will not be sent).
     pub recalled: bool,
+    /// When a granted lease was asked back: its hold runs from here.
+    pub recalled_at: Option<Instant>,
     pub since: SystemTime,
 }
 
@@ -57,18 +65,120 @@ pub enum Denied {
     TooMany,
 }
 
-#[derive(Default)]
+/// A host's connection as the lease table sees it.
+pub struct Conn {
+    /// Where to push frames (recalls); `None` once the connection is gone.
+    pub outbox: Option<mpsc::Sender<Frame>>,
+    /// When the server last read a request from it: every request renews its leases.
+    pub heard: Instant,
+    /// Ends the connection from the server's side.
+    hang_up: Arc<Notify>,
+}
+
 pub struct Leases {
+    /// How long a silent host's or a recalled lease is kept from others: the lease time and
+    /// a margin for clock rates and direct I/O already on its way to the device.
+    pub hold: Duration,
     next: u64,
     by_id: HashMap<u64, Lease>,
-    /// Where to push frames (recalls) for each connected host.
-    pub outboxes: HashMap<u64, mpsc::Sender<Frame>>,
+    /// Every connection that is up or still has leases.
+    pub conns: HashMap<u64, Conn>,
     /// One open file per inode and access, shared by its leases: descriptors grow with the
     /// files leased, not with the leases (a host maps one image in many windows).
     files: HashMap<(Inode, bool), Weak<File>>,
 }
 
 impl Leases {
+    pub fn new(hold: Duration) -> Leases {
+        Leases {
+            hold,
+            next: 0,
+            by_id: HashMap::new(),
+            conns: HashMap::new(),
+            files: HashMap::new(),
+        }
+    }
+
+    /// A connection came up, with recalls going to `outbox`. The connection must end when
+    /// the returned notification comes: the host's leases are being taken from it, and it
+    /// must hear so before it can renew anything again.
+    pub fn connect(&mut self, conn: u64, outbox: mpsc::Sender<Frame>) -> Arc<Notify> {
+        let hang_up = Arc::new(Notify::new());
+        self.conns.insert(
+            conn,
+            Conn {
+                outbox: Some(outbox),
+                heard: Instant::now(),
+                hang_up: hang_up.clone(),
+            },
+        );
+        hang_up
+    }
+
+    /// Ends connection `conn` (as seen from here: no more recalls go out on it).
+    fn hang_up(&mut self, conn: u64, why: &str) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.outbox.take().is_some() {
+                tracing::warn!(conn, "closing a host's map connection: {why}");
+                c.hang_up.notify_one();
+            }
+        }
+    }
+
+    /// The server read a request from `conn`: its leases are renewed.
+    pub fn heard(&mut self, conn: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.heard = Instant::now();
+        }
+    }
+
+    /// Connections up (hosts connected).
+    pub fn connected(&self) -> usize {
+        self.conns.values().filter(|c| c.outbox.is_some()).count()
+    }
+
+    /// Whether granted lease `l` is past its hold at `now`: its host stopped using it.
+    fn expired(&self, l: &Lease, now: Instant) -> bool {
+        let past = |t: Instant| now.saturating_duration_since(t) >= self.hold;
+        l.granted
+            && (l.recalled_at.is_some_and(past)
+                || self.conns.get(&l.conn).is_none_or(|c| past(c.heard)))
+    }
+
+    /// Takes out every lease past its hold, and forgets connections that are gone and hold
+    /// nothing. A connection silent for the hold is closed first: a host that resumes must
+    /// not renew leases that were taken from it. Returns the leases, for their files to be
+    /// released.
+    pub fn expire(&mut self, now: Instant) -> Vec<Lease> {
+        let silent: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.outbox.is_some() && now.saturating_duration_since(c.heard) >= self.hold
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in silent {
+            let why = format!("nothing heard from the host in {:?}", self.hold);
+            self.hang_up(conn, &why);
+        }
+        let ids: Vec<u64> = self
+            .by_id
+            .iter()
+            .filter(|(_, l)| self.expired(l, now))
+            .map(|(&id, _)| id)
+            .collect();
+        let gone: Vec<Lease> = ids.iter().filter_map(|id| self.by_id.remove(id)).collect();
+        for (id, l) in ids.iter().zip(&gone) {
+            tracing::warn!(lease = id, host = %l.host, path = ?l.path, recalled = l.recalled_at.is_some(),
+                "lease taken back: its host did not return it or renew within {:?}", self.hold);
+        }
+        let by_id = &self.by_id;
+        self.conns
+            .retain(|&id, c| c.outbox.is_some() || by_id.values().any(|l| l.conn == id));
+        gone
+    }
+
     /// Reserves `lease` unless another connection holds a conflicting one (any lease against
     /// a write, a write lease against a read): then recalls those and returns their holders.
     /// Returns the reservation's id and the file it uses (an already open one of the inode
@@ -120,6 +230,7 @@ impl Leases {
     pub fn recall(&mut self, pred: impl Fn(&Lease) -> bool, reason: &str) -> (Vec<Arc<str>>, u64) {
         let mut holders = Vec::new();
         let mut sent = 0;
+        let mut unsent = Vec::new();
         for (&id, lease) in self.by_id.iter_mut() {
             if !pred(lease) {
                 continue;
@@ -132,20 +243,27 @@ impl Leases {
             if !lease.granted {
                 continue;
             }
+            lease.recalled_at = Some(Instant::now());
             tracing::info!(lease = id, host = %lease.host, path = ?lease.path, "recalling lease: {reason}");
-            if let Some(outbox) = self.outboxes.get(&lease.conn) {
+            if let Some(outbox) = self.conns.get(&lease.conn).and_then(|c| c.outbox.as_ref()) {
                 let recall = Frame::Recall {
                     lease: id,
                     reason: reason.to_owned(),
                 };
                 match outbox.try_send(recall) {
                     Ok(()) => sent += 1,
-                    // A host that reads nothing holds its leases until its connection ends.
+                    // A recall that cannot be queued ahead of the host's next renewal would
+                    // let the host go on using the lease after it was taken back: the
+                    // connection ends instead, and the host stops at its lease time.
                     Err(e) => {
-                        tracing::warn!(lease = id, host = %lease.host, "recall not sent: {e}")
+                        tracing::warn!(lease = id, host = %lease.host, "recall not sent: {e}");
+                        unsent.push(lease.conn);
                     }
                 }
             }
+        }
+        for conn in unsent {
+            self.hang_up(conn, "a recall could not be queued");
         }
         holders.sort();
         holders.dedup();
@@ -161,18 +279,30 @@ impl Leases {
         self.by_id.remove(&id)
     }
 
-    /// Drops every lease and reservation of connection `conn`.
-    pub fn remove_conn(&mut self, conn: u64) -> Vec<Lease> {
-        self.outboxes.remove(&conn);
+    /// Connection `conn` is gone: its reservations are dropped (returned, to be released);
+    /// its granted leases stay until their hold passes, since the host may not know yet.
+    /// Returns the files of its write leases too, for their cached pages to be dropped now.
+    pub fn disconnect(&mut self, conn: u64) -> (Vec<Lease>, Vec<Arc<File>>) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.outbox = None;
+        }
         let ids: Vec<u64> = self
             .by_id
             .iter()
-            .filter(|(_, l)| l.conn == conn)
+            .filter(|(_, l)| l.conn == conn && !l.granted)
             .map(|(&id, _)| id)
             .collect();
-        ids.into_iter()
+        let dropped = ids
+            .into_iter()
             .filter_map(|id| self.by_id.remove(&id))
-            .collect()
+            .collect();
+        let written = self
+            .by_id
+            .values()
+            .filter(|l| l.conn == conn && l.write)
+            .map(|l| l.file.clone())
+            .collect();
+        (dropped, written)
     }
 
     /// Whether any lease or reservation refers to `inode`.

@@ -44,6 +44,13 @@ const MAX_MAP_LEN: u64 = 1 << 30;
 /// How long a peer may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a lease is kept from others after its host went silent or it was recalled: the
+/// lease time, plus a margin for the two machines' clocks running at slightly different
+/// rates and for direct I/O the host issued just before its lease ran out.
+fn hold(lease_time: Duration) -> Duration {
+    lease_time + lease_time / 10 + Duration::from_secs(1)
+}
+
 /// A request the server will not carry out: a reason from a fixed set (the metric label),
 /// and what the host is told.
 #[derive(Debug)]
@@ -83,6 +90,7 @@ struct State {
     hosts: Vec<Arc<Host>>,
     keys: HostKeys,
     chunk: u64,
+    lease_time: Duration,
     fill: Arc<Filler>,
     identity: VolumeIdentity,
     /// Files of the server's own (token, zeros): never mapped.
@@ -170,7 +178,13 @@ impl MapServer {
             %local_addr,
             export = %cfg.export.display(),
             hosts = cfg.hosts.len(),
+            lease_time = ?cfg.lease_time,
             "map server listening"
+        );
+        tracing::info!(
+            "no fencing configured: the leases of a lost or silent host are waited out ({:?}) \
+             before its blocks go to anyone else",
+            hold(cfg.lease_time)
         );
         Ok(MapServer {
             local_addr,
@@ -181,10 +195,11 @@ impl MapServer {
                 hosts,
                 keys,
                 chunk: cfg.allocation_chunk.0,
+                lease_time: cfg.lease_time,
                 fill: Arc::new(fill),
                 identity,
                 internal,
-                leases: Default::default(),
+                leases: std::sync::Mutex::new(Leases::new(hold(cfg.lease_time))),
                 watcher,
                 metrics: Metrics::default(),
             }),
@@ -213,6 +228,14 @@ impl MapServer {
                         return;
                     }
                 }
+            }
+        });
+        let sweeping = self.state.clone();
+        let _sweep = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                expire(&sweeping).await;
             }
         });
         let admission = Admission::default();
@@ -249,10 +272,17 @@ impl MapServer {
                     }
                     Err(Failed::Session(e)) => tracing::warn!(%peer, "map connection: {e}"),
                 }
-                let gone = lock(&state.leases).remove_conn(conn);
-                for lease in gone {
+                let (dropped, written) = lock(&state.leases).disconnect(conn);
+                for lease in dropped {
                     released(&state, lease).await;
                 }
+                // The host may have written directly without committing: reads over SMB
+                // must not be served from pages cached before. Its leases themselves wait
+                // out their hold.
+                let _ = tokio::task::spawn_blocking(move || {
+                    written.iter().for_each(|f| maps::commit(f))
+                })
+                .await;
             });
         }
     }
@@ -326,7 +356,7 @@ async fn serve_host(
     tracing::info!(host = %host.name, "host connected");
     let (mut reader, mut writer) = (c.reader, c.writer);
     let (outbox, mut outgoing) = mpsc::channel::<Frame>(OUTBOX_FRAMES);
-    lock(&state.leases).outboxes.insert(conn, outbox.clone());
+    let hang_up = lock(&state.leases).connect(conn, outbox.clone());
     let sender = tokio::spawn(async move {
         while let Some(f) = outgoing.recv().await {
             if writer.send(&f).await.is_err() {
@@ -335,8 +365,15 @@ async fn serve_host(
         }
     });
     let result = loop {
-        match reader.recv().await {
+        let frame = tokio::select! {
+            f = reader.recv() => f,
+            () = hang_up.notified() => {
+                break Err(format!("host {}: connection closed, its leases were taken back", host.name));
+            }
+        };
+        match frame {
             Ok(Frame::Request { id, request }) => {
+                lock(&state.leases).heard(conn);
                 // A host that does not read its replies stops being read from: its requests
                 // wait in its own socket buffer, not in the server's memory.
                 let Ok(permit) = outbox.clone().reserve_owned().await else {
@@ -408,6 +445,14 @@ async fn released(state: &Arc<State>, lease: Lease) {
     state.forget_if_unleased(inode);
 }
 
+/// Releases every lease past its hold.
+async fn expire(state: &Arc<State>) {
+    let gone = lock(&state.leases).expire(std::time::Instant::now());
+    for lease in gone {
+        released(state, lease).await;
+    }
+}
+
 /// Runs blocking file work off the async threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
@@ -428,6 +473,9 @@ async fn handle(
 ) -> Result<Option<Reply>, Refusal> {
     let reply = match request {
         Request::Identity => Reply::Identity(state.identity.clone()),
+        Request::Renew => Reply::Renewed {
+            lease_time_ms: state.lease_time.as_millis() as u64,
+        },
         Request::GetMap {
             path,
             offset,
@@ -512,6 +560,8 @@ async fn get_map(
             format!("path {path:?} is the map server's own file"),
         ));
     }
+    // Leases past their hold stop being in the way first.
+    expire(state).await;
     let reserved = {
         let mut l = lock(&state.leases);
         let r = l.reserve(Lease {
@@ -523,6 +573,7 @@ async fn get_map(
             write,
             granted: false,
             recalled: false,
+            recalled_at: None,
             since: std::time::SystemTime::now(),
         });
         if let Err(Denied::Conflict(holders)) = &r {

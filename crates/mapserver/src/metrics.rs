@@ -63,7 +63,7 @@ fn render(state: &State) -> String {
     // Both read off the lease table, which knows every authenticated connection's outbox.
     let (connected, (read, write)) = {
         let l = lock(&state.leases);
-        (l.outboxes.len(), l.counts())
+        (l.connected(), l.counts())
     };
     let hosts = Gauge::<i64>::default();
     hosts.set(connected as i64);

@@ -76,7 +76,7 @@ impl Collector for Samples {
             "requests on a backend path (network: SMB, direct: the LUN)",
             &path_scopes,
         )?;
-        let events: [(&str, &str, EventOf); 3] = [
+        let events: [(&str, &str, EventOf); 4] = [
             (
                 "twinpath_path_fallbacks",
                 "data requests the direct path handed to the network path",
@@ -91,6 +91,11 @@ impl Collector for Samples {
                 "twinpath_path_throttled",
                 "requests the direct-path throttle delayed or sent over the network",
                 |p| p.throttled,
+            ),
+            (
+                "twinpath_path_expired",
+                "direct requests sent over the network because their lease ran out or was recalled",
+                |p| p.expired,
             ),
         ];
         for (name, help, value) in events {

@@ -19,6 +19,8 @@
 //!   lun_password_file: /etc/twinpath/chap.pass  # CHAP secret when the iscsi URL has a user
 //!   host_name: vmhost-07              # how this host is named to the map server (default:
 //!                                     # the system's host name)
+//!   map_timeout: 2s                   # each map call waits at most this long; then the
+//!                                     # request goes over SMB
 //!   throttle:                         # optional, per host (all disks of one map server)
 //!     bytes_per_sec: 400M             # direct-path bytes per second
 //!     iops: 20000                     # direct-path requests per second
@@ -28,6 +30,7 @@
 mod direct;
 mod link;
 mod lun;
+mod state;
 mod throttle;
 mod volume;
 
@@ -44,22 +47,29 @@ use twinpath_core::{
     Plugin, Result,
 };
 use twinpath_mapproto::Key;
+use twinpath_plugin_smb::{SmbImage, SmbSpec};
 
-use crate::direct::{Direct, LunDevice, Outcome};
+use crate::direct::{Direct, DirectConfig, LunDevice, Outcome};
 use crate::link::MapLink;
+use crate::state::Lookup;
 use crate::throttle::ThrottleConfig;
 use crate::volume::{BlockDevice, IscsiLun, Volume};
 use twinpath_iscsi::IscsiUrl;
 
 /// The keys this plugin reads itself; every other key belongs to the `smb` plugin.
-const OWN_KEYS: [&str; 6] = [
+const OWN_KEYS: [&str; 7] = [
     "map_server",
     "map_key_file",
     "lun",
     "lun_password_file",
     "host_name",
+    "map_timeout",
     "throttle",
 ];
+
+fn default_map_timeout() -> Duration {
+    Duration::from_secs(2)
+}
 
 /// How long setting up the direct path may take before the disk goes on without it.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -89,13 +99,15 @@ struct Options {
     lun_password_file: Option<PathBuf>,
     #[serde(default)]
     host_name: Option<String>,
+    #[serde(default = "default_map_timeout", with = "humantime_serde")]
+    map_timeout: Duration,
     #[serde(default)]
     throttle: Option<ThrottleConfig>,
 }
 
 #[derive(Debug)]
 struct SanSpec {
-    network: Box<dyn BackendSpec>,
+    network: SmbSpec,
     setup: Arc<DirectSetup>,
 }
 
@@ -129,6 +141,7 @@ struct DirectSetup {
     map_key_file: PathBuf,
     lun: LunSpec,
     host_name: String,
+    map_timeout: Duration,
     throttle: Option<ThrottleConfig>,
     read_only: bool,
 }
@@ -166,6 +179,12 @@ impl Plugin for SanPlugin {
             return Err(OptionError::new(
                 "map_server",
                 "must be host:port, e.g. 192.0.2.10:7410",
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&o.map_timeout) {
+            return Err(OptionError::new(
+                "map_timeout",
+                "must be between 100ms and 60s",
             ));
         }
         if let Some(t) = &o.throttle {
@@ -214,8 +233,7 @@ impl Plugin for SanPlugin {
             .and_then(|p| p.as_str())
             .unwrap_or_default()
             .to_owned();
-        let network =
-            twinpath_plugin_smb::plugin().parse(disk, serde_yaml::Value::Mapping(rest))?;
+        let network = twinpath_plugin_smb::parse_spec(disk, serde_yaml::Value::Mapping(rest))?;
         Ok(Box::new(SanSpec {
             network,
             setup: Arc::new(DirectSetup {
@@ -224,6 +242,7 @@ impl Plugin for SanPlugin {
                 map_key_file: o.map_key_file,
                 lun,
                 host_name: o.host_name.unwrap_or_else(system_host_name),
+                map_timeout: o.map_timeout,
                 throttle: o.throttle,
                 read_only: disk.read_only,
             }),
@@ -250,7 +269,7 @@ impl DirectSetup {
         let key = self.key().map_err(|e| e.to_string())?;
         let link = MapLink::shared(&self.map_server, key, &self.host_name);
         let member = link.join();
-        let connected = link.connect().await?;
+        let connected = link.connect(self.map_timeout).await?;
         let id = connected.identity;
         let (lun, checked, host) = (self.lun.clone(), id.clone(), self.host_name.clone());
         let volume = tokio::task::spawn_blocking(move || -> std::result::Result<_, String> {
@@ -273,16 +292,21 @@ impl DirectSetup {
             fs = id.fs_type,
             "direct path ready"
         );
+        let config = DirectConfig {
+            path: self.path.clone(),
+            throttle: self
+                .throttle
+                .map(|t| throttle::Throttle::shared(&self.map_server, t)),
+            map_timeout: self.map_timeout,
+        };
         Ok(Direct::new(
             member,
             connected.generation,
-            self.path.clone(),
+            config,
             LunDevice {
                 volume,
                 io: backend,
             },
-            self.throttle
-                .map(|t| throttle::Throttle::shared(&self.map_server, t)),
             stats,
         ))
     }
@@ -301,7 +325,7 @@ impl BackendSpec for SanSpec {
 
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         self.setup.key()?;
-        let network = self.network.open().await?;
+        let network = Arc::new(self.network.open_image().await?);
         let direct = Arc::new(OnceLock::new());
         let stats = Arc::<PathStats>::default();
         match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(stats.clone())).await {
@@ -366,10 +390,12 @@ fn retry_later(
     });
 }
 
-/// Each request tries the direct path, then the network path. Requests run on the tokio
-/// runtime, where the map connection and timers live.
+/// Each request tries the direct path, then the network path. A request whose grant is at
+/// hand runs on the queue's thread; any other is one task on the tokio runtime (where the map
+/// connection and timers live), which fetches the map, waits for the throttle, or does the
+/// network request itself.
 struct SanBackend {
-    network: Arc<dyn BlockBackend>,
+    network: Arc<SmbImage>,
     /// Set once the direct path is up (at open, or later by [`retry_later`]).
     direct: Arc<OnceLock<Arc<Direct>>>,
     runtime: tokio::runtime::Handle,
@@ -390,32 +416,38 @@ impl SanBackend {
     }
 
     async fn data(&self, offset: u64, bufs: GuestBuffers, write: bool) -> Result<()> {
-        // The common case stays on the queue's thread: grant at hand, device I/O only.
-        if let Some(d) = self.direct.get() {
-            if let Some(ready) = d.ready(offset, bufs.len() as u64, write) {
-                match d.run(ready, &bufs).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => tracing::warn!("direct I/O failed, retrying over SMB: {e}"),
-                }
-            }
-        }
-        let network = self.network.clone();
+        let len = bufs.len() as u64;
         let direct = self.direct();
+        // The one look at the direct path's state; the common case (grant at hand, small,
+        // unthrottled) stays on the queue's thread.
+        let lookup = match direct.as_ref().map(|d| (d, d.lookup(offset, len, write))) {
+            Some((d, Lookup::Direct(t))) if d.inline(&t) => match d.run(t, &bufs).await {
+                Ok(Outcome::Done) => return Ok(()),
+                Ok(Outcome::Network) => Lookup::Network,
+                Err(e) => {
+                    tracing::warn!("direct I/O failed, retrying over SMB: {e}");
+                    Lookup::Network
+                }
+            },
+            Some((_, l)) => l,
+            None => Lookup::Network,
+        };
+        let network = self.network.clone();
         let stats = self.stats.clone();
         self.run(if write { "write" } else { "read" }, async move {
             if let Some(d) = &direct {
-                match d.io(offset, &bufs, write).await {
+                match d.io(lookup, offset, &bufs, write).await {
                     Ok(Outcome::Done) => return Ok(()),
                     Ok(Outcome::Network) => {}
                     Err(e) => tracing::warn!("direct I/O failed, retrying over SMB: {e}"),
                 }
-                d.before_network(offset, bufs.len() as u64, write).await;
+                d.before_network(offset, len, write).await;
             }
             stats.fallbacks.fetch_add(1, Ordering::Relaxed);
             if write {
-                network.write(offset, bufs).await
+                network.write(offset, &bufs).await
             } else {
-                network.read(offset, bufs).await
+                network.read(offset, &bufs).await
             }
         })
         .await
@@ -423,16 +455,16 @@ impl SanBackend {
 
     /// Metadata-changing requests (discard, write-zeroes) go over SMB; the grants they touch
     /// are retired first, since the server may deallocate there.
-    async fn metadata(&self, offset: u64, len: u64) -> Option<Arc<Direct>> {
-        let d = self.direct()?;
-        let d2 = d.clone();
-        let _ = self
-            .run("retire", async move {
-                d2.before_network(offset, len, true).await;
-                Ok(())
-            })
-            .await;
-        Some(d)
+    async fn metadata(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
+        let direct = self.direct();
+        let network = self.network.clone();
+        self.run(what, async move {
+            if let Some(d) = &direct {
+                d.before_network(offset, len, true).await;
+            }
+            network.write_zeroes(offset, len).await
+        })
+        .await
     }
 }
 
@@ -450,30 +482,36 @@ impl BlockBackend for SanBackend {
         self.data(offset, bufs, true).await
     }
 
+    /// Device flush and commits, then the SMB flush, in one task; a map server that does not
+    /// answer costs each commit at most the map timeout.
     async fn flush(&self) -> Result<()> {
-        if let Some(d) = self.direct() {
-            self.run("flush", async move { d.flush().await }).await?;
-        }
-        self.network.flush().await
+        let direct = self.direct();
+        let network = self.network.clone();
+        self.run("flush", async move {
+            if let Some(d) = &direct {
+                d.flush().await?;
+            }
+            network.flush().await
+        })
+        .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.metadata(offset, len).await;
-        self.network.discard(offset, len).await
+        self.metadata("discard", offset, len).await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.metadata(offset, len).await;
-        self.network.write_zeroes(offset, len, unmap).await
+    async fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
+        self.metadata("write-zeroes", offset, len).await
     }
 
-    /// The network path's counters come from the network backend; fallbacks count the data
+    /// The network path's counters come from the SMB image; fallbacks count the data
     /// requests it served for this disk (the direct path was down, had no grant, was
-    /// throttled, or failed).
+    /// throttled, ran out of lease time, or failed).
     fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
-        let mut paths = self.network.paths();
-        paths.push(("direct", self.stats.clone()));
-        paths
+        vec![
+            ("network", self.network.stats()),
+            ("direct", self.stats.clone()),
+        ]
     }
 }
 

@@ -9,16 +9,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use twinpath_core::lock;
 use twinpath_mapproto::{Key, MapClient, Recall, Reply, Request, VolumeIdentity};
 
-use crate::direct::RETRY_AFTER;
-
-/// How long dialing the map server (connect, authenticate, identity) may take.
-const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+use crate::state::RETRY_AFTER;
 
 /// What a member hears from the link.
 #[derive(Debug)]
@@ -121,8 +118,10 @@ impl MapLink {
         self.live().map(|c| c.client)
     }
 
-    /// The live connection, dialing if there is none and the last failure is old enough.
-    pub async fn connect(&self) -> Result<Connected, String> {
+    /// The live connection, dialing if there is none and the last failure is old enough;
+    /// each step of a dial (connect and authenticate, identity, first renewal) waits at most
+    /// `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> Result<Connected, String> {
         if let Some(c) = self.live() {
             return Ok(c);
         }
@@ -136,7 +135,7 @@ impl MapLink {
                 return Err(why.clone());
             }
         }
-        match self.dial().await {
+        match self.dial(timeout).await {
             Ok((client, identity, recalls)) => {
                 d.generation += 1;
                 d.failed = None;
@@ -164,25 +163,31 @@ impl MapLink {
 
     async fn dial(
         &self,
+        timeout: Duration,
     ) -> Result<(MapClient, VolumeIdentity, mpsc::UnboundedReceiver<Recall>), String> {
         // Requests that need a map wait for this; an unreachable server must not hold them
         // for the kernel's TCP connect timeout.
-        let late = |_| format!("no answer in {DIAL_TIMEOUT:?}");
         let (client, recalls) = tokio::time::timeout(
-            DIAL_TIMEOUT,
+            timeout,
             MapClient::connect(&self.addr, &self.key, &self.host),
         )
         .await
-        .map_err(late)?
+        .map_err(|_| format!("no answer in {timeout:?}"))?
         .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(DIAL_TIMEOUT, client.call(Request::Identity))
+        let id = match client
+            .call_within(timeout, None, Request::Identity)
             .await
-            .map_err(late)?
             .map_err(|e| e.to_string())?
         {
-            Reply::Identity(id) => Ok((client, id, recalls)),
-            other => Err(format!("asked for the volume identity, got {other:?}")),
-        }
+            Reply::Identity(id) => id,
+            other => return Err(format!("asked for the volume identity, got {other:?}")),
+        };
+        let lease_time = client
+            .keep_alive(timeout)
+            .await
+            .map_err(|e| format!("first renewal: {e}"))?;
+        tracing::debug!(map_server = self.addr, ?lease_time, "leases renewed");
+        Ok((client, id, recalls))
     }
 
     /// Hands each recall to the member owning its lease (a lease nobody owns any more goes

@@ -1,0 +1,351 @@
+//! The direct path when its right to the LUN is in doubt: a map server that stops answering,
+//! a host frozen while it holds a write lease, a map connection cut without a word. The guest
+//! sees delays, never errors; the host never writes blocks the server has taken back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use twinpath_filemap::{file_extents, read_direct};
+use twinpath_tests::fileserver::FileServer;
+use twinpath_tests::lun::Fs;
+use twinpath_tests::relay::LatencyRelay;
+use twinpath_tests::samba::free_port;
+use twinpath_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A host daemon serving one san disk `vm` on `image`, with `extra` lines in its backend
+/// (indented for it), its map server reached at `map_addr`, and metrics on a free port.
+struct Host {
+    daemon: Daemon,
+    sock: std::path::PathBuf,
+    metrics: u16,
+}
+
+impl Host {
+    fn start(fs: &FileServer, image: &str, map_addr: &str, extra: &str) -> Host {
+        let dir = fs.dir.path().join("host");
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("vm.sock");
+        let backend = fs
+            .backend_yaml(image, Some(&fs.lun.device().display().to_string()))
+            .replace(&fs.map_addr, map_addr)
+            .replace("}", &format!(", {extra}}}"));
+        let metrics = free_port();
+        let daemon = Daemon::start(
+            &dir,
+            &format!(
+                "disks:\n  - name: vm\n    socket: {}\n    backend: {backend}\nmetrics:\n  listen: 127.0.0.1:{metrics}\n",
+                sock.display()
+            ),
+        );
+        Host {
+            daemon,
+            sock,
+            metrics,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.sock, &ClientOptions::default()).unwrap()
+    }
+
+    /// Requests of `op` done on `path` (`direct` or `network`) so far.
+    fn done(&self, path: &str, op: &str) -> f64 {
+        sample(
+            &scrape(self.metrics),
+            &format!("twinpath_path_requests_total{{disk=\"vm\",path=\"{path}\",op=\"{op}\"}}"),
+        )
+    }
+}
+
+/// Byte ranges `(physical, len)` on the LUN of the bytes of `path` from file offset `from`.
+fn extents(path: &std::path::Path, from: u64) -> Vec<(u64, u64)> {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    file_extents(&f)
+        .unwrap()
+        .iter()
+        .filter(|e| e.logical + e.len > from)
+        .map(|e| {
+            let skip = from.saturating_sub(e.logical);
+            (e.physical + skip, e.len - skip)
+        })
+        .collect()
+}
+
+/// Bytes two lists of ranges have in common.
+fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
+    let mut n = 0;
+    for &(x, xl) in a {
+        for &(y, yl) in b {
+            n += (x + xl).min(y + yl).saturating_sub(x.max(y));
+        }
+    }
+    n
+}
+
+/// Leaves about `free` bytes free on the filesystem at `mnt`, so that blocks freed later are
+/// the ones a new file gets.
+fn fill_up(mnt: &std::path::Path, free: u64) {
+    // SAFETY: statvfs fills the struct we pass, for a NUL-terminated path.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        let path = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(libc::statvfs(path.as_ptr(), &mut st), 0);
+        st
+    };
+    let avail = st.f_bavail * st.f_frsize;
+    let size = avail.saturating_sub(free);
+    let f = std::fs::File::create(mnt.join("filler")).unwrap();
+    // SAFETY: fallocate on a file we hold open.
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, size as i64) };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+}
+
+/// The second half of the 128 MiB image `img` is truncated away while the host holds a
+/// write lease on it, and another tenant's file takes the freed blocks. Returns that file's
+/// extents, with the content it wrote.
+fn truncate_and_reuse(img: &std::path::Path) -> (Vec<(u64, u64)>, Vec<u8>) {
+    let freed = extents(img, 64 * MIB);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let other = img.with_file_name("other.raw");
+    let content = pattern(700, 40 * MIB as usize);
+    std::fs::write(&other, &content).unwrap();
+    let taken = extents(&other, 0);
+    assert!(
+        overlap(&freed, &taken) >= 8 * MIB,
+        "the new file did not get the freed blocks: {freed:?} / {taken:?}"
+    );
+    (taken, content)
+}
+
+/// Whether the device holds `content` in `ranges` (past every cache).
+fn on_device(device: &std::path::Path, ranges: &[(u64, u64)], content: &[u8]) -> bool {
+    let dev = std::fs::File::open(device).unwrap();
+    let mut at = 0usize;
+    ranges.iter().all(|&(physical, len)| {
+        let got = read_direct(&dev, physical, len as usize).unwrap();
+        let ok = got[..] == content[at..at + len as usize];
+        at += len as usize;
+        ok
+    })
+}
+
+/// A 128 MiB image on a nearly full filesystem (the guest's writes after the truncation,
+/// over SMB, need room too: they stay within 24 MiB).
+fn image(fs: &FileServer) -> std::path::PathBuf {
+    let mnt = fs.lun.mount_point();
+    let img = mnt.join("vm.raw");
+    std::fs::write(&img, pattern(1, 128 * MIB as usize)).unwrap();
+    fill_up(&mnt, 24 * MIB);
+    img
+}
+
+/// A guest writing 64 KiB pieces over a range of its disk until stopped, 32 at a time (a
+/// frozen host finds many in its queue when it resumes).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Writer {
+    /// Writes over `[from, from + span)`.
+    fn start(host: &Host, from: u64, span: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut c = host.client();
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                const PIECE: usize = 65536;
+                let data = pattern(9, 32 * PIECE);
+                c.buffer()[..data.len()].copy_from_slice(&data);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let reqs: Vec<Req> = (0..32)
+                        .map(|i| Req {
+                            op: Op::Write,
+                            offset: from + ((n + i) * 7919 * PIECE as u64) % span,
+                            len: PIECE,
+                            buf_offset: i as usize * PIECE,
+                        })
+                        .collect();
+                    for (i, r) in c.batch(0, &reqs).unwrap().into_iter().enumerate() {
+                        r.map_err(|e| format!("guest write {}: {e}", n + i as u64))?;
+                    }
+                    n += 32;
+                }
+                Ok(n)
+            }
+        });
+        Writer { stop, thread }
+    }
+
+    /// Stops it; the writes it did, or the error the guest saw, with `host`'s log.
+    fn stop(self, host: &Host) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.join().unwrap() {
+            Ok(n) => n,
+            Err(e) => panic!("{e}\n{}", host.daemon.log()),
+        }
+    }
+}
+
+#[test]
+fn a_stopped_map_server_costs_a_guest_request_at_most_the_map_timeout() {
+    let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "");
+    let mnt = fs.lun.mount_point();
+    let mut expect = pattern(1, 320 * MIB as usize);
+    std::fs::write(mnt.join("vm.raw"), &expect).unwrap();
+    let host = Host::start(&fs, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
+    let mut c = host.client();
+    let write = |c: &mut Client, expect: &mut Vec<u8>, at: u64, seed: u64| {
+        let data = pattern(seed, MIB as usize);
+        let started = Instant::now();
+        c.write(0, at, &data).unwrap();
+        expect[at as usize..(at + MIB) as usize].copy_from_slice(&data);
+        started.elapsed()
+    };
+    write(&mut c, &mut expect, 0, 2);
+    let direct = host.done("direct", "write");
+    assert!(direct >= 1.0, "window 0 was written directly");
+
+    let map_server = fs.map.as_ref().unwrap().pid();
+    signal(map_server, libc::SIGSTOP);
+    // New windows: each request waits at most the map timeout, then goes over SMB.
+    let limit = Duration::from_secs(2);
+    for w in 1..4u64 {
+        let took = write(&mut c, &mut expect, w * 64 * MIB, 10 + w);
+        assert!(took < limit, "a write to window {w} took {took:?}");
+        let started = Instant::now();
+        let back = c.read(0, w * 64 * MIB, MIB as usize).unwrap();
+        assert!(
+            started.elapsed() < limit,
+            "a read took {:?}",
+            started.elapsed()
+        );
+        assert!(back[..] == expect[(w * 64 * MIB) as usize..][..MIB as usize]);
+    }
+    // The grant held keeps working, and a flush commits nothing but completes in time.
+    write(&mut c, &mut expect, MIB, 20);
+    assert!(
+        host.done("direct", "write") > direct,
+        "window 0 stays direct"
+    );
+    let started = Instant::now();
+    c.flush(0).unwrap();
+    assert!(
+        started.elapsed() < limit,
+        "a flush took {:?}",
+        started.elapsed()
+    );
+
+    // The map server comes back: so does the direct path, after its rest.
+    signal(map_server, libc::SIGCONT);
+    std::thread::sleep(Duration::from_secs(6));
+    let direct = host.done("direct", "write");
+    write(&mut c, &mut expect, 4 * 64 * MIB, 30);
+    assert!(
+        host.done("direct", "write") > direct,
+        "the direct path came back"
+    );
+    write(&mut c, &mut expect, 4 * 64 * MIB + MIB, 31);
+    c.flush(0).unwrap();
+
+    // What was flushed is durable: the host is killed, and the image read over SMB.
+    drop(c);
+    signal(host.daemon.pid(), libc::SIGKILL);
+    let log = host.daemon.log();
+    host.daemon.wait_exit(Duration::from_secs(10));
+    assert!(log.contains("map server did not answer"), "{log}");
+    let reader = fs.dir.path().join("reader");
+    std::fs::create_dir_all(&reader).unwrap();
+    let sock = reader.join("smb.sock");
+    let _smb = Daemon::start(
+        &reader,
+        &format!(
+            "disks:\n  - name: smb\n    socket: {}\n    backend: {}\n",
+            sock.display(),
+            fs.backend_yaml("vm.raw", None)
+        ),
+    );
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    for at in (0..320 * MIB).step_by(4 * MIB as usize) {
+        let back = c.read(0, at, 4 * MIB as usize).unwrap();
+        assert!(
+            back[..] == expect[at as usize..(at + 4 * MIB) as usize],
+            "over SMB at {at}"
+        );
+    }
+}
+
+#[test]
+fn a_host_frozen_past_its_lease_time_never_writes_blocks_freed_meanwhile() {
+    let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "lease_time: 2s\n");
+    let img = image(&fs);
+    let host = Host::start(&fs, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
+    let writer = Writer::start(&host, 64 * MIB, 24 * MIB);
+    wait_for_direct_writes(&host);
+
+    // Frozen while writing; meanwhile the image is truncated and its blocks reused.
+    signal(host.daemon.pid(), libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(500));
+    let (taken, content) = truncate_and_reuse(&img);
+    std::thread::sleep(Duration::from_secs(4));
+    signal(host.daemon.pid(), libc::SIGCONT);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(writer.stop(&host) > 20);
+    assert!(
+        on_device(fs.lun.device(), &taken, &content),
+        "the host wrote blocks freed while it was frozen"
+    );
+    let log = host.daemon.log_after_stop();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+fn wait_for_direct_writes(host: &Host) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.done("direct", "write") < 20.0 {
+        assert!(Instant::now() < deadline, "no direct writes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_silently_cut_host_stops_writing_directly_within_its_lease_time() {
+    let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "lease_time: 2s\n");
+    let img = image(&fs);
+    let relay = LatencyRelay::start(fs.map_addr.parse().unwrap(), Duration::ZERO);
+    let host = Host::start(&fs, "vm.raw", &relay.addr().to_string(), "map_timeout: 1s");
+    let writer = Writer::start(&host, 64 * MIB, 24 * MIB);
+    wait_for_direct_writes(&host);
+
+    // Nothing more passes between host and map server, and neither side's socket closes;
+    // the guest goes on writing. The server waits out the hold (2s + 0.2s + 1s) before
+    // the host's blocks are anyone else's: here they are freed and reused after it.
+    relay.cut_silently();
+    let cut = Instant::now();
+    std::thread::sleep(Duration::from_millis(3500));
+    let direct = host.done("direct", "write");
+    let (taken, content) = truncate_and_reuse(&img);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        host.done("direct", "write"),
+        direct,
+        "direct writes {:?} after the cut",
+        cut.elapsed()
+    );
+    assert!(writer.stop(&host) > 20);
+    assert!(
+        on_device(fs.lun.device(), &taken, &content),
+        "the host wrote blocks freed after its lease time"
+    );
+    let log = host.daemon.log_after_stop();
+    assert!(log.contains("leases ran out unrenewed"), "{log}");
+}

@@ -264,25 +264,10 @@ fn a_stopped_map_server_costs_a_guest_request_at_most_the_map_timeout() {
     let log = host.daemon.log();
     host.daemon.wait_exit(Duration::from_secs(10));
     assert!(log.contains("map server did not answer"), "{log}");
-    let reader = fs.dir.path().join("reader");
-    std::fs::create_dir_all(&reader).unwrap();
-    let sock = reader.join("smb.sock");
-    let _smb = Daemon::start(
-        &reader,
-        &format!(
-            "disks:\n  - name: smb\n    socket: {}\n    backend: {}\n",
-            sock.display(),
-            fs.backend_yaml("vm.raw", None)
-        ),
+    assert!(
+        read_over_smb(&fs, 320 * MIB) == expect,
+        "what was flushed is not durable"
     );
-    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
-    for at in (0..320 * MIB).step_by(4 * MIB as usize) {
-        let back = c.read(0, at, 4 * MIB as usize).unwrap();
-        assert!(
-            back[..] == expect[at as usize..(at + 4 * MIB) as usize],
-            "over SMB at {at}"
-        );
-    }
 }
 
 #[test]
@@ -348,4 +333,143 @@ fn a_silently_cut_host_stops_writing_directly_within_its_lease_time() {
     );
     let log = host.daemon.log_after_stop();
     assert!(log.contains("leases ran out unrenewed"), "{log}");
+}
+
+/// The first `len` bytes of a disk, in 4 MiB reads.
+fn read_all(c: &mut Client, len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len as usize);
+    for at in (0..len).step_by(4 * MIB as usize) {
+        out.extend(c.read(0, at, (4 * MIB).min(len - at) as usize).unwrap());
+    }
+    out
+}
+
+/// The first `len` bytes of `vm.raw` as an `smb` disk in a daemon of its own reads them.
+fn read_over_smb(fs: &FileServer, len: u64) -> Vec<u8> {
+    let dir = fs.dir.path().join("reader");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("smb.sock");
+    let _smb = Daemon::start(
+        &dir,
+        &format!(
+            "disks:\n  - name: smb\n    socket: {}\n    backend: {}\n",
+            sock.display(),
+            fs.backend_yaml("vm.raw", None)
+        ),
+    );
+    read_all(
+        &mut Client::connect(&sock, &ClientOptions::default()).unwrap(),
+        len,
+    )
+}
+
+/// Leases recalled from `host`'s disk so far.
+fn recalls(host: &Host) -> f64 {
+    sample(
+        &scrape(host.metrics),
+        "twinpath_path_recalls_total{disk=\"vm\",path=\"direct\"}",
+    )
+}
+
+#[test]
+fn a_truncate_of_a_leased_image_is_recalled_within_a_second_and_ends_direct_io() {
+    let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "");
+    let img = image(&fs);
+    let host = Host::start(&fs, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
+    let writer = Writer::start(&host, 64 * MIB, 24 * MIB);
+    wait_for_direct_writes(&host);
+    let (taken, content) = truncate_and_reuse(&img);
+    let truncated = Instant::now();
+    while recalls(&host) < 1.0 {
+        assert!(
+            truncated.elapsed() < Duration::from_secs(1),
+            "no recall within a second of the truncate"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Direct I/O already under way when the recall came may finish; none starts after.
+    std::thread::sleep(Duration::from_millis(100));
+    let direct = host.done("direct", "write");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        host.done("direct", "write"),
+        direct,
+        "direct writes after the recall"
+    );
+    assert!(writer.stop(&host) > 20);
+    assert!(on_device(fs.lun.device(), &taken, &content));
+}
+
+/// `xfs_io -c "lsattr -v"` flags of `path`.
+fn xflags(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("xfs_io")
+        .args(["-r", "-c", "lsattr -v"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn xfs_fsr_leaves_a_leased_image_alone_and_no_guest_write_is_lost() {
+    let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "");
+    let mnt = fs.lun.mount_point();
+    // A fragmented image: its pieces written last to first (so no two merge), each between
+    // two of a spacer's, each made durable.
+    let img = mnt.join("vm.raw");
+    let spacer = mnt.join("spacer");
+    {
+        use std::os::unix::fs::FileExt;
+        let (a, b) = (
+            std::fs::File::create(&img).unwrap(),
+            std::fs::File::create(&spacer).unwrap(),
+        );
+        a.set_len(64 * MIB).unwrap();
+        for i in (0..64u64).rev() {
+            a.write_all_at(&pattern(i, MIB as usize), i * MIB).unwrap();
+            a.sync_all().unwrap();
+            b.write_all_at(&pattern(1000 + i, MIB as usize), i * MIB)
+                .unwrap();
+            b.sync_all().unwrap();
+        }
+    }
+    std::fs::remove_file(&spacer).unwrap();
+    let before = extents(&img, 0);
+    assert!(before.len() >= 8, "not fragmented: {before:?}");
+
+    let host = Host::start(&fs, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
+    let writer = Writer::start(&host, 0, 60 * MIB);
+    wait_for_direct_writes(&host);
+    assert!(xflags(&img).contains("no-defrag"), "{}", xflags(&img));
+    let out = std::process::Command::new("xfs_fsr")
+        .arg("-v")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(writer.stop(&host) > 20);
+    assert_eq!(
+        extents(&img, 0),
+        before,
+        "xfs_fsr moved the leased image's blocks"
+    );
+
+    let mut c = host.client();
+    c.flush(0).unwrap();
+    let through_san = read_all(&mut c, 64 * MIB);
+    drop(c);
+    let log = host.daemon.log_after_stop();
+    assert!(!log.contains("ERROR"), "{log}");
+    // The last lease went back with the disk: the flag is as it was.
+    assert!(!xflags(&img).contains("no-defrag"), "{}", xflags(&img));
+
+    assert!(
+        read_over_smb(&fs, 64 * MIB) == through_san,
+        "SMB and the san disk differ"
+    );
 }

@@ -15,6 +15,7 @@ mod fill;
 mod leases;
 mod maps;
 mod metrics;
+mod nodefrag;
 mod volume;
 mod watch;
 
@@ -98,6 +99,8 @@ struct State {
     leases: std::sync::Mutex<Leases>,
     /// Reports changes to leased files by others; `None` where fanotify is unavailable.
     watcher: Option<watch::Watcher>,
+    /// Leased files kept from `xfs_fsr`; `None` on filesystems without the flag.
+    nodefrag: Option<std::sync::Mutex<nodefrag::NoDefrag>>,
     metrics: Metrics,
 }
 
@@ -107,8 +110,14 @@ impl State {
     /// lose its mark to this.
     fn forget_if_unleased(&self, inode: Inode) {
         let l = lock(&self.leases);
-        if let (false, Some(w)) = (l.refers_to(inode), &self.watcher) {
+        if l.refers_to(inode) {
+            return;
+        }
+        if let Some(w) = &self.watcher {
             w.unwatch(inode);
+        }
+        if let Some(n) = &self.nodefrag {
+            lock(n).unpin(inode);
         }
     }
 }
@@ -152,6 +161,7 @@ impl MapServer {
         })
         .await
         .map_err(|e| e.to_string())??;
+        let xfs = identity.fs_type == "xfs";
         let watcher = match watch::Watcher::new() {
             Ok(w) => Some(w),
             Err(e) => {
@@ -201,6 +211,7 @@ impl MapServer {
                 internal,
                 leases: std::sync::Mutex::new(Leases::new(hold(cfg.lease_time))),
                 watcher,
+                nodefrag: xfs.then(Default::default),
                 metrics: Metrics::default(),
             }),
         })
@@ -598,6 +609,12 @@ async fn get_map(
         if let Err(e) = w.watch(&file, inode) {
             tracing::warn!(path = ?path, "cannot watch for changes: {e}");
         }
+    }
+    if let Some(n) = &state.nodefrag {
+        // Under the lease table's lock, like the unpin, so that a release racing with this
+        // reservation cannot clear the flag after it was set for it.
+        let _l = lock(&state.leases);
+        lock(n).pin(inode, &file, &path);
     }
     let (chunk, fill, f) = (state.chunk, state.fill.clone(), file.clone());
     let mapped = blocking(move || maps::get_map(&f, offset, len, write, chunk, &fill)).await;

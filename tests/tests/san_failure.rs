@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use twinpath_filemap::{file_extents, read_direct};
 use twinpath_tests::fileserver::FileServer;
+use twinpath_tests::iscsi::Tgtd;
 use twinpath_tests::lun::Fs;
 use twinpath_tests::relay::LatencyRelay;
 use twinpath_tests::samba::free_port;
@@ -15,21 +16,40 @@ use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-/// A host daemon serving one san disk `vm` on `image`, with `extra` lines in its backend
-/// (indented for it), its map server reached at `map_addr`, and metrics on a free port.
+/// How the host reaches the LUN.
+#[derive(Clone, Copy, Debug)]
+enum Lun {
+    /// The loop device itself.
+    Device,
+    /// Through tgtd on loopback, with the userspace initiator.
+    Iscsi,
+}
+
+/// A host daemon serving one san disk `vm` on `image`, with `extra` keys in its backend,
+/// its map server reached at `map_addr`, and metrics on a free port.
 struct Host {
     daemon: Daemon,
     sock: std::path::PathBuf,
     metrics: u16,
+    _target: Option<Tgtd>,
 }
 
 impl Host {
     fn start(fs: &FileServer, image: &str, map_addr: &str, extra: &str) -> Host {
+        Host::start_on(fs, Lun::Device, image, map_addr, extra)
+    }
+
+    fn start_on(fs: &FileServer, lun: Lun, image: &str, map_addr: &str, extra: &str) -> Host {
         let dir = fs.dir.path().join("host");
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("vm.sock");
+        let target = matches!(lun, Lun::Iscsi).then(|| Tgtd::start(fs.lun.device(), false, &dir));
+        let lun = match &target {
+            Some(t) => format!("\"{}\"", t.url()),
+            None => fs.lun.device().display().to_string(),
+        };
         let backend = fs
-            .backend_yaml(image, Some(&fs.lun.device().display().to_string()))
+            .backend_yaml(image, Some(&lun))
             .replace(&fs.map_addr, map_addr)
             .replace("}", &format!(", {extra}}}"));
         let metrics = free_port();
@@ -44,6 +64,7 @@ impl Host {
             daemon,
             sock,
             metrics,
+            _target: target,
         }
     }
 
@@ -129,6 +150,8 @@ fn truncate_and_reuse(img: &std::path::Path) -> (Vec<(u64, u64)>, Vec<u8>) {
 /// Whether the device holds `content` in `ranges` (past every cache).
 fn on_device(device: &std::path::Path, ranges: &[(u64, u64)], content: &[u8]) -> bool {
     let dev = std::fs::File::open(device).unwrap();
+    // tgtd may write the device through its page cache.
+    dev.sync_all().unwrap();
     let mut at = 0usize;
     ranges.iter().all(|&(physical, len)| {
         let got = read_direct(&dev, physical, len as usize).unwrap();
@@ -272,9 +295,18 @@ fn a_stopped_map_server_costs_a_guest_request_at_most_the_map_timeout() {
 
 #[test]
 fn a_host_frozen_past_its_lease_time_never_writes_blocks_freed_meanwhile() {
+    frozen_host(Lun::Device);
+}
+
+#[test]
+fn a_host_frozen_past_its_lease_time_never_writes_freed_blocks_over_iscsi() {
+    frozen_host(Lun::Iscsi);
+}
+
+fn frozen_host(lun: Lun) {
     let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "lease_time: 2s\n");
     let img = image(&fs);
-    let host = Host::start(&fs, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
+    let host = Host::start_on(&fs, lun, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
     let writer = Writer::start(&host, 64 * MIB, 24 * MIB);
     wait_for_direct_writes(&host);
 
@@ -304,10 +336,20 @@ fn wait_for_direct_writes(host: &Host) {
 
 #[test]
 fn a_silently_cut_host_stops_writing_directly_within_its_lease_time() {
+    silently_cut(Lun::Device);
+}
+
+#[test]
+fn a_silently_cut_host_stops_writing_directly_over_iscsi_within_its_lease_time() {
+    silently_cut(Lun::Iscsi);
+}
+
+fn silently_cut(lun: Lun) {
     let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "lease_time: 2s\n");
     let img = image(&fs);
     let relay = LatencyRelay::start(fs.map_addr.parse().unwrap(), Duration::ZERO);
-    let host = Host::start(&fs, "vm.raw", &relay.addr().to_string(), "map_timeout: 1s");
+    let addr = relay.addr().to_string();
+    let host = Host::start_on(&fs, lun, "vm.raw", &addr, "map_timeout: 1s");
     let writer = Writer::start(&host, 64 * MIB, 24 * MIB);
     wait_for_direct_writes(&host);
 

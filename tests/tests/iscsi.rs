@@ -204,3 +204,39 @@ fn a_session_whose_target_is_gone_fails_in_time_and_closes() {
         started.elapsed()
     );
 }
+
+#[test]
+fn persistent_reservations_fence_a_host_until_it_registers_again() {
+    let lun = raw_lun();
+    let dir = scratch();
+    let tgt = Tgtd::start(lun.device(), false, dir.path());
+    let url = IscsiUrl::parse(&tgt.url()).unwrap();
+    let host = Session::connect(&url, None, INITIATOR).unwrap();
+    let server = Session::connect(&url, None, "iqn.2026-11.io.twinpath:map-server").unwrap();
+    let (host_key, server_key) = (0x1111_2222_3333_4444, 0x5555_6666_7777_8888);
+    block_on(host.pr_register(host_key)).unwrap();
+    block_on(server.pr_register(server_key)).unwrap();
+    block_on(server.pr_reserve(server_key)).unwrap();
+    let mut keys = block_on(server.pr_read_keys()).unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![host_key, server_key]);
+    write(&host, 0, pattern(1, 4096)).unwrap();
+
+    // Preempted: its key is gone and its writes conflict; reads still work (Write Exclusive).
+    block_on(server.pr_preempt(server_key, host_key)).unwrap();
+    assert_eq!(block_on(server.pr_read_keys()).unwrap(), vec![server_key]);
+    let mut conflicts = 0;
+    for _ in 0..3 {
+        // The first command after the preemption may get the unit attention instead.
+        if let Err(e) = write(&host, 4096, pattern(2, 4096)) {
+            conflicts += u32::from(e.contains("RESERVATION CONFLICT"));
+        }
+    }
+    assert!(conflicts >= 2, "the fenced host's writes did not conflict");
+    assert!(read_direct(&device(&lun), 4096, 4096).unwrap() != pattern(2, 4096));
+    assert_eq!(read(&host, 0, 4096).unwrap(), pattern(1, 4096));
+
+    // Registered again, it writes again.
+    block_on(host.pr_register(host_key)).unwrap();
+    write(&host, 4096, pattern(3, 4096)).unwrap();
+}

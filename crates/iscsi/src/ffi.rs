@@ -30,10 +30,37 @@ pub struct ReadCapacity16 {
     pub block_length: u32,
 }
 
+/// `struct scsi_persistent_reserve_out_basic` (libiscsi marshals it into the data-out buffer
+/// when the task is made).
+#[repr(C)]
+pub struct PrOutBasic {
+    pub reservation_key: u64,
+    pub service_action_reservation_key: u64,
+    pub spec_i_pt: u8,
+    pub all_tg_pt: u8,
+    pub aptpl: u8,
+}
+
+/// `struct scsi_persistent_reserve_in_read_keys`: `num_keys` keys follow.
+#[repr(C)]
+pub struct PrReadKeys {
+    pub prgeneration: u32,
+    pub additional_length: u32,
+    pub num_keys: c_int,
+    pub keys: [u64; 0],
+}
+
 pub type CommandCb =
     extern "C" fn(iscsi: *mut IscsiContext, status: c_int, data: *mut c_void, private: *mut c_void);
 
 pub const SCSI_STATUS_GOOD: c_int = 0;
+pub const SCSI_STATUS_RESERVATION_CONFLICT: c_int = 0x18;
+pub const PR_IN_READ_KEYS: c_int = 0;
+pub const PR_OUT_RESERVE: c_int = 1;
+pub const PR_OUT_PREEMPT: c_int = 4;
+pub const PR_OUT_REGISTER_AND_IGNORE_EXISTING_KEY: c_int = 6;
+pub const PR_SCOPE_LU: c_int = 0;
+pub const PR_TYPE_WRITE_EXCLUSIVE_REGISTRANTS_ONLY: c_int = 5;
 pub const SCSI_STATUS_CANCELLED: c_int = 0x0f00_0000;
 pub const SCSI_STATUS_TIMEOUT: c_int = 0x0f00_0002;
 pub const ISCSI_SESSION_NORMAL: c_int = 2;
@@ -139,6 +166,24 @@ api! {
         num_blocks: u32,
         syncnv: c_int,
         immed: c_int,
+        cb: CommandCb,
+        private: *mut c_void,
+    ) -> *mut ScsiTask;
+    fn iscsi_persistent_reserve_out_task(
+        iscsi: *mut IscsiContext,
+        lun: c_int,
+        sa: c_int,
+        scope: c_int,
+        kind: c_int,
+        params: *mut c_void,
+        cb: CommandCb,
+        private: *mut c_void,
+    ) -> *mut ScsiTask;
+    fn iscsi_persistent_reserve_in_task(
+        iscsi: *mut IscsiContext,
+        lun: c_int,
+        sa: c_int,
+        xferlen: u16,
         cb: CommandCb,
         private: *mut c_void,
     ) -> *mut ScsiTask;

@@ -38,6 +38,18 @@ enum Cmd {
     Flush {
         done: oneshot::Sender<Result<()>>,
     },
+    /// PERSISTENT RESERVE OUT `action` of type Write Exclusive - Registrants Only.
+    PrOut {
+        action: c_int,
+        key: u64,
+        action_key: u64,
+        done: oneshot::Sender<Result<()>>,
+    },
+    /// PERSISTENT RESERVE IN, READ KEYS, into `keys`.
+    ReadKeys {
+        keys: Arc<Mutex<Vec<u64>>>,
+        done: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// A logged-in session on one LUN.
@@ -244,10 +256,58 @@ impl Session {
     pub async fn flush(&self) -> Result<()> {
         let (done, result) = oneshot::channel();
         self.send(Cmd::Flush { done })?;
+        self.answer(result, "flush").await
+    }
+
+    async fn answer(&self, result: oneshot::Receiver<Result<()>>, what: &str) -> Result<()> {
         result
             .await
             .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "session closed")))
-            .map_err(|e| e.within(format!("{} flush", self.url)))
+            .map_err(|e| e.within(format!("{} {what}", self.url)))
+    }
+
+    async fn pr_out(&self, what: &str, action: c_int, key: u64, action_key: u64) -> Result<()> {
+        let (done, result) = oneshot::channel();
+        self.send(Cmd::PrOut {
+            action,
+            key,
+            action_key,
+            done,
+        })?;
+        self.answer(result, what).await
+    }
+
+    /// Registers `key` for this session's I_T nexus (SCSI-3 persistent reservations),
+    /// replacing any key it had: while a Write Exclusive - Registrants Only reservation is
+    /// held, only registered nexuses may write.
+    pub async fn pr_register(&self, key: u64) -> Result<()> {
+        let action = ffi::PR_OUT_REGISTER_AND_IGNORE_EXISTING_KEY;
+        self.pr_out("PR REGISTER", action, 0, key).await
+    }
+
+    /// Takes the Write Exclusive - Registrants Only reservation as registrant `key`.
+    pub async fn pr_reserve(&self, key: u64) -> Result<()> {
+        self.pr_out("PR RESERVE", ffi::PR_OUT_RESERVE, key, 0).await
+    }
+
+    /// Removes registrant `victim` (its writes fail with RESERVATION CONFLICT from now on),
+    /// as registrant `key`.
+    pub async fn pr_preempt(&self, key: u64, victim: u64) -> Result<()> {
+        self.pr_out("PR PREEMPT", ffi::PR_OUT_PREEMPT, key, victim)
+            .await
+    }
+
+    /// The keys registered on the LUN.
+    pub async fn pr_read_keys(&self) -> Result<Vec<u64>> {
+        let (done, result) = oneshot::channel();
+        let keys = Arc::new(Mutex::new(Vec::new()));
+        self.send(Cmd::ReadKeys {
+            keys: keys.clone(),
+            done,
+        })?;
+        self.answer(result, "PR READ KEYS").await?;
+        let keys = std::mem::take(&mut *keys.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok(keys)
     }
 }
 
@@ -307,7 +367,46 @@ struct Pending {
     // The iovecs libiscsi reads from or writes into; they point into `_bufs`.
     iov: Vec<ffi::ScsiIovec>,
     _bufs: Option<GuestBuffers>,
+    /// Where a READ KEYS puts the keys.
+    keys: Option<Arc<Mutex<Vec<u64>>>>,
     done: Done,
+}
+
+impl Pending {
+    fn new(bufs: Option<GuestBuffers>, done: oneshot::Sender<Result<()>>) -> *mut Pending {
+        let iov = bufs
+            .iter()
+            .flat_map(|b| b.iovecs())
+            .map(|v| ffi::ScsiIovec {
+                iov_base: v.iov_base,
+                iov_len: v.iov_len,
+            })
+            .collect();
+        Box::into_raw(Box::new(Pending {
+            iov,
+            _bufs: bufs,
+            keys: None,
+            done: Arc::new(Mutex::new(Some(done))),
+        }))
+    }
+}
+
+/// The keys of a READ KEYS task that succeeded.
+///
+/// # Safety
+/// `task` is a live PERSISTENT RESERVE IN (READ KEYS) task whose data came in.
+unsafe fn read_keys(task: *mut ffi::ScsiTask) -> Option<Vec<u64>> {
+    // SAFETY: the caller's promise; libiscsi returns its unmarshalled struct or null.
+    let data = unsafe { (lib().scsi_datain_unmarshall)(task) } as *const ffi::PrReadKeys;
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, laid out as the header declares, with `num_keys` keys after it.
+    unsafe {
+        let n = usize::try_from((*data).num_keys).ok()?;
+        let keys = std::ptr::addr_of!((*data).keys).cast::<u64>();
+        Some(std::slice::from_raw_parts(keys, n).to_vec())
+    }
 }
 
 extern "C" fn on_done(
@@ -319,7 +418,21 @@ extern "C" fn on_done(
     // SAFETY: `private` is the Box leaked when the task was created, handed back exactly once.
     let pending = unsafe { Box::from_raw(private.cast::<Pending>()) };
     let result = match status {
-        ffi::SCSI_STATUS_GOOD => Ok(()),
+        ffi::SCSI_STATUS_GOOD => match &pending.keys {
+            None => Ok(()),
+            // SAFETY: a task with `keys` is a READ KEYS task, and it succeeded.
+            Some(out) => match unsafe { read_keys(task.cast()) } {
+                Some(keys) => {
+                    *out.lock().unwrap_or_else(|e| e.into_inner()) = keys;
+                    Ok(())
+                }
+                None => Err(Error::new(ErrorKind::Io, "READ KEYS: no data")),
+            },
+        },
+        ffi::SCSI_STATUS_RESERVATION_CONFLICT => Err(Error::new(
+            ErrorKind::Io,
+            "RESERVATION CONFLICT: this host is not registered on the LUN (fenced)",
+        )),
         ffi::SCSI_STATUS_CANCELLED => Err(Error::new(ErrorKind::Io, "cancelled")),
         ffi::SCSI_STATUS_TIMEOUT => Err(Error::new(
             ErrorKind::Timeout,
@@ -424,19 +537,7 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Weak<Slot> {
             done,
         } => {
             let len = bufs.len() as u32;
-            let iov = bufs
-                .iovecs()
-                .iter()
-                .map(|v| ffi::ScsiIovec {
-                    iov_base: v.iov_base,
-                    iov_len: v.iov_len,
-                })
-                .collect();
-            let pending = Box::into_raw(Box::new(Pending {
-                iov,
-                _bufs: Some(bufs),
-                done: Arc::new(Mutex::new(Some(done))),
-            }));
+            let pending = Pending::new(Some(bufs), done);
             // SAFETY: `pending` stays alive (leaked) until the callback takes it back; its
             // iovecs point into guest memory kept alive by its `_bufs`.
             let task = unsafe {
@@ -482,11 +583,7 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Weak<Slot> {
             (pending, task)
         }
         Cmd::Flush { done } => {
-            let pending = Box::into_raw(Box::new(Pending {
-                iov: Vec::new(),
-                _bufs: None,
-                done: Arc::new(Mutex::new(Some(done))),
-            }));
+            let pending = Pending::new(None, done);
             // SAFETY: as above; no data buffers.
             let task = unsafe {
                 (lib().iscsi_synchronizecache16_task)(
@@ -496,6 +593,52 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Weak<Slot> {
                     0,
                     0,
                     0,
+                    on_done,
+                    pending.cast(),
+                )
+            };
+            (pending, task)
+        }
+        Cmd::PrOut {
+            action,
+            key,
+            action_key,
+            done,
+        } => {
+            let pending = Pending::new(None, done);
+            let mut params = ffi::PrOutBasic {
+                reservation_key: key,
+                service_action_reservation_key: action_key,
+                spec_i_pt: 0,
+                all_tg_pt: 0,
+                aptpl: 0,
+            };
+            // SAFETY: as above; libiscsi marshals `params` into the task before returning.
+            let task = unsafe {
+                (lib().iscsi_persistent_reserve_out_task)(
+                    ctx.0,
+                    lun,
+                    action,
+                    ffi::PR_SCOPE_LU,
+                    ffi::PR_TYPE_WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+                    std::ptr::addr_of_mut!(params).cast(),
+                    on_done,
+                    pending.cast(),
+                )
+            };
+            (pending, task)
+        }
+        Cmd::ReadKeys { keys, done } => {
+            let pending = Pending::new(None, done);
+            // SAFETY: `pending` was just made and is not shared yet.
+            unsafe { (*pending).keys = Some(keys) };
+            // SAFETY: as above; 8 KiB holds the header and 1022 keys.
+            let task = unsafe {
+                (lib().iscsi_persistent_reserve_in_task)(
+                    ctx.0,
+                    lun,
+                    ffi::PR_IN_READ_KEYS,
+                    8192,
                     on_done,
                     pending.cast(),
                 )

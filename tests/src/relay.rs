@@ -132,6 +132,9 @@ fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, cut: Ar
                 return;
             }
         }
-        let _ = to.shutdown(Shutdown::Write);
+        // A cut relay passes on no close either.
+        if !cut.load(Ordering::Relaxed) {
+            let _ = to.shutdown(Shutdown::Write);
+        }
     });
 }

@@ -223,13 +223,16 @@ fn persistent_reservations_fence_a_host_until_it_registers_again() {
     write(&host, 0, pattern(1, 4096)).unwrap();
 
     // Preempted: its key is gone and its writes conflict; reads still work (Write Exclusive).
-    block_on(server.pr_preempt(server_key, host_key)).unwrap();
+    // tgtd has no PREEMPT AND ABORT (ILLEGAL REQUEST); a plain PREEMPT does the fencing.
+    let abort = block_on(server.pr_preempt(server_key, host_key, true)).unwrap_err();
+    assert!(abort.to_string().contains("ILLEGAL_REQUEST"), "{abort}");
+    block_on(server.pr_preempt(server_key, host_key, false)).unwrap();
     assert_eq!(block_on(server.pr_read_keys()).unwrap(), vec![server_key]);
     let mut conflicts = 0;
     for _ in 0..3 {
         // The first command after the preemption may get the unit attention instead.
         if let Err(e) = write(&host, 4096, pattern(2, 4096)) {
-            conflicts += u32::from(e.contains("RESERVATION CONFLICT"));
+            conflicts += u32::from(e.contains("RESERVATION CONFLICT") && e.contains("fenced"));
         }
     }
     assert!(conflicts >= 2, "the fenced host's writes did not conflict");

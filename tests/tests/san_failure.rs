@@ -17,12 +17,14 @@ use twinpath_tests::*;
 const MIB: u64 = 1 << 20;
 
 /// How the host reaches the LUN.
-#[derive(Clone, Copy, Debug)]
-enum Lun {
+#[derive(Clone, Copy)]
+enum Lun<'a> {
     /// The loop device itself.
     Device,
-    /// Through tgtd on loopback, with the userspace initiator.
+    /// Through a tgtd of the host's own on loopback, with the userspace initiator.
     Iscsi,
+    /// Through this tgtd.
+    Target(&'a Tgtd),
 }
 
 /// A host daemon serving one san disk `vm` on `image`, with `extra` keys in its backend,
@@ -40,17 +42,34 @@ impl Host {
     }
 
     fn start_on(fs: &FileServer, lun: Lun, image: &str, map_addr: &str, extra: &str) -> Host {
-        let dir = fs.dir.path().join("host");
+        Host::start_as(fs, "test-host", lun, image, map_addr, extra)
+    }
+
+    /// As test host `name` (its own key file), in a directory of its own.
+    fn start_as(
+        fs: &FileServer,
+        name: &str,
+        lun: Lun,
+        image: &str,
+        map_addr: &str,
+        extra: &str,
+    ) -> Host {
+        let dir = fs.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("vm.sock");
         let target = matches!(lun, Lun::Iscsi).then(|| Tgtd::start(fs.lun.device(), false, &dir));
-        let lun = match &target {
-            Some(t) => format!("\"{}\"", t.url()),
-            None => fs.lun.device().display().to_string(),
+        let lun = match (&target, lun) {
+            (Some(t), _) | (None, Lun::Target(t)) => format!("\"{}\"", t.url()),
+            _ => fs.lun.device().display().to_string(),
         };
         let backend = fs
             .backend_yaml(image, Some(&lun))
             .replace(&fs.map_addr, map_addr)
+            .replace("host_name: test-host", &format!("host_name: {name}"))
+            .replace(
+                &fs.key_file().display().to_string(),
+                &fs.key_file_of(name).display().to_string(),
+            )
             .replace("}", &format!(", {extra}}}"));
         let metrics = free_port();
         let daemon = Daemon::start(
@@ -175,8 +194,28 @@ fn image(fs: &FileServer) -> std::path::PathBuf {
 /// frozen host finds many in its queue when it resumes).
 struct Writer {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<u64, String>>,
+    thread: std::thread::JoinHandle<Result<Written, String>>,
 }
+
+/// What a [`Writer`] wrote: each 64 KiB piece's offset, and the index of its content in the
+/// writer's buffer (the last write there).
+#[derive(Default)]
+struct Written {
+    count: u64,
+    last: std::collections::HashMap<u64, usize>,
+}
+
+impl Written {
+    /// `image` with these writes laid over it.
+    fn apply(&self, image: &mut [u8]) {
+        let data = pattern(9, 32 * PIECE);
+        for (&at, &i) in &self.last {
+            image[at as usize..at as usize + PIECE].copy_from_slice(&data[i * PIECE..][..PIECE]);
+        }
+    }
+}
+
+const PIECE: usize = 65536;
 
 impl Writer {
     /// Writes over `[from, from + span)`.
@@ -186,10 +225,10 @@ impl Writer {
         let thread = std::thread::spawn({
             let stop = stop.clone();
             move || {
-                const PIECE: usize = 65536;
                 let data = pattern(9, 32 * PIECE);
                 c.buffer()[..data.len()].copy_from_slice(&data);
                 let mut n = 0u64;
+                let mut written = Written::default();
                 while !stop.load(Ordering::Relaxed) {
                     let reqs: Vec<Req> = (0..32)
                         .map(|i| Req {
@@ -201,20 +240,24 @@ impl Writer {
                         .collect();
                     for (i, r) in c.batch(0, &reqs).unwrap().into_iter().enumerate() {
                         r.map_err(|e| format!("guest write {}: {e}", n + i as u64))?;
+                        written.last.insert(reqs[i].offset, i);
                     }
                     n += 32;
                 }
-                Ok(n)
+                c.flush(0).map_err(|e| format!("guest flush: {e}"))?;
+                written.count = n;
+                Ok(written)
             }
         });
         Writer { stop, thread }
     }
 
-    /// Stops it; the writes it did, or the error the guest saw, with `host`'s log.
-    fn stop(self, host: &Host) -> u64 {
+    /// Stops it (after a flush); the writes it did, or the error the guest saw, with
+    /// `host`'s log.
+    fn stop(self, host: &Host) -> Written {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.join().unwrap() {
-            Ok(n) => n,
+            Ok(w) => w,
             Err(e) => panic!("{e}\n{}", host.daemon.log()),
         }
     }
@@ -317,7 +360,7 @@ fn frozen_host(lun: Lun) {
     std::thread::sleep(Duration::from_secs(4));
     signal(host.daemon.pid(), libc::SIGCONT);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(writer.stop(&host) > 20);
+    assert!(writer.stop(&host).count > 20);
     assert!(
         on_device(fs.lun.device(), &taken, &content),
         "the host wrote blocks freed while it was frozen"
@@ -329,7 +372,11 @@ fn frozen_host(lun: Lun) {
 fn wait_for_direct_writes(host: &Host) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while host.done("direct", "write") < 20.0 {
-        assert!(Instant::now() < deadline, "no direct writes");
+        assert!(
+            Instant::now() < deadline,
+            "no direct writes:\n{}",
+            host.daemon.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -368,13 +415,14 @@ fn silently_cut(lun: Lun) {
         "direct writes {:?} after the cut",
         cut.elapsed()
     );
-    assert!(writer.stop(&host) > 20);
+    assert!(writer.stop(&host).count > 20);
     assert!(
         on_device(fs.lun.device(), &taken, &content),
         "the host wrote blocks freed after its lease time"
     );
-    let log = host.daemon.log_after_stop();
-    assert!(log.contains("leases ran out unrenewed"), "{log}");
+    let mut host = host;
+    host.daemon
+        .wait_for_log("leases ran out unrenewed", Duration::from_secs(10));
 }
 
 /// The first `len` bytes of a disk, in 4 MiB reads.
@@ -438,7 +486,7 @@ fn a_truncate_of_a_leased_image_is_recalled_within_a_second_and_ends_direct_io()
         direct,
         "direct writes after the recall"
     );
-    assert!(writer.stop(&host) > 20);
+    assert!(writer.stop(&host).count > 20);
     assert!(on_device(fs.lun.device(), &taken, &content));
 }
 
@@ -494,7 +542,7 @@ fn xfs_fsr_leaves_a_leased_image_alone_and_no_guest_write_is_lost() {
         String::from_utf8_lossy(&out.stderr)
     );
     std::thread::sleep(Duration::from_millis(500));
-    assert!(writer.stop(&host) > 20);
+    assert!(writer.stop(&host).count > 20);
     assert_eq!(
         extents(&img, 0),
         before,
@@ -513,5 +561,91 @@ fn xfs_fsr_leaves_a_leased_image_alone_and_no_guest_write_is_lost() {
     assert!(
         read_over_smb(&fs, 64 * MIB) == through_san,
         "SMB and the san disk differ"
+    );
+}
+
+/// The keys registered on the LUN behind `target`, read by an initiator of the test's own.
+fn registered(target: &Tgtd) -> Vec<u64> {
+    let url = twinpath_iscsi::IscsiUrl::parse(&target.url()).unwrap();
+    let s =
+        twinpath_iscsi::Session::connect(&url, None, "iqn.2026-11.io.twinpath:observer").unwrap();
+    futures::executor::block_on(s.pr_read_keys()).unwrap()
+}
+
+#[test]
+fn a_host_cut_off_is_fenced_on_the_lun_and_another_host_writes_directly() {
+    let mut fs = FileServer::start(512 * MIB, Fs::Xfs, true, "");
+    let mnt = fs.lun.mount_point();
+    let mut expect = pattern(1, 128 * MIB as usize);
+    std::fs::write(mnt.join("vm.raw"), &expect).unwrap();
+    // The map server again, now fencing on the LUN through tgtd.
+    assert!(fs.map.take().unwrap().stop().success());
+    let target = Tgtd::start(fs.lun.device(), false, fs.dir.path());
+    let config = fs.map_config(
+        &mnt,
+        &[],
+        &format!("lease_time: 3s\nfence:\n  lun: \"{}\"\n", target.url()),
+    );
+    let mut map = Daemon::start_map_server(fs.dir.path(), &config);
+    map.wait_for_log("fencing with SCSI-3", Duration::from_secs(5));
+
+    // Host A writes window 0 through a relay that will go silent.
+    let relay = LatencyRelay::start(fs.map_addr.parse().unwrap(), Duration::ZERO);
+    let addr = relay.addr().to_string();
+    let lun = Lun::Target(&target);
+    let a = Host::start_as(&fs, "test-host", lun, "vm.raw", &addr, "map_timeout: 1s");
+    let a_key = twinpath_mapproto::fence_key("test-host");
+    let a_writer = Writer::start(&a, 0, 24 * MIB);
+    wait_for_direct_writes(&a);
+    assert!(
+        registered(&target).contains(&a_key),
+        "host A not registered: {:?}\n{}\n{}",
+        registered(&target),
+        a.daemon.log(),
+        map.log()
+    );
+
+    // Cut off; host B wants the image. A's lease is recalled into the void and A is fenced
+    // within the recall deadline (1s, polled every 0.5s).
+    relay.cut_silently();
+    let b = Host::start_as(
+        &fs,
+        "host-a",
+        lun,
+        "vm.raw",
+        &fs.map_addr,
+        "map_timeout: 1s",
+    );
+    let asked = Instant::now();
+    let b_writer = Writer::start(&b, 64 * MIB, 24 * MIB);
+    while registered(&target).contains(&a_key) {
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "host A not fenced:\n{}",
+            map.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A's guest goes on writing, over SMB (each of those writes recalls B's lease: one
+    // image written by two hosts at once is for show here, not for use).
+    let a_network = a.done("network", "write");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.done("network", "write") > a_network,
+        "host A goes on over SMB:\n{}",
+        a.daemon.log()
+    );
+    let a_wrote = a_writer.stop(&a);
+    // With A quiet, B gets the write lease and writes directly.
+    wait_for_direct_writes(&b);
+    let b_wrote = b_writer.stop(&b);
+    a_wrote.apply(&mut expect);
+    b_wrote.apply(&mut expect);
+    let log = map.log();
+    assert!(log.contains("host fenced on the LUN"), "{log}");
+    drop((a, b));
+    assert!(
+        read_over_smb(&fs, 128 * MIB) == expect,
+        "the image is not what the guests wrote"
     );
 }

@@ -21,6 +21,9 @@ pub enum ErrorKind {
     NotFound,
     /// The operation did not finish in time.
     Timeout,
+    /// The shared LUN refused this host: another party removed its persistent reservation
+    /// (RESERVATION CONFLICT), so it may not write there any more.
+    Fenced,
 }
 
 impl fmt::Display for ErrorKind {
@@ -33,6 +36,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::InvalidInput => "invalid input",
             ErrorKind::NotFound => "not found",
             ErrorKind::Timeout => "timed out",
+            ErrorKind::Fenced => "fenced",
         };
         f.write_str(s)
     }

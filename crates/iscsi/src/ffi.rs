@@ -58,6 +58,7 @@ pub const SCSI_STATUS_RESERVATION_CONFLICT: c_int = 0x18;
 pub const PR_IN_READ_KEYS: c_int = 0;
 pub const PR_OUT_RESERVE: c_int = 1;
 pub const PR_OUT_PREEMPT: c_int = 4;
+pub const PR_OUT_PREEMPT_AND_ABORT: c_int = 5;
 pub const PR_OUT_REGISTER_AND_IGNORE_EXISTING_KEY: c_int = 6;
 pub const PR_SCOPE_LU: c_int = 0;
 pub const PR_TYPE_WRITE_EXCLUSIVE_REGISTRANTS_ONLY: c_int = 5;

@@ -290,11 +290,18 @@ impl Session {
         self.pr_out("PR RESERVE", ffi::PR_OUT_RESERVE, key, 0).await
     }
 
-    /// Removes registrant `victim` (its writes fail with RESERVATION CONFLICT from now on),
-    /// as registrant `key`.
-    pub async fn pr_preempt(&self, key: u64, victim: u64) -> Result<()> {
-        self.pr_out("PR PREEMPT", ffi::PR_OUT_PREEMPT, key, victim)
-            .await
+    /// Removes registrant `victim`, as registrant `key`: its writes fail with RESERVATION
+    /// CONFLICT from now on. With `abort`, its commands still in the target are aborted too
+    /// (PREEMPT AND ABORT), so none it sent before completes after this.
+    pub async fn pr_preempt(&self, key: u64, victim: u64, abort: bool) -> Result<()> {
+        if abort {
+            let action = ffi::PR_OUT_PREEMPT_AND_ABORT;
+            self.pr_out("PR PREEMPT AND ABORT", action, key, victim)
+                .await
+        } else {
+            self.pr_out("PR PREEMPT", ffi::PR_OUT_PREEMPT, key, victim)
+                .await
+        }
     }
 
     /// The keys registered on the LUN.
@@ -430,7 +437,7 @@ extern "C" fn on_done(
             },
         },
         ffi::SCSI_STATUS_RESERVATION_CONFLICT => Err(Error::new(
-            ErrorKind::Io,
+            ErrorKind::Fenced,
             "RESERVATION CONFLICT: this host is not registered on the LUN (fenced)",
         )),
         ffi::SCSI_STATUS_CANCELLED => Err(Error::new(ErrorKind::Io, "cancelled")),

@@ -91,6 +91,19 @@ pub const MIN_LEASE_TIME_MS: u64 = 1000;
 /// Longest lease time a server may announce (an hour): what a lost host's leases may cost.
 pub const MAX_LEASE_TIME_MS: u64 = 3_600_000;
 
+/// The SCSI-3 persistent reservation key of host `host` on the shared LUN: the host
+/// registers it before it writes directly, and the map server preempts it to fence the host.
+/// Both sides derive it from the host's name, so nothing needs configuring; never zero (a
+/// zero key means "no key" to SCSI).
+pub fn fence_key(host: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"twinpath fence key\0")
+        .chain_update(host.as_bytes())
+        .finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) | 1
+}
+
 /// Which end of a map connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

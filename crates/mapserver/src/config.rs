@@ -30,6 +30,9 @@ fn default_lease_time() -> Duration {
 ///                                      # margin) before anyone else gets the blocks
 /// metrics:
 ///   listen: 127.0.0.1:9811             # /metrics and /leases
+/// fence:                               # optional: SCSI-3 persistent reservations on the LUN
+///   lun: iscsi://192.0.2.20/iqn.2026-01.example:vmstore/1
+///   password_file: /etc/twinpath/chap.pass   # with a CHAP user in the URL
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +46,18 @@ pub struct MapServerConfig {
     pub lease_time: Duration,
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub fence: Option<FenceConfig>,
+}
+
+/// Where the map server fences hosts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FenceConfig {
+    /// The shared LUN as an `iscsi://` URL.
+    pub lun: String,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,6 +123,16 @@ impl MapServerConfig {
         let lease_ms = cfg.lease_time.as_millis();
         if !(u128::from(MIN_LEASE_TIME_MS)..=u128::from(MAX_LEASE_TIME_MS)).contains(&lease_ms) {
             return Err(bad("lease_time", "must be between 1s and 1h"));
+        }
+        if let Some(f) = &cfg.fence {
+            let url = twinpath_iscsi::IscsiUrl::parse(&f.lun)
+                .map_err(|e| bad("fence.lun", &format!("{e} (an iscsi:// URL)")))?;
+            if url.user.is_some() != f.password_file.is_some() {
+                return Err(bad(
+                    "fence.password_file",
+                    "give it exactly when the URL names a CHAP user",
+                ));
+            }
         }
         if !cfg.export.is_absolute() {
             return Err(bad("export", "must be an absolute path"));
@@ -207,6 +232,14 @@ mod tests {
             (
                 "hosts: [{name: a, key_file: /k}]\nlease_time: thirty\n",
                 "lease_time",
+            ),
+            (
+                "hosts: [{name: a, key_file: /k}]\nfence: {lun: /dev/sdb}\n",
+                "key `fence.lun`",
+            ),
+            (
+                "hosts: [{name: a, key_file: /k}]\nfence: {lun: 'iscsi://u@h/iqn.x:y/1'}\n",
+                "fence.password_file",
             ),
         ] {
             std::fs::write(&cfg, format!("{head}{body}")).unwrap();

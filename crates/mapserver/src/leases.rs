@@ -125,11 +125,22 @@ impl Leases {
         }
     }
 
-    /// The server read a request from `conn`: its leases are renewed.
-    pub fn heard(&mut self, conn: u64) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.heard = Instant::now();
+    /// The server read a request from `conn`: its leases are renewed. False once the
+    /// connection was hung up: nothing it asks may be answered any more (its leases may be
+    /// someone else's already, and an answer would renew them on the host).
+    pub fn heard(&mut self, conn: u64) -> bool {
+        match self.conns.get_mut(&conn) {
+            Some(c) if c.outbox.is_some() => {
+                c.heard = Instant::now();
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// Whether `conn` is up (not hung up, not gone).
+    pub fn is_up(&self, conn: u64) -> bool {
+        self.conns.get(&conn).is_some_and(|c| c.outbox.is_some())
     }
 
     /// Connections up (hosts connected).
@@ -277,6 +288,42 @@ impl Leases {
 
     pub fn remove(&mut self, id: u64) -> Option<Lease> {
         self.by_id.remove(&id)
+    }
+
+    /// Connections whose host must be fenced before its leases can go to others: gone, or
+    /// holding a lease recalled more than `deadline` ago. With the host of each.
+    pub fn fence_due(&self, now: Instant, deadline: Duration) -> Vec<(u64, Arc<str>)> {
+        let mut due: Vec<(u64, Arc<str>)> = self
+            .by_id
+            .values()
+            .filter(|l| l.granted)
+            .filter(|l| {
+                let gone = self.conns.get(&l.conn).is_none_or(|c| c.outbox.is_none());
+                let overdue = l
+                    .recalled_at
+                    .is_some_and(|r| now.saturating_duration_since(r) >= deadline);
+                gone || overdue
+            })
+            .map(|l| (l.conn, l.host.clone()))
+            .collect();
+        due.sort();
+        due.dedup();
+        due
+    }
+
+    /// Connection `conn`'s host was fenced: the connection ends (the host registers again
+    /// when it reconnects) and every lease of it is returned, for release.
+    pub fn fenced(&mut self, conn: u64) -> Vec<Lease> {
+        self.hang_up(conn, "its host was fenced");
+        let ids: Vec<u64> = self
+            .by_id
+            .iter()
+            .filter(|(_, l)| l.conn == conn)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.by_id.remove(&id))
+            .collect()
     }
 
     /// Connection `conn` is gone: its reservations are dropped (returned, to be released);

@@ -11,6 +11,7 @@
 mod admission;
 mod config;
 mod export;
+mod fence;
 mod fill;
 mod leases;
 mod maps;
@@ -99,6 +100,11 @@ struct State {
     leases: std::sync::Mutex<Leases>,
     /// Reports changes to leased files by others; `None` where fanotify is unavailable.
     watcher: Option<watch::Watcher>,
+    /// Fences hosts on the LUN; `None`: lost hosts' leases are waited out.
+    fencer: Option<fence::Fencer>,
+    /// With a fencer, how long a host may take to return a recalled lease before it is
+    /// fenced.
+    recall_deadline: Duration,
     /// Leased files kept from `xfs_fsr`; `None` on filesystems without the flag.
     nodefrag: Option<std::sync::Mutex<nodefrag::NoDefrag>>,
     metrics: Metrics,
@@ -191,11 +197,29 @@ impl MapServer {
             lease_time = ?cfg.lease_time,
             "map server listening"
         );
-        tracing::info!(
-            "no fencing configured: the leases of a lost or silent host are waited out ({:?}) \
-             before its blocks go to anyone else",
-            hold(cfg.lease_time)
-        );
+        let recall_deadline = (cfg.lease_time / 3).max(Duration::from_secs(1));
+        let fencer = match cfg.fence.clone() {
+            Some(f) => {
+                let fencer = tokio::task::spawn_blocking(move || fence::Fencer::start(&f))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                tracing::info!(
+                    lun = fencer.describe(),
+                    ?recall_deadline,
+                    "fencing with SCSI-3 persistent reservations: a lost host, or one that does \
+                     not return a recalled lease in time, is preempted on the LUN"
+                );
+                Some(fencer)
+            }
+            None => {
+                tracing::info!(
+                    "no fencing configured: the leases of a lost or silent host are waited out \
+                     ({:?}) before its blocks go to anyone else",
+                    hold(cfg.lease_time)
+                );
+                None
+            }
+        };
         Ok(MapServer {
             local_addr,
             listener,
@@ -206,6 +230,8 @@ impl MapServer {
                 keys,
                 chunk: cfg.allocation_chunk.0,
                 lease_time: cfg.lease_time,
+                fencer,
+                recall_deadline,
                 fill: Arc::new(fill),
                 identity,
                 internal,
@@ -243,7 +269,7 @@ impl MapServer {
         });
         let sweeping = self.state.clone();
         let _sweep = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
                 expire(&sweeping).await;
@@ -377,14 +403,21 @@ async fn serve_host(
     });
     let result = loop {
         let frame = tokio::select! {
-            f = reader.recv() => f,
+            // The hang-up first: a request read after it must find the connection closed.
+            biased;
             () = hang_up.notified() => {
                 break Err(format!("host {}: connection closed, its leases were taken back", host.name));
             }
+            f = reader.recv() => f,
         };
         match frame {
             Ok(Frame::Request { id, request }) => {
-                lock(&state.leases).heard(conn);
+                if !lock(&state.leases).heard(conn) {
+                    break Err(format!(
+                        "host {}: connection closed, its leases were taken back",
+                        host.name
+                    ));
+                }
                 // A host that does not read its replies stops being read from: its requests
                 // wait in its own socket buffer, not in the server's memory.
                 let Ok(permit) = outbox.clone().reserve_owned().await else {
@@ -456,8 +489,27 @@ async fn released(state: &Arc<State>, lease: Lease) {
     state.forget_if_unleased(inode);
 }
 
-/// Releases every lease past its hold.
+/// Fences the hosts that must be (with a fencer), then releases every lease they held and
+/// every lease past its hold.
 async fn expire(state: &Arc<State>) {
+    if let Some(fencer) = &state.fencer {
+        let due = lock(&state.leases).fence_due(std::time::Instant::now(), state.recall_deadline);
+        for (conn, host) in due {
+            match fencer.fence(&host).await {
+                Ok(()) => {
+                    let gone = lock(&state.leases).fenced(conn);
+                    tracing::warn!(%host, leases = gone.len(), "host fenced on the LUN; its leases are free");
+                    for lease in gone {
+                        released(state, lease).await;
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    %host,
+                    "cannot fence the host ({e}); its leases are waited out"
+                ),
+            }
+        }
+    }
     let gone = lock(&state.leases).expire(std::time::Instant::now());
     for lease in gone {
         released(state, lease).await;
@@ -484,9 +536,18 @@ async fn handle(
 ) -> Result<Option<Reply>, Refusal> {
     let reply = match request {
         Request::Identity => Reply::Identity(state.identity.clone()),
-        Request::Renew => Reply::Renewed {
-            lease_time_ms: state.lease_time.as_millis() as u64,
-        },
+        Request::Renew => {
+            // Sent under the lease table's lock, like a grant: a sweep cannot take the
+            // connection's leases between the check and the reply.
+            let l = lock(&state.leases);
+            if !l.is_up(conn) {
+                return Err(Refusal::new("closed", "the connection was closed"));
+            }
+            respond.send(Reply::Renewed {
+                lease_time_ms: state.lease_time.as_millis() as u64,
+            });
+            return Ok(None);
+        }
         Request::GetMap {
             path,
             offset,
@@ -635,7 +696,12 @@ async fn get_map(
     };
     let overtaken = {
         let mut l = lock(&state.leases);
-        match l.grant(id) {
+        let granted = if l.is_up(conn) {
+            l.grant(id)
+        } else {
+            Err(l.remove(id))
+        };
+        match granted {
             Ok(_) => {
                 state.metrics.granted(write);
                 tracing::debug!(host = %host.name, path = ?path, lease = id, write, spans = spans.len(), "map granted");

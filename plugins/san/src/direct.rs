@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::try_join_all;
+use futures::future::join_all;
 use tokio::sync::mpsc;
 use twinpath_core::stats::{Op, PathStats};
 use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
@@ -35,13 +35,14 @@ use crate::volume::Volume;
 /// Device pieces larger than this go through the pipeline engine in sections of this size.
 const DEVICE_SECTION: usize = 1 << 20;
 
-/// The pipeline for large device pieces: many sections in flight, a deadline after which the
-/// request goes over the network instead.
+/// The pipeline for large device pieces: many sections in flight. Its deadline would drop
+/// sections still on the device, which could then land after the lease went back: it is
+/// set beyond any real device's own timeouts, which end a stuck operation first.
 fn device_pipeline() -> Pipeline {
     Pipeline::new(PipelineConfig {
         section_len: Some(DEVICE_SECTION),
         max_in_flight: 16,
-        timeout: Duration::from_secs(10),
+        timeout: Duration::from_secs(24 * 3600),
     })
 }
 
@@ -79,8 +80,15 @@ pub struct Direct {
     throttle: Option<Arc<Throttle>>,
     /// Every map call waits at most this long; then the request goes over SMB.
     map_timeout: Duration,
+    /// This host's persistent reservation key on the LUN.
+    fence_key: u64,
+    /// The registration must be made again before the next direct I/O (a device error,
+    /// maybe a RESERVATION CONFLICT after the server fenced this host).
+    register: AtomicBool,
     /// The direct path's counters; they outlive this `Direct` (the disk's metrics keep them).
     stats: Arc<PathStats>,
+    /// Where background work goes: [`Direct::run`] also runs on queue threads, outside it.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for Direct {
@@ -108,6 +116,8 @@ pub struct DirectConfig {
     pub path: String,
     pub throttle: Option<Arc<Throttle>>,
     pub map_timeout: Duration,
+    /// This host's persistent reservation key, registered on the LUN already.
+    pub fence_key: u64,
 }
 
 impl Direct {
@@ -132,7 +142,10 @@ impl Direct {
             device_dirty: AtomicBool::new(false),
             throttle: config.throttle,
             map_timeout: config.map_timeout,
+            fence_key: config.fence_key,
+            register: AtomicBool::new(false),
             stats,
+            runtime: tokio::runtime::Handle::current(),
         });
         d.watch(events);
         d
@@ -142,10 +155,30 @@ impl Direct {
         format!("{} on {}", self.path, self.volume.describe())
     }
 
-    /// Takes every grant away and rests the whole direct path.
-    fn go_down(&self, why: &str) {
+    /// Takes every grant away and rests the whole direct path; the grants are retired
+    /// (their I/O waited for, returned) in the background.
+    fn go_down(self: &Arc<Self>, why: &str) {
         tracing::warn!(image = %self.describe(), "direct path off for {RETRY_AFTER:?}: {why}");
-        lock(&self.state).down(clock::now());
+        let wins = lock(&self.state).down(clock::now());
+        for win in wins {
+            let me = self.clone();
+            self.runtime.spawn(async move { me.retire(win).await });
+        }
+    }
+
+    /// Registers this host's key on the LUN again where a connection change or a device
+    /// error calls for it (the server fences hosts whose connection it lost). A failure is
+    /// logged: without fencing configured on the server the LUN needs no registration.
+    async fn register_again(&self, force: bool) {
+        if !(self.register.swap(false, Ordering::AcqRel) || force) {
+            return;
+        }
+        let (volume, key) = (self.volume.clone(), self.fence_key);
+        match tokio::task::spawn_blocking(move || volume.register(key)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(image = %self.describe(), "registering on the LUN: {e}"),
+            Err(e) => tracing::warn!(image = %self.describe(), "registering on the LUN: {e}"),
+        }
     }
 
     /// Handles recalls and the loss of the map connection for as long as the disk lives.
@@ -197,9 +230,11 @@ impl Direct {
                 self.go_down(&format!("after reconnecting to the map server: {e}"));
                 return None;
             }
+            self.register_again(true).await;
             self.checked.store(c.generation, Ordering::Release);
             tracing::info!(image = %self.describe(), "map server connection back");
         }
+        self.register_again(false).await;
         Some(c.client)
     }
 
@@ -302,10 +337,15 @@ impl Direct {
         }
     }
 
-    /// Waits for a grant's direct I/O, commits its writes and returns its lease.
+    /// Waits for a grant's direct I/O, commits its writes and returns its lease (nothing to
+    /// tell a server whose connection is gone: it released the lease itself).
     async fn retire(&self, win: Arc<Window>) {
         while win.inflight() > 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if win.connection_lost() {
+            lock(&self.state).retired(win.lease);
+            return;
         }
         if let Err(e) = self.commit(&win).await {
             tracing::warn!(image = %self.describe(), lease = win.lease, "commit: {e}");
@@ -372,7 +412,7 @@ impl Direct {
     /// and every device operation by the grant's validity first. `Network` if the lease ran
     /// out before all of it was issued (the whole request then goes over SMB); an error
     /// takes the direct path down (the caller retries over the network).
-    pub async fn run(&self, ticket: Ticket, bufs: &GuestBuffers) -> Result<Outcome> {
+    pub async fn run(self: &Arc<Self>, ticket: Ticket, bufs: &GuestBuffers) -> Result<Outcome> {
         let (offset, len, write) = (ticket.offset, ticket.len, ticket.write);
         let timer = self.stats.io.begin();
         let op = if write { Op::Write } else { Op::Read };
@@ -431,10 +471,17 @@ impl Direct {
                 )
                 .await
         };
+        // Every piece runs to its end, even after another failed: a device operation whose
+        // future were dropped could still land after the ticket (and with it the lease) is
+        // gone.
         let done = match ops.len() {
             0 => Ok(()),
             1 => one(ops.pop().expect("one piece")).await,
-            _ => try_join_all(ops.into_iter().map(one)).await.map(|_| ()),
+            _ => join_all(ops.into_iter().map(one))
+                .await
+                .into_iter()
+                .collect::<Result<Vec<()>>>()
+                .map(|_| ()),
         };
         timer.end(op, len, done.is_ok());
         match done {
@@ -445,6 +492,7 @@ impl Direct {
                 Ok(Outcome::Network)
             }
             Err(e) => {
+                self.register.store(true, Ordering::Release);
                 self.go_down(&format!("device I/O at file offset {offset}: {e}"));
                 Err(e)
             }
@@ -465,9 +513,27 @@ impl Direct {
 
     async fn flush_device(&self) -> Result<()> {
         if self.device_dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.lun.flush().await {
-                self.device_dirty.store(true, Ordering::Release);
-                return Err(e);
+            // Once more after a failure: the first command after a target event (a
+            // preemption among them) gets its UNIT ATTENTION instead of being done.
+            let flushed = match self.lun.flush().await {
+                Err(e) if e.kind() != ErrorKind::Fenced => {
+                    tracing::debug!(image = %self.describe(), "device flush: {e}; once more");
+                    self.lun.flush().await
+                }
+                r => r,
+            };
+            match flushed {
+                Ok(()) => {}
+                // The map server flushes the LUN right after it fences a host (and aborts
+                // what the host had in the target), so what this host wrote is durable.
+                Err(e) if e.kind() == ErrorKind::Fenced => {
+                    self.register.store(true, Ordering::Release);
+                    tracing::info!(image = %self.describe(), "device flush refused, fenced: the map server flushed the LUN when it fenced this host");
+                }
+                Err(e) => {
+                    self.device_dirty.store(true, Ordering::Release);
+                    return Err(e);
+                }
             }
         }
         Ok(())

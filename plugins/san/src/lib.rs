@@ -286,6 +286,17 @@ impl DirectSetup {
         .await
         .map_err(|e| e.to_string())??;
         let backend = volume.io(self.read_only)?;
+        let fence_key = twinpath_mapproto::fence_key(&self.host_name);
+        let v = volume.clone();
+        match tokio::task::spawn_blocking(move || v.register(fence_key)).await {
+            Ok(Ok(true)) => tracing::info!(image = self.path, "registered on the LUN for fencing"),
+            Ok(Ok(false)) => tracing::info!(
+                image = self.path,
+                "the LUN has no persistent reservations: the map server cannot fence this host"
+            ),
+            Ok(Err(e)) => tracing::warn!(image = self.path, "registering on the LUN: {e}"),
+            Err(e) => tracing::warn!(image = self.path, "registering on the LUN: {e}"),
+        }
         tracing::info!(
             image = self.path,
             device = %volume.describe(),
@@ -298,6 +309,7 @@ impl DirectSetup {
                 .throttle
                 .map(|t| throttle::Throttle::shared(&self.map_server, t)),
             map_timeout: self.map_timeout,
+            fence_key,
         };
         Ok(Direct::new(
             member,

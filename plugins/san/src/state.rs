@@ -76,6 +76,11 @@ impl Window {
         self.inflight.load(Ordering::Acquire)
     }
 
+    /// Whether the connection the grant came on ended (its leases went with it).
+    pub fn connection_lost(&self) -> bool {
+        self.validity.is_lost()
+    }
+
     pub fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::Acquire)
     }
@@ -318,11 +323,25 @@ impl DirectState {
     }
 
     /// Takes every grant away and rests the whole direct path (connection lost, device
-    /// error). The grants are forgotten, not returned: with a lost connection they are gone
-    /// anyway, and after a device error a recall finds no window and returns the lease.
-    pub fn down(&mut self, now: Duration) {
+    /// error): no I/O is issued under them from now on, and they are returned for the
+    /// executor to retire (then [`DirectState::retired`]), so that a recall meanwhile does
+    /// not return a lease whose I/O is still under way.
+    pub fn down(&mut self, now: Duration) -> Vec<Arc<Window>> {
         self.down_until = Some(now + RETRY_AFTER);
-        self.windows.clear();
+        let wins: Vec<Arc<Window>> = self
+            .windows
+            .drain()
+            .filter_map(|(_, s)| match s {
+                Slot::Mapped(w) => Some(w),
+                Slot::Resting(_) => None,
+            })
+            .collect();
+        wins.into_iter()
+            .map(|w| {
+                w.recalled(now);
+                self.retire(w)
+            })
+            .collect()
     }
 
     /// A request over the network covers `[offset, offset + len)`. For a write, every
@@ -526,7 +545,8 @@ mod tests {
             s.lookup(WINDOW, 512, true, secs(2) + RETRY_AFTER),
             Lookup::Fetch(1)
         ));
-        s.down(secs(10));
+        let retire = s.down(secs(10));
+        assert_eq!(retire.len(), 1);
         assert!(s.mapped().is_empty());
         assert!(matches!(s.lookup(0, 512, false, secs(11)), Lookup::Network));
         let late = s.granted(
@@ -569,6 +589,33 @@ mod tests {
         ));
     }
 
+    /// From the review of 9c39368: a device error took the direct path down and forgot the
+    /// grants; a recall then returned a lease at once while a request still held a usable
+    /// ticket under it.
+    #[test]
+    fn a_recall_after_a_device_error_never_returns_a_lease_still_in_use() {
+        let mut s = DirectState::default();
+        let v = Validity::new(secs(100));
+        s.granted(
+            0,
+            Window::new(grant(0), 5, true, v.clone()),
+            (0, 512, true),
+            secs(1),
+        );
+        let held = ticket(s.lookup(0, 32 * MIB, true, secs(2)));
+        // Another request's device I/O failed.
+        let retiring = s.down(secs(3));
+        assert!(
+            !held.usable(secs(3)),
+            "no more I/O under a grant taken down"
+        );
+        assert!(matches!(
+            s.recall(5, v.until(), secs(4)),
+            Recalled::Retiring
+        ));
+        assert_eq!(retiring[0].inflight(), 1);
+    }
+
     /// One step of the property test.
     #[derive(Debug, Clone)]
     enum Step {
@@ -590,6 +637,8 @@ mod tests {
         Recall(usize),
         /// The connection is lost (the host hears it at once).
         Lose,
+        /// A device error takes the direct path down.
+        DeviceError,
         /// A map request timed out.
         Slow,
         /// A request goes over the network (window, write).
@@ -609,6 +658,7 @@ mod tests {
             6 => Just(Step::Deliver),
             1 => (0usize..4).prop_map(Step::Recall),
             1 => Just(Step::Lose),
+            1 => Just(Step::DeviceError),
             1 => Just(Step::Slow),
             1 => (0u64..3, any::<bool>()).prop_map(|(w, wr)| Step::Network(w, wr)),
         ]
@@ -747,7 +797,7 @@ mod tests {
                 }
                 Step::Lose => {
                     validity.lose();
-                    s.down(now);
+                    retiring.extend(s.down(now));
                     wire.clear();
                     asked.clear();
                     // The host dials again: a new connection, renewed as it comes up.
@@ -755,6 +805,7 @@ mod tests {
                     server.heard.push(now);
                 }
                 Step::Slow => s.slow(now),
+                Step::DeviceError => retiring.extend(s.down(now)),
                 Step::Network(w, write) => {
                     retiring.extend(
                         s.before_network(w * WINDOW, 4096, write, now)

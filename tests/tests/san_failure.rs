@@ -649,3 +649,48 @@ fn a_host_cut_off_is_fenced_on_the_lun_and_another_host_writes_directly() {
         "the image is not what the guests wrote"
     );
 }
+
+#[test]
+fn hole_punch_fallocate_and_reflink_by_others_are_recalled_within_a_second() {
+    for (what, op) in [
+        ("hole punch", "fpunch 80m 1m"),
+        ("zero range", "fzero 90m 1m"),
+        ("fallocate past the end", "falloc -k 128m 4m"),
+        ("reflink into the image", "reflink SRC 0 70m 1m"),
+    ] {
+        let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "");
+        let img = image(&fs);
+        let src = fs.lun.mount_point().join("src.raw");
+        std::fs::write(&src, pattern(5, MIB as usize)).unwrap();
+        let host = Host::start(&fs, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
+        let writer = Writer::start(&host, 64 * MIB, 24 * MIB);
+        wait_for_direct_writes(&host);
+        let out = std::process::Command::new("xfs_io")
+            .args(["-c", &op.replace("SRC", &src.display().to_string())])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let changed = Instant::now();
+        while recalls(&host) < 1.0 {
+            assert!(
+                changed.elapsed() < Duration::from_secs(1),
+                "{what}: no recall within a second"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let direct = host.done("direct", "write");
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            host.done("direct", "write"),
+            direct,
+            "{what}: direct writes after the recall"
+        );
+        assert!(writer.stop(&host).count > 20, "{what}");
+    }
+}

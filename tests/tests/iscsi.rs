@@ -222,7 +222,7 @@ fn persistent_reservations_fence_a_host_until_it_registers_again() {
     assert_eq!(keys, vec![host_key, server_key]);
     write(&host, 0, pattern(1, 4096)).unwrap();
 
-    // Preempted: its key is gone and its writes conflict; reads still work (Write Exclusive).
+    // Preempted: its key is gone, and its writes and reads conflict (Exclusive Access).
     // tgtd has no PREEMPT AND ABORT (ILLEGAL REQUEST); a plain PREEMPT does the fencing.
     let abort = block_on(server.pr_preempt(server_key, host_key, true)).unwrap_err();
     assert!(abort.to_string().contains("ILLEGAL_REQUEST"), "{abort}");
@@ -234,12 +234,26 @@ fn persistent_reservations_fence_a_host_until_it_registers_again() {
         if let Err(e) = write(&host, 4096, pattern(2, 4096)) {
             conflicts += u32::from(e.contains("RESERVATION CONFLICT") && e.contains("fenced"));
         }
+        if let Err(e) = read(&host, 0, 4096) {
+            conflicts += u32::from(e.contains("RESERVATION CONFLICT"));
+        }
     }
-    assert!(conflicts >= 2, "the fenced host's writes did not conflict");
+    assert!(
+        conflicts >= 5,
+        "the fenced host's I/O did not conflict ({conflicts})"
+    );
     assert!(read_direct(&device(&lun), 4096, 4096).unwrap() != pattern(2, 4096));
-    assert_eq!(read(&host, 0, 4096).unwrap(), pattern(1, 4096));
 
-    // Registered again, it writes again.
+    // A restarted server (same key, another nexus) takes the reservation over.
+    let again = Session::connect(&url, None, "iqn.2026-11.io.twinpath:map-server-2").unwrap();
+    block_on(again.pr_register(server_key)).unwrap();
+    let held = block_on(again.pr_reserve(server_key)).unwrap_err();
+    assert!(held.to_string().contains("RESERVATION CONFLICT"), "{held}");
+    block_on(again.pr_preempt(server_key, server_key, false)).unwrap();
+
+    // Registered again, it reads and writes again.
     block_on(host.pr_register(host_key)).unwrap();
+    let _ = write(&host, 4096, pattern(3, 4096));
     write(&host, 4096, pattern(3, 4096)).unwrap();
+    assert_eq!(read(&host, 0, 4096).unwrap(), pattern(1, 4096));
 }

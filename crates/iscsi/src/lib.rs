@@ -38,7 +38,7 @@ enum Cmd {
     Flush {
         done: oneshot::Sender<Result<()>>,
     },
-    /// PERSISTENT RESERVE OUT `action` of type Write Exclusive - Registrants Only.
+    /// PERSISTENT RESERVE OUT `action` of type Exclusive Access - Registrants Only.
     PrOut {
         action: c_int,
         key: u64,
@@ -278,20 +278,21 @@ impl Session {
     }
 
     /// Registers `key` for this session's I_T nexus (SCSI-3 persistent reservations),
-    /// replacing any key it had: while a Write Exclusive - Registrants Only reservation is
-    /// held, only registered nexuses may write.
+    /// replacing any key it had: while an Exclusive Access - Registrants Only reservation is
+    /// held, only registered nexuses may read or write.
     pub async fn pr_register(&self, key: u64) -> Result<()> {
         let action = ffi::PR_OUT_REGISTER_AND_IGNORE_EXISTING_KEY;
         self.pr_out("PR REGISTER", action, 0, key).await
     }
 
-    /// Takes the Write Exclusive - Registrants Only reservation as registrant `key`.
+    /// Takes the Exclusive Access - Registrants Only reservation as registrant `key`.
     pub async fn pr_reserve(&self, key: u64) -> Result<()> {
         self.pr_out("PR RESERVE", ffi::PR_OUT_RESERVE, key, 0).await
     }
 
-    /// Removes registrant `victim`, as registrant `key`: its writes fail with RESERVATION
-    /// CONFLICT from now on. With `abort`, its commands still in the target are aborted too
+    /// Removes registrant `victim`, as registrant `key`, and holds the reservation: the
+    /// victim's reads and writes fail with RESERVATION CONFLICT from now on (with `victim`
+    /// the reservation holder's key, this takes the reservation over). With `abort`, its commands still in the target are aborted too
     /// (PREEMPT AND ABORT), so none it sent before completes after this.
     pub async fn pr_preempt(&self, key: u64, victim: u64, abort: bool) -> Result<()> {
         if abort {
@@ -627,7 +628,7 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Weak<Slot> {
                     lun,
                     action,
                     ffi::PR_SCOPE_LU,
-                    ffi::PR_TYPE_WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+                    ffi::PR_TYPE_EXCLUSIVE_ACCESS_REGISTRANTS_ONLY,
                     std::ptr::addr_of_mut!(params).cast(),
                     on_done,
                     pending.cast(),

@@ -1,9 +1,10 @@
-//! Fencing with SCSI-3 persistent reservations: the map server holds a Write Exclusive -
+//! Fencing with SCSI-3 persistent reservations: the map server holds an Exclusive Access -
 //! Registrants Only reservation on the shared LUN, every host registers its own key
-//! ([`twinpath_mapproto::fence_key`]) before it writes directly, and a host that lost its
+//! ([`twinpath_mapproto::fence_key`]) before it touches the LUN, and a host that lost its
 //! connection, went silent or did not return a recalled lease in time is preempted: from then
-//! on the LUN refuses its writes (RESERVATION CONFLICT), whatever the host believes, so its
-//! leases can go to others at once instead of after the lease time.
+//! on the LUN refuses its reads and writes (RESERVATION CONFLICT), whatever the host
+//! believes, so its leases can go to others at once instead of after the lease time. (Write
+//! Exclusive would still let a fenced host read blocks given to another tenant.)
 
 use twinpath_iscsi::{IscsiUrl, Session};
 use twinpath_mapproto::fence_key;
@@ -12,6 +13,14 @@ use crate::config::FenceConfig;
 
 /// The map server's own initiator name and registration.
 const INITIATOR: &str = "iqn.2026-11.io.twinpath:map-server";
+
+/// The map server's reservation key: even, where every host's is odd
+/// ([`twinpath_mapproto::fence_key`]), so no host name can give a host the server's key.
+const SERVER_KEY: u64 = 0x7477_696e_7061_7468;
+
+/// How long one fencing may take before the server gives up on it (and waits the host's
+/// leases out instead).
+const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Fencer {
     session: Session,
@@ -31,10 +40,18 @@ impl Fencer {
         };
         let session = Session::connect(&url, password.as_deref(), INITIATOR)
             .map_err(|e| format!("fence.lun: {e}"))?;
-        let key = fence_key("twinpath map server");
+        let key = SERVER_KEY;
         let reserve = async {
             session.pr_register(key).await?;
-            session.pr_reserve(key).await
+            match session.pr_reserve(key).await {
+                // Held by an earlier run of this server (its connection outlived a crash,
+                // registered under the same key): taken over.
+                Err(e) if e.kind() == twinpath_core::ErrorKind::Fenced => {
+                    tracing::info!("the LUN is reserved already; taking the reservation over");
+                    session.pr_preempt(key, key, false).await
+                }
+                r => r,
+            }
         };
         futures::executor::block_on(reserve)
             .map_err(|e| format!("fence.lun: cannot take the reservation: {e}"))?;
@@ -55,7 +72,12 @@ impl Fencer {
     /// flush: it counts on this). Done too when the host was not registered (it could not
     /// write under the reservation anyway).
     pub async fn fence(&self, host: &str) -> Result<(), String> {
-        let victim = fence_key(host);
+        tokio::time::timeout(FENCE_TIMEOUT, self.preempt(fence_key(host)))
+            .await
+            .map_err(|_| format!("the LUN did not answer in {FENCE_TIMEOUT:?}"))?
+    }
+
+    async fn preempt(&self, victim: u64) -> Result<(), String> {
         let keys = self
             .session
             .pr_read_keys()

@@ -222,6 +222,8 @@ impl Direct {
         };
         let checked = self.checked.load(Ordering::Acquire);
         if c.generation != checked {
+            // Registered first: a reserved LUN answers the check's reads only then.
+            self.register_again(true).await;
             let (volume, id) = (self.volume.clone(), c.identity.clone());
             let matches = tokio::task::spawn_blocking(move || crate::lun::check(&*volume, &id))
                 .await
@@ -230,7 +232,6 @@ impl Direct {
                 self.go_down(&format!("after reconnecting to the map server: {e}"));
                 return None;
             }
-            self.register_again(true).await;
             self.checked.store(c.generation, Ordering::Release);
             tracing::info!(image = %self.describe(), "map server connection back");
         }
@@ -339,7 +340,7 @@ impl Direct {
 
     /// Waits for a grant's direct I/O, commits its writes and returns its lease (nothing to
     /// tell a server whose connection is gone: it released the lease itself).
-    async fn retire(&self, win: Arc<Window>) {
+    async fn retire(self: &Arc<Self>, win: Arc<Window>) {
         while win.inflight() > 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -356,7 +357,7 @@ impl Direct {
 
     /// Makes the window's direct writes durable on the device and tells the server; nothing
     /// to do if it has none.
-    async fn commit(&self, win: &Window) -> Result<()> {
+    async fn commit(self: &Arc<Self>, win: &Window) -> Result<()> {
         if !win.take_dirty() {
             return Ok(());
         }
@@ -511,7 +512,7 @@ impl Direct {
         }
     }
 
-    async fn flush_device(&self) -> Result<()> {
+    async fn flush_device(self: &Arc<Self>) -> Result<()> {
         if self.device_dirty.swap(false, Ordering::AcqRel) {
             // Once more after a failure: the first command after a target event (a
             // preemption among them) gets its UNIT ATTENTION instead of being done.
@@ -528,7 +529,9 @@ impl Direct {
                 // what the host had in the target), so what this host wrote is durable.
                 Err(e) if e.kind() == ErrorKind::Fenced => {
                     self.register.store(true, Ordering::Release);
-                    tracing::info!(image = %self.describe(), "device flush refused, fenced: the map server flushed the LUN when it fenced this host");
+                    self.go_down(
+                        "fenced on the LUN: the map server flushed it when it fenced this host",
+                    );
                 }
                 Err(e) => {
                     self.device_dirty.store(true, Ordering::Release);
@@ -543,7 +546,7 @@ impl Direct {
     /// commit of every window written since its last commit (an error there only costs the
     /// server a re-map, which fsyncs and drops its cache anyway; each waits at most the
     /// map timeout).
-    pub async fn flush(&self) -> Result<()> {
+    pub async fn flush(self: &Arc<Self>) -> Result<()> {
         self.flush_device()
             .await
             .map_err(|e| e.within(format!("flush {}", self.describe())))?;

@@ -272,29 +272,31 @@ impl DirectSetup {
         let connected = link.connect(self.map_timeout).await?;
         let id = connected.identity;
         let (lun, checked, host) = (self.lun.clone(), id.clone(), self.host_name.clone());
-        let volume = tokio::task::spawn_blocking(move || -> std::result::Result<_, String> {
-            let volume: Arc<dyn Volume> = match lun {
-                LunSpec::Auto => return Ok(Arc::new(lun::find(&checked)?) as Arc<dyn Volume>),
-                LunSpec::Device(p) => Arc::new(BlockDevice::open(&p)?),
-                LunSpec::Iscsi { url, password_file } => {
-                    Arc::new(IscsiLun::connect(&url, password_file.as_deref(), &host)?)
-                }
-            };
-            lun::check(&*volume, &checked)?;
-            Ok(volume)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        let backend = volume.io(self.read_only)?;
         let fence_key = twinpath_mapproto::fence_key(&self.host_name);
-        let v = volume.clone();
-        match tokio::task::spawn_blocking(move || v.register(fence_key)).await {
-            Ok(Ok(true)) => tracing::info!(image = self.path, "registered on the LUN for fencing"),
-            Ok(Ok(false)) => tracing::info!(
+        let (volume, registered) =
+            tokio::task::spawn_blocking(move || -> std::result::Result<_, String> {
+                let volume: Arc<dyn Volume> = match lun {
+                    LunSpec::Auto => Arc::new(lun::find(&checked)?),
+                    LunSpec::Device(p) => Arc::new(BlockDevice::open(&p)?),
+                    LunSpec::Iscsi { url, password_file } => {
+                        Arc::new(IscsiLun::connect(&url, password_file.as_deref(), &host)?)
+                    }
+                };
+                // Before anything is read: a LUN the map server reserves answers only
+                // registered hosts.
+                let registered = volume.register(fence_key);
+                lun::check(&*volume, &checked)?;
+                Ok((volume, registered))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+        let backend = volume.io(self.read_only)?;
+        match registered {
+            Ok(true) => tracing::info!(image = self.path, "registered on the LUN for fencing"),
+            Ok(false) => tracing::info!(
                 image = self.path,
                 "the LUN has no persistent reservations: the map server cannot fence this host"
             ),
-            Ok(Err(e)) => tracing::warn!(image = self.path, "registering on the LUN: {e}"),
             Err(e) => tracing::warn!(image = self.path, "registering on the LUN: {e}"),
         }
         tracing::info!(

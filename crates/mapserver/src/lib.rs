@@ -105,6 +105,8 @@ struct State {
     /// With a fencer, how long a host may take to return a recalled lease before it is
     /// fenced.
     recall_deadline: Duration,
+    /// Failed fencings are retried every sweep; logged at most every 10 s.
+    fence_failures: std::sync::Mutex<admission::Throttled>,
     /// Leased files kept from `xfs_fsr`; `None` on filesystems without the flag.
     nodefrag: Option<std::sync::Mutex<nodefrag::NoDefrag>>,
     metrics: Metrics,
@@ -232,6 +234,7 @@ impl MapServer {
                 lease_time: cfg.lease_time,
                 fencer,
                 recall_deadline,
+                fence_failures: Default::default(),
                 fill: Arc::new(fill),
                 identity,
                 internal,
@@ -503,10 +506,15 @@ async fn expire(state: &Arc<State>) {
                         released(state, lease).await;
                     }
                 }
-                Err(e) => tracing::warn!(
-                    %host,
-                    "cannot fence the host ({e}); its leases are waited out"
-                ),
+                Err(e) => {
+                    if let Some(failed) = lock(&state.fence_failures).due() {
+                        tracing::warn!(
+                            %host,
+                            failed,
+                            "cannot fence the host ({e}); its leases are waited out"
+                        );
+                    }
+                }
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod iscsi;
 pub mod lun;
 pub mod relay;
 pub mod samba;
+pub mod sanhost;
 pub mod tamper;
 
 use std::io::Read;

@@ -6,103 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use twinpath_filemap::file_extents;
 use twinpath_tests::fileserver::FileServer;
 use twinpath_tests::iscsi::Tgtd;
 use twinpath_tests::lun::Fs;
-use twinpath_tests::samba::free_port;
+use twinpath_tests::sanhost::{extents, overlap, registered, xflags, Host, Lun};
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
-
-struct Host {
-    daemon: Daemon,
-    sock: std::path::PathBuf,
-    metrics: u16,
-}
-
-impl Host {
-    fn start_as(
-        fs: &FileServer,
-        name: &str,
-        target: &Tgtd,
-        image: &str,
-        map_addr: &str,
-        extra: &str,
-    ) -> Host {
-        let dir = fs.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("vm.sock");
-        let lun = format!("\"{}\"", target.url());
-        let backend = fs
-            .backend_yaml(image, Some(&lun))
-            .replace(&fs.map_addr, map_addr)
-            .replace("host_name: test-host", &format!("host_name: {name}"))
-            .replace(
-                &fs.key_file().display().to_string(),
-                &fs.key_file_of(name).display().to_string(),
-            )
-            .replace("}", &format!(", {extra}}}"));
-        let metrics = free_port();
-        let daemon = Daemon::start(
-            &dir,
-            &format!(
-                "disks:\n  - name: vm\n    socket: {}\n    backend: {backend}\nmetrics:\n  listen: 127.0.0.1:{metrics}\n",
-                sock.display()
-            ),
-        );
-        Host {
-            daemon,
-            sock,
-            metrics,
-        }
-    }
-    fn client(&self) -> Client {
-        Client::connect(&self.sock, &ClientOptions::default()).unwrap()
-    }
-    fn done(&self, path: &str, op: &str) -> f64 {
-        sample(
-            &scrape(self.metrics),
-            &format!("twinpath_path_requests_total{{disk=\"vm\",path=\"{path}\",op=\"{op}\"}}"),
-        )
-    }
-}
-
-fn extents(path: &std::path::Path) -> Vec<(u64, u64)> {
-    let f = std::fs::File::open(path).unwrap();
-    f.sync_all().unwrap();
-    file_extents(&f)
-        .unwrap()
-        .iter()
-        .map(|e| (e.physical, e.len))
-        .collect()
-}
-
-fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
-    let mut n = 0;
-    for &(x, xl) in a {
-        for &(y, yl) in b {
-            n += (x + xl).min(y + yl).saturating_sub(x.max(y));
-        }
-    }
-    n
-}
-
-fn xflags(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("xfs_io")
-        .args(["-r", "-c", "lsattr -v"])
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn registered(target: &Tgtd) -> Vec<u64> {
-    let url = twinpath_iscsi::IscsiUrl::parse(&target.url()).unwrap();
-    let s =
-        twinpath_iscsi::Session::connect(&url, None, "iqn.2026-11.io.twinpath:observer").unwrap();
-    futures::executor::block_on(s.pr_read_keys()).unwrap()
-}
 
 /// A relay whose `cut_server_side` closes the connection towards the map server (which sees
 /// the host gone) while the host's side stays open and silent (the host sees nothing: a
@@ -204,7 +114,7 @@ fn fenced_reads(flush: bool) {
     }
     std::fs::remove_file(&spacer).unwrap();
     let original: Vec<u8> = (0..32u64).flat_map(|i| pattern(i, MIB as usize)).collect();
-    let before = extents(&img);
+    let before = extents(&img, 0);
     assert!(before.len() >= 8, "not fragmented: {before:?}");
 
     assert!(fs.map.take().unwrap().stop().success());
@@ -221,7 +131,7 @@ fn fenced_reads(flush: bool) {
     let a = Host::start_as(
         &fs,
         "test-host",
-        &target,
+        Lun::Target(&target),
         "vm.raw",
         &relay.addr(),
         "map_timeout: 1s",
@@ -273,7 +183,7 @@ fn fenced_reads(flush: bool) {
         .output()
         .unwrap();
     eprintln!("xfs_fsr: {}", String::from_utf8_lossy(&out.stdout));
-    let after = extents(&img);
+    let after = extents(&img, 0);
     eprintln!("extents before {} after {}", before.len(), after.len());
     // Another tenant writes until the filesystem is full.
     let other = mnt.join("other.raw");
@@ -283,7 +193,7 @@ fn fenced_reads(flush: bool) {
         while f.write_all(&chunk).is_ok() {}
         let _ = f.sync_all();
     }
-    let taken = extents(&other);
+    let taken = extents(&other, 0);
     let reused = overlap(&before, &taken);
     eprintln!(
         "other tenant got {} MiB of the image's old blocks; {:?} after the cut",

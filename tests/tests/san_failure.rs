@@ -6,125 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use twinpath_filemap::{file_extents, read_direct};
+use twinpath_filemap::read_direct;
 use twinpath_tests::fileserver::FileServer;
 use twinpath_tests::iscsi::Tgtd;
 use twinpath_tests::lun::Fs;
 use twinpath_tests::relay::LatencyRelay;
-use twinpath_tests::samba::free_port;
+use twinpath_tests::sanhost::{extents, overlap, registered, xflags, Host, Lun};
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
-
-/// How the host reaches the LUN.
-#[derive(Clone, Copy)]
-enum Lun<'a> {
-    /// The loop device itself.
-    Device,
-    /// Through a tgtd of the host's own on loopback, with the userspace initiator.
-    Iscsi,
-    /// Through this tgtd.
-    Target(&'a Tgtd),
-}
-
-/// A host daemon serving one san disk `vm` on `image`, with `extra` keys in its backend,
-/// its map server reached at `map_addr`, and metrics on a free port.
-struct Host {
-    daemon: Daemon,
-    sock: std::path::PathBuf,
-    metrics: u16,
-    _target: Option<Tgtd>,
-}
-
-impl Host {
-    fn start(fs: &FileServer, image: &str, map_addr: &str, extra: &str) -> Host {
-        Host::start_on(fs, Lun::Device, image, map_addr, extra)
-    }
-
-    fn start_on(fs: &FileServer, lun: Lun, image: &str, map_addr: &str, extra: &str) -> Host {
-        Host::start_as(fs, "test-host", lun, image, map_addr, extra)
-    }
-
-    /// As test host `name` (its own key file), in a directory of its own.
-    fn start_as(
-        fs: &FileServer,
-        name: &str,
-        lun: Lun,
-        image: &str,
-        map_addr: &str,
-        extra: &str,
-    ) -> Host {
-        let dir = fs.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("vm.sock");
-        let target = matches!(lun, Lun::Iscsi).then(|| Tgtd::start(fs.lun.device(), false, &dir));
-        let lun = match (&target, lun) {
-            (Some(t), _) | (None, Lun::Target(t)) => format!("\"{}\"", t.url()),
-            _ => fs.lun.device().display().to_string(),
-        };
-        let backend = fs
-            .backend_yaml(image, Some(&lun))
-            .replace(&fs.map_addr, map_addr)
-            .replace("host_name: test-host", &format!("host_name: {name}"))
-            .replace(
-                &fs.key_file().display().to_string(),
-                &fs.key_file_of(name).display().to_string(),
-            )
-            .replace("}", &format!(", {extra}}}"));
-        let metrics = free_port();
-        let daemon = Daemon::start(
-            &dir,
-            &format!(
-                "disks:\n  - name: vm\n    socket: {}\n    backend: {backend}\nmetrics:\n  listen: 127.0.0.1:{metrics}\n",
-                sock.display()
-            ),
-        );
-        Host {
-            daemon,
-            sock,
-            metrics,
-            _target: target,
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.sock, &ClientOptions::default()).unwrap()
-    }
-
-    /// Requests of `op` done on `path` (`direct` or `network`) so far.
-    fn done(&self, path: &str, op: &str) -> f64 {
-        sample(
-            &scrape(self.metrics),
-            &format!("twinpath_path_requests_total{{disk=\"vm\",path=\"{path}\",op=\"{op}\"}}"),
-        )
-    }
-}
-
-/// Byte ranges `(physical, len)` on the LUN of the bytes of `path` from file offset `from`.
-fn extents(path: &std::path::Path, from: u64) -> Vec<(u64, u64)> {
-    let f = std::fs::File::open(path).unwrap();
-    f.sync_all().unwrap();
-    file_extents(&f)
-        .unwrap()
-        .iter()
-        .filter(|e| e.logical + e.len > from)
-        .map(|e| {
-            let skip = from.saturating_sub(e.logical);
-            (e.physical + skip, e.len - skip)
-        })
-        .collect()
-}
-
-/// Bytes two lists of ranges have in common.
-fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
-    let mut n = 0;
-    for &(x, xl) in a {
-        for &(y, yl) in b {
-            n += (x + xl).min(y + yl).saturating_sub(x.max(y));
-        }
-    }
-    n
-}
 
 /// Leaves about `free` bytes free on the filesystem at `mnt`, so that blocks freed later are
 /// the ones a new file gets.
@@ -490,16 +380,6 @@ fn a_truncate_of_a_leased_image_is_recalled_within_a_second_and_ends_direct_io()
     assert!(on_device(fs.lun.device(), &taken, &content));
 }
 
-/// `xfs_io -c "lsattr -v"` flags of `path`.
-fn xflags(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("xfs_io")
-        .args(["-r", "-c", "lsattr -v"])
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn xfs_fsr_leaves_a_leased_image_alone_and_no_guest_write_is_lost() {
     let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "lease_time: 2s\n");
@@ -571,14 +451,6 @@ fn xfs_fsr_leaves_a_leased_image_alone_and_no_guest_write_is_lost() {
         read_over_smb(&fs, 64 * MIB) == through_san,
         "SMB and the san disk differ"
     );
-}
-
-/// The keys registered on the LUN behind `target`, read by an initiator of the test's own.
-fn registered(target: &Tgtd) -> Vec<u64> {
-    let url = twinpath_iscsi::IscsiUrl::parse(&target.url()).unwrap();
-    let s =
-        twinpath_iscsi::Session::connect(&url, None, "iqn.2026-11.io.twinpath:observer").unwrap();
-    futures::executor::block_on(s.pr_read_keys()).unwrap()
 }
 
 #[test]

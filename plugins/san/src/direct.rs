@@ -562,3 +562,6 @@ impl Direct {
 
 /// Why a request stopped using its grant.
 const LEASE_RAN_OUT: &str = "the grant's lease ran out or was recalled";
+
+#[cfg(test)]
+mod tests;

@@ -532,6 +532,45 @@ fn a_host_cut_off_is_fenced_on_the_lun_and_another_host_writes_directly() {
 }
 
 #[test]
+fn a_map_server_told_to_fence_on_a_device_without_reservations_refuses_to_start() {
+    let mut fs = FileServer::start(320 * MIB, Fs::Xfs, false, "");
+    assert!(fs.map.take().unwrap().stop().success());
+    let device = fs.lun.device().display().to_string();
+    let config = fs.map_config(
+        &fs.lun.mount_point(),
+        &[],
+        &format!("fence:\n  lun: \"{device}\"\n"),
+    );
+    let cfg = fs.dir.path().join("fence-loop.yaml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut child = std::process::Command::new(twinpath_bin())
+        .args(["map-server", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            panic!("the map server serves without the fencing it was told to do");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains(&device) && err.contains("has no persistent reservations"),
+        "{err}"
+    );
+}
+
+#[test]
 fn hole_punch_fallocate_and_reflink_by_others_are_recalled_within_a_second() {
     for (what, op) in [
         ("hole punch", "fpunch 80m 1m"),

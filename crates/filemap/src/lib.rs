@@ -9,9 +9,12 @@
 //! - [`Guard`] is the last check before any direct device I/O: a write outside the extents
 //!   granted for writing is refused, whatever the code above it computed.
 //! - [`VolumeId`] recognises the server's filesystem on a raw device (type and UUID).
+//! - [`pr`] registers, reserves and preempts on a block device (SCSI-3 persistent
+//!   reservations), for fencing.
 
 mod fiemap_io;
 mod grant;
+pub mod pr;
 mod volume;
 
 pub use fiemap_io::{file_extents, ExtentClass, FileExtent};

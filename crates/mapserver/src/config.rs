@@ -31,7 +31,7 @@ fn default_lease_time() -> Duration {
 /// metrics:
 ///   listen: 127.0.0.1:9811             # /metrics and /leases
 /// fence:                               # optional: SCSI-3 persistent reservations on the LUN
-///   lun: iscsi://192.0.2.20/iqn.2026-01.example:vmstore/1
+///   lun: iscsi://192.0.2.20/iqn.2026-01.example:vmstore/1   # or a block device: /dev/sdb
 ///   password_file: /etc/twinpath/chap.pass   # with a CHAP user in the URL
 /// ```
 #[derive(Debug, Clone, Deserialize)]
@@ -54,7 +54,8 @@ pub struct MapServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FenceConfig {
-    /// The shared LUN as an `iscsi://` URL.
+    /// The shared LUN: an `iscsi://` URL, or the path of a block device of the file server
+    /// with persistent reservations (sd, NVMe, dm-multipath).
     pub lun: String,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
@@ -125,12 +126,21 @@ impl MapServerConfig {
             return Err(bad("lease_time", "must be between 1s and 1h"));
         }
         if let Some(f) = &cfg.fence {
-            let url = twinpath_iscsi::IscsiUrl::parse(&f.lun)
-                .map_err(|e| bad("fence.lun", &format!("{e} (an iscsi:// URL)")))?;
-            if url.user.is_some() != f.password_file.is_some() {
+            let chap_user = if f.lun.starts_with('/') {
+                false
+            } else {
+                let url = twinpath_iscsi::IscsiUrl::parse(&f.lun).map_err(|e| {
+                    bad(
+                        "fence.lun",
+                        &format!("{e} (an iscsi:// URL or a block device's absolute path)"),
+                    )
+                })?;
+                url.user.is_some()
+            };
+            if chap_user != f.password_file.is_some() {
                 return Err(bad(
                     "fence.password_file",
-                    "give it exactly when the URL names a CHAP user",
+                    "give it exactly when the LUN is an iscsi:// URL naming a CHAP user",
                 ));
             }
         }
@@ -234,8 +244,12 @@ mod tests {
                 "lease_time",
             ),
             (
-                "hosts: [{name: a, key_file: /k}]\nfence: {lun: /dev/sdb}\n",
+                "hosts: [{name: a, key_file: /k}]\nfence: {lun: sdb}\n",
                 "key `fence.lun`",
+            ),
+            (
+                "hosts: [{name: a, key_file: /k}]\nfence: {lun: /dev/sdb, password_file: /p}\n",
+                "fence.password_file",
             ),
             (
                 "hosts: [{name: a, key_file: /k}]\nfence: {lun: 'iscsi://u@h/iqn.x:y/1'}\n",

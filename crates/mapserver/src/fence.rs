@@ -6,6 +6,12 @@
 //! believes, so its leases can go to others at once instead of after the lease time. (Write
 //! Exclusive would still let a fenced host read blocks given to another tenant.)
 
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use twinpath_filemap::pr::{self, PrError};
 use twinpath_iscsi::{IscsiUrl, Session};
 use twinpath_mapproto::fence_key;
 
@@ -22,15 +28,30 @@ const SERVER_KEY: u64 = 0x7477_696e_7061_7468;
 /// leases out instead).
 const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Where the reservation is held: an iSCSI LUN the server logs in to itself, or a block
+/// device of the file server (kernel PR ioctls).
+enum Lun {
+    Iscsi(Session),
+    Device(Arc<File>),
+}
+
 pub struct Fencer {
-    session: Session,
+    lun: Lun,
     key: u64,
-    url: String,
+    describe: String,
 }
 
 impl Fencer {
-    /// Logs in to the LUN, registers the server's key and takes the reservation. Blocking.
+    /// Takes the reservation on the configured LUN. Blocking.
     pub fn start(cfg: &FenceConfig) -> Result<Fencer, String> {
+        if cfg.lun.starts_with("iscsi://") {
+            Fencer::start_iscsi(cfg)
+        } else {
+            Fencer::start_device(Path::new(&cfg.lun))
+        }
+    }
+
+    fn start_iscsi(cfg: &FenceConfig) -> Result<Fencer, String> {
         let url = IscsiUrl::parse(&cfg.lun).map_err(|e| format!("fence.lun: {e}"))?;
         let password = match &cfg.password_file {
             Some(p) => Some(
@@ -56,14 +77,56 @@ impl Fencer {
         futures::executor::block_on(reserve)
             .map_err(|e| format!("fence.lun: cannot take the reservation: {e}"))?;
         Ok(Fencer {
-            session,
+            lun: Lun::Iscsi(session),
             key,
-            url: url.to_string(),
+            describe: url.to_string(),
+        })
+    }
+
+    fn start_device(path: &Path) -> Result<Fencer, String> {
+        let at = |e: &dyn std::fmt::Display| format!("fence.lun: {}: {e}", path.display());
+        let dev = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| at(&e))?;
+        if !dev
+            .metadata()
+            .map_err(|e| at(&e))?
+            .file_type()
+            .is_block_device()
+        {
+            return Err(at(&"not a block device"));
+        }
+        let key = SERVER_KEY;
+        let taken = pr::register(&dev, key).and_then(|()| match pr::reserve(&dev, key) {
+            // Held by an earlier run of this server: taken over (see the iSCSI case).
+            Err(PrError::Conflict) => {
+                tracing::info!("the LUN is reserved already; taking the reservation over");
+                pr::preempt(&dev, key, key, false)
+            }
+            r => r,
+        });
+        match taken {
+            Ok(()) => {}
+            Err(PrError::Unsupported) => {
+                return Err(at(
+                    &"the device has no persistent reservations (a loop device or a virtual \
+                      disk?); fence on the LUN's iSCSI URL, or remove `fence:` to wait lost \
+                      hosts' leases out instead",
+                ))
+            }
+            Err(e) => return Err(at(&format!("cannot take the reservation: {e}"))),
+        }
+        Ok(Fencer {
+            lun: Lun::Device(Arc::new(dev)),
+            key,
+            describe: path.display().to_string(),
         })
     }
 
     pub fn describe(&self) -> &str {
-        &self.url
+        &self.describe
     }
 
     /// Removes `host`'s registration and, where the target can, aborts its commands still
@@ -72,25 +135,33 @@ impl Fencer {
     /// flush: it counts on this). Done too when the host was not registered (it could not
     /// write under the reservation anyway).
     pub async fn fence(&self, host: &str) -> Result<(), String> {
-        tokio::time::timeout(FENCE_TIMEOUT, self.preempt(fence_key(host)))
+        let victim = fence_key(host);
+        let fenced = async {
+            match &self.lun {
+                Lun::Iscsi(session) => self.preempt_iscsi(session, victim).await,
+                Lun::Device(dev) => {
+                    let (dev, key) = (dev.clone(), self.key);
+                    tokio::task::spawn_blocking(move || preempt_device(&dev, key, victim))
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
+            }
+        };
+        tokio::time::timeout(FENCE_TIMEOUT, fenced)
             .await
             .map_err(|_| format!("the LUN did not answer in {FENCE_TIMEOUT:?}"))?
     }
 
-    async fn preempt(&self, victim: u64) -> Result<(), String> {
-        let keys = self
-            .session
-            .pr_read_keys()
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn preempt_iscsi(&self, session: &Session, victim: u64) -> Result<(), String> {
+        let keys = session.pr_read_keys().await.map_err(|e| e.to_string())?;
         if keys.contains(&victim) {
-            let aborted = self.session.pr_preempt(self.key, victim, true).await;
+            let aborted = session.pr_preempt(self.key, victim, true).await;
             match aborted {
                 Ok(()) => {}
                 // tgtd, for one, has no PREEMPT AND ABORT.
                 Err(e) if e.to_string().contains("ILLEGAL_REQUEST") => {
                     tracing::debug!("PREEMPT AND ABORT refused ({e}); preempting without abort");
-                    self.session
+                    session
                         .pr_preempt(self.key, victim, false)
                         .await
                         .map_err(|e| e.to_string())?;
@@ -98,6 +169,22 @@ impl Fencer {
                 Err(e) => return Err(e.to_string()),
             }
         }
-        self.session.flush().await.map_err(|e| e.to_string())
+        session.flush().await.map_err(|e| e.to_string())
     }
+}
+
+/// [`Fencer::fence`] on a block device. The kernel has no READ KEYS ioctl here: a victim
+/// that is not registered makes the preemption fail with a conflict, which counts as a
+/// failed fencing (its leases are waited out: slower, never unsafe).
+fn preempt_device(dev: &File, key: u64, victim: u64) -> Result<(), String> {
+    match pr::preempt(dev, key, victim, true) {
+        Ok(()) => {}
+        Err(PrError::Unsupported) => {
+            tracing::debug!("PREEMPT AND ABORT refused; preempting without abort");
+            pr::preempt(dev, key, victim, false).map_err(|e| format!("PREEMPT: {e}"))?;
+        }
+        Err(e) => return Err(format!("PREEMPT AND ABORT: {e}")),
+    }
+    // fdatasync of a block device is a cache flush (SYNCHRONIZE CACHE).
+    dev.sync_data().map_err(|e| format!("flush: {e}"))
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use twinpath_core::{BlockBackend, GuestBuffers};
+use twinpath_filemap::pr::PrError;
 use twinpath_filemap::read_direct;
 use twinpath_iscsi::{IscsiUrl, Session};
 
@@ -30,20 +31,6 @@ pub trait Volume: Send + Sync {
     /// the device has no persistent reservations. Blocks.
     fn register(&self, key: u64) -> Result<bool, String>;
 }
-
-/// `struct pr_registration` of linux/pr.h.
-#[repr(C)]
-struct PrRegistration {
-    old_key: u64,
-    new_key: u64,
-    flags: u32,
-    pad: u32,
-}
-
-/// `_IOW('p', 200, struct pr_registration)`.
-const IOC_PR_REGISTER: libc::c_ulong = 0x4018_70c8;
-/// Register whatever key the nexus had before.
-const PR_FL_IGNORE_KEY: u32 = 1;
 
 /// A block device of this host, read with O_DIRECT (its page cache would be stale: the
 /// server's filesystem writes the volume, not this host).
@@ -93,28 +80,10 @@ impl Volume for BlockDevice {
     }
 
     fn register(&self, key: u64) -> Result<bool, String> {
-        let reg = PrRegistration {
-            old_key: 0,
-            new_key: key,
-            flags: PR_FL_IGNORE_KEY,
-            pad: 0,
-        };
-        // SAFETY: IOC_PR_REGISTER reads the pr_registration we pass, on a device we hold open.
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                IOC_PR_REGISTER,
-                &reg,
-            )
-        };
-        if r == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            // Loop devices, most virtual disks: no reservations at all.
-            Some(libc::ENOTTY | libc::EOPNOTSUPP | libc::EINVAL) => Ok(false),
-            _ => Err(format!("{}: PR REGISTER: {e}", self.describe())),
+        match twinpath_filemap::pr::register(&self.file, key) {
+            Ok(()) => Ok(true),
+            Err(PrError::Unsupported) => Ok(false),
+            Err(e) => Err(format!("{}: PR REGISTER: {e}", self.describe())),
         }
     }
 }

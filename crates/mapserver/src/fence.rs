@@ -4,10 +4,13 @@
 //! connection, went silent or did not return a recalled lease in time is preempted: from then
 //! on the LUN refuses its reads and writes (RESERVATION CONFLICT), whatever the host
 //! believes, so its leases can go to others at once instead of after the lease time. (Write
-//! Exclusive would still let a fenced host read blocks given to another tenant.)
+//! Exclusive would still let a fenced host read blocks given to another tenant.) Only a
+//! preemption that also aborted the host's commands in the target frees its leases at once:
+//! without the abort, a write the target had accepted may still land, and the leases are
+//! waited out as if there were no fencing.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -32,7 +35,18 @@ const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// device of the file server (kernel PR ioctls).
 enum Lun {
     Iscsi(Session),
-    Device(Arc<File>),
+    Device { dev: Arc<File>, aborts: bool },
+}
+
+/// What a fencing achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced {
+    /// The host's registration is gone and its commands in the target were aborted (or it
+    /// was not registered at all): nothing of it can reach the LUN any more.
+    Aborted,
+    /// The host's registration is gone, but the target could not abort its commands: those
+    /// it had accepted may still complete.
+    Preempted,
 }
 
 pub struct Fencer {
@@ -66,10 +80,15 @@ impl Fencer {
             session.pr_register(key).await?;
             match session.pr_reserve(key).await {
                 // Held by an earlier run of this server (its connection outlived a crash,
-                // registered under the same key): taken over.
+                // registered under the same key): taken over. A holder under another key
+                // would instead have removed this registration (the preemption names a key
+                // nobody else holds): registering and reserving again tells the two apart,
+                // since RESERVE succeeds only for the holder.
                 Err(e) if e.kind() == twinpath_core::ErrorKind::Fenced => {
                     tracing::info!("the LUN is reserved already; taking the reservation over");
-                    session.pr_preempt(key, key, false).await
+                    session.pr_preempt(key, key, false).await?;
+                    session.pr_register(key).await?;
+                    session.pr_reserve(key).await
                 }
                 r => r,
             }
@@ -85,25 +104,32 @@ impl Fencer {
 
     fn start_device(path: &Path) -> Result<Fencer, String> {
         let at = |e: &dyn std::fmt::Display| format!("fence.lun: {}: {e}", path.display());
-        let dev = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| at(&e))?;
-        if !dev
-            .metadata()
-            .map_err(|e| at(&e))?
-            .file_type()
-            .is_block_device()
-        {
+        // Read-only: the PR ioctls need CAP_SYS_ADMIN or a writable descriptor, and a
+        // writable open of a mounted device fails where the kernel forbids writing to it
+        // (BLK_DEV_WRITE_MOUNTED=n), or would make the file server's own mount fail.
+        let dev = File::open(path).map_err(|e| at(&e))?;
+        let meta = dev.metadata().map_err(|e| at(&e))?;
+        if !meta.file_type().is_block_device() {
             return Err(at(&"not a block device"));
         }
+        // Device-mapper passes PREEMPT AND ABORT down as a plain PREEMPT on some kernels
+        // ("dm: Start pr_preempt from the same starting path", 2022) and still reports
+        // success: on dm the abort cannot be counted on.
+        let rdev = meta.rdev();
+        let dm = Path::new(&format!(
+            "/sys/dev/block/{}:{}/dm",
+            libc::major(rdev),
+            libc::minor(rdev)
+        ))
+        .exists();
         let key = SERVER_KEY;
         let taken = pr::register(&dev, key).and_then(|()| match pr::reserve(&dev, key) {
             // Held by an earlier run of this server: taken over (see the iSCSI case).
             Err(PrError::Conflict) => {
                 tracing::info!("the LUN is reserved already; taking the reservation over");
-                pr::preempt(&dev, key, key, false)
+                pr::preempt(&dev, key, key, false)?;
+                pr::register(&dev, key)?;
+                pr::reserve(&dev, key)
             }
             r => r,
         });
@@ -116,10 +142,19 @@ impl Fencer {
                       hosts' leases out instead",
                 ))
             }
+            Err(PrError::Conflict) => {
+                return Err(at(
+                    &"another initiator holds a reservation on the device; release it \
+                      (sg_persist --out --release) or run one map server per LUN",
+                ))
+            }
             Err(e) => return Err(at(&format!("cannot take the reservation: {e}"))),
         }
         Ok(Fencer {
-            lun: Lun::Device(Arc::new(dev)),
+            lun: Lun::Device {
+                dev: Arc::new(dev),
+                aborts: !dm,
+            },
             key,
             describe: path.display().to_string(),
         })
@@ -134,14 +169,14 @@ impl Fencer {
     /// every write the host had acknowledged is durable (the host, fenced, can no longer
     /// flush: it counts on this). Done too when the host was not registered (it could not
     /// write under the reservation anyway).
-    pub async fn fence(&self, host: &str) -> Result<(), String> {
+    pub async fn fence(&self, host: &str) -> Result<Fenced, String> {
         let victim = fence_key(host);
         let fenced = async {
             match &self.lun {
                 Lun::Iscsi(session) => self.preempt_iscsi(session, victim).await,
-                Lun::Device(dev) => {
-                    let (dev, key) = (dev.clone(), self.key);
-                    tokio::task::spawn_blocking(move || preempt_device(&dev, key, victim))
+                Lun::Device { dev, aborts } => {
+                    let (dev, key, aborts) = (dev.clone(), self.key, *aborts);
+                    tokio::task::spawn_blocking(move || preempt_device(&dev, key, victim, aborts))
                         .await
                         .map_err(|e| e.to_string())?
                 }
@@ -152,8 +187,9 @@ impl Fencer {
             .map_err(|_| format!("the LUN did not answer in {FENCE_TIMEOUT:?}"))?
     }
 
-    async fn preempt_iscsi(&self, session: &Session, victim: u64) -> Result<(), String> {
+    async fn preempt_iscsi(&self, session: &Session, victim: u64) -> Result<Fenced, String> {
         let keys = session.pr_read_keys().await.map_err(|e| e.to_string())?;
+        let mut fenced = Fenced::Aborted;
         if keys.contains(&victim) {
             let aborted = session.pr_preempt(self.key, victim, true).await;
             match aborted {
@@ -165,26 +201,36 @@ impl Fencer {
                         .pr_preempt(self.key, victim, false)
                         .await
                         .map_err(|e| e.to_string())?;
+                    fenced = Fenced::Preempted;
                 }
                 Err(e) => return Err(e.to_string()),
             }
         }
-        session.flush().await.map_err(|e| e.to_string())
+        session.flush().await.map_err(|e| e.to_string())?;
+        Ok(fenced)
     }
 }
 
-/// [`Fencer::fence`] on a block device. The kernel has no READ KEYS ioctl here: a victim
-/// that is not registered makes the preemption fail with a conflict, which counts as a
-/// failed fencing (its leases are waited out: slower, never unsafe).
-fn preempt_device(dev: &File, key: u64, victim: u64) -> Result<(), String> {
-    match pr::preempt(dev, key, victim, true) {
-        Ok(()) => {}
-        Err(PrError::Unsupported) => {
+/// [`Fencer::fence`] on a block device. Before Linux 6.19 the kernel has no READ KEYS
+/// ioctl: a victim that is not registered makes the preemption fail with a conflict, which
+/// counts as a failed fencing (its leases are waited out: slower, never unsafe). The LUN is
+/// flushed whatever the preemption did: a host that was preempted meanwhile counts on it.
+fn preempt_device(dev: &File, key: u64, victim: u64, aborts: bool) -> Result<Fenced, String> {
+    let preempted = match pr::preempt(dev, key, victim, true) {
+        Ok(()) if aborts => Ok(Fenced::Aborted),
+        Ok(()) => Ok(Fenced::Preempted),
+        Err(PrError::Rejected | PrError::Unsupported) => {
             tracing::debug!("PREEMPT AND ABORT refused; preempting without abort");
-            pr::preempt(dev, key, victim, false).map_err(|e| format!("PREEMPT: {e}"))?;
+            pr::preempt(dev, key, victim, false)
+                .map(|()| Fenced::Preempted)
+                .map_err(|e| format!("PREEMPT: {e}"))
         }
-        Err(e) => return Err(format!("PREEMPT AND ABORT: {e}")),
-    }
+        Err(PrError::Conflict) => Err("PREEMPT AND ABORT: reservation conflict (the host is \
+                                       not registered, or this server lost its registration)"
+            .to_string()),
+        Err(e) => Err(format!("PREEMPT AND ABORT: {e}")),
+    };
     // fdatasync of a block device is a cache flush (SYNCHRONIZE CACHE).
-    dev.sync_data().map_err(|e| format!("flush: {e}"))
+    dev.sync_data().map_err(|e| format!("flush: {e}"))?;
+    preempted
 }

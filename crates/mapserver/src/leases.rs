@@ -73,6 +73,9 @@ pub struct Conn {
     pub heard: Instant,
     /// Ends the connection from the server's side.
     hang_up: Arc<Notify>,
+    /// Its host was preempted on the LUN without its commands aborted: not fenced again,
+    /// its leases are waited out.
+    preempted: bool,
 }
 
 pub struct Leases {
@@ -110,6 +113,7 @@ impl Leases {
                 outbox: Some(outbox),
                 heard: Instant::now(),
                 hang_up: hang_up.clone(),
+                preempted: false,
             },
         );
         hang_up
@@ -298,7 +302,11 @@ impl Leases {
             .values()
             .filter(|l| l.granted)
             .filter(|l| {
-                let gone = self.conns.get(&l.conn).is_none_or(|c| c.outbox.is_none());
+                let conn = self.conns.get(&l.conn);
+                if conn.is_some_and(|c| c.preempted) {
+                    return false;
+                }
+                let gone = conn.is_none_or(|c| c.outbox.is_none());
                 let overdue = l
                     .recalled_at
                     .is_some_and(|r| now.saturating_duration_since(r) >= deadline);
@@ -324,6 +332,16 @@ impl Leases {
         ids.into_iter()
             .filter_map(|id| self.by_id.remove(&id))
             .collect()
+    }
+
+    /// Connection `conn`'s host was preempted without its commands aborted: the connection
+    /// ends, and its leases stay until their hold passes (a write the target had accepted may
+    /// still land until then).
+    pub fn preempted(&mut self, conn: u64) {
+        self.hang_up(conn, "its host was preempted on the LUN");
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.preempted = true;
+        }
     }
 
     /// Connection `conn` is gone: its reservations are dropped (returned, to be released);

@@ -499,12 +499,20 @@ async fn expire(state: &Arc<State>) {
         let due = lock(&state.leases).fence_due(std::time::Instant::now(), state.recall_deadline);
         for (conn, host) in due {
             match fencer.fence(&host).await {
-                Ok(()) => {
+                Ok(fence::Fenced::Aborted) => {
                     let gone = lock(&state.leases).fenced(conn);
                     tracing::warn!(%host, leases = gone.len(), "host fenced on the LUN; its leases are free");
                     for lease in gone {
                         released(state, lease).await;
                     }
+                }
+                Ok(fence::Fenced::Preempted) => {
+                    lock(&state.leases).preempted(conn);
+                    tracing::warn!(
+                        %host,
+                        "host preempted on the LUN; the target cannot abort the commands it \
+                         has of the host: its leases are waited out"
+                    );
                 }
                 Err(e) => {
                     if let Some(failed) = lock(&state.fence_failures).due() {

@@ -174,6 +174,17 @@ impl BlkDevice {
         guard.as_ref().map(|m| m.memory().into_inner())
     }
 
+    /// The disk's limits with the segment limits this connection's driver accepted.
+    fn limits(&self) -> Limits {
+        let acked = self.0.acked_features.load(Ordering::Acquire);
+        let has = |bit: u32| acked & (1 << bit) != 0;
+        Limits {
+            size_max: has(VIRTIO_BLK_F_SIZE_MAX).then_some(SIZE_MAX),
+            seg_max: has(VIRTIO_BLK_F_SEG_MAX).then_some(SEG_MAX),
+            ..self.0.limits
+        }
+    }
+
     fn config(&self) -> BlkConfig {
         let d = &self.0.disk;
         let block_sectors = d.info.block_size / 512;
@@ -196,6 +207,7 @@ impl BlkDevice {
             return Ok(());
         };
         let queue = &self.0.queues[queue_index];
+        let limits = self.limits();
         let event_idx = self.0.event_idx.load(Ordering::Acquire);
         let mut used = Vec::new();
         let mut inflight = lock(&queue.inflight);
@@ -212,7 +224,7 @@ impl BlkDevice {
                         .pop_descriptor_chain(mem.clone());
                     let Some(chain) = chain else { break };
                     let head = chain.head_index();
-                    match request::parse(&*mem, chain, &self.0.limits) {
+                    match request::parse(&*mem, chain, &limits) {
                         Ok(req) => inflight.push(self.run(head, req, mem.clone())),
                         Err(rejected) => {
                             self.0.disk.note_rejected(&rejected.reason);

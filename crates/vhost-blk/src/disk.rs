@@ -84,6 +84,9 @@ impl Disk {
             write_zeroes: self.info.write_zeroes && !ro,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            // Set per connection, from what its driver accepted.
+            size_max: None,
+            seg_max: None,
         }
     }
 

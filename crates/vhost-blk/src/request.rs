@@ -32,6 +32,12 @@ pub struct Limits {
     pub write_zeroes: bool,
     pub max_discard_sectors: u32,
     pub max_write_zeroes_sectors: u32,
+    /// The largest descriptor, where the driver accepted VIRTIO_BLK_F_SIZE_MAX (a driver
+    /// that did not, firmware among them, may send one buffer of a whole transfer).
+    pub size_max: Option<u32>,
+    /// The most data descriptors per request, where the driver accepted
+    /// VIRTIO_BLK_F_SEG_MAX (the header and the status take two more).
+    pub seg_max: Option<u32>,
 }
 
 impl Limits {
@@ -177,8 +183,28 @@ pub fn parse<M: GuestMemoryBackend>(
     let mut writable = Stream::new();
     let mut last_writable: Option<Descriptor> = None;
     let mut misordered = false;
+    // The first breach of the negotiated limits or of the address space; refused once the
+    // status byte is known.
+    let mut breach: Option<String> = None;
+    let mut count = 0u32;
     for d in descs {
+        count += 1;
         let len = d.len() as usize;
+        if breach.is_none() {
+            if d.addr().0.checked_add(u64::from(d.len())).is_none() {
+                breach = Some(format!(
+                    "descriptor at {:#x}+{} ends past the address space",
+                    d.addr().0,
+                    d.len()
+                ));
+            } else if limits.size_max.is_some_and(|max| d.len() > max) {
+                breach = Some(format!(
+                    "descriptor of {} bytes (SIZE_MAX {})",
+                    d.len(),
+                    limits.size_max.unwrap_or_default()
+                ));
+            }
+        }
         if d.is_write_only() {
             writable.ranges.push((d.addr(), len));
             writable.len += len;
@@ -195,8 +221,18 @@ pub fn parse<M: GuestMemoryBackend>(
     // The status byte first: without it the guest cannot be told anything.
     let status = match last_writable {
         Some(d) if d.len() > 0 => {
-            let addr = GuestAddress(d.addr().0.wrapping_add(u64::from(d.len()) - 1));
-            let seg = host_segments(mem, &[(addr, 1)])
+            let last = d
+                .addr()
+                .0
+                .checked_add(u64::from(d.len()) - 1)
+                .ok_or_else(|| {
+                    reject(
+                        None,
+                        STATUS_IOERR,
+                        format!("status descriptor at {:#x} wraps", d.addr().0),
+                    )
+                })?;
+            let seg = host_segments(mem, &[(GuestAddress(last), 1)])
                 .map_err(|e| reject(None, STATUS_IOERR, format!("status byte: {e}")))?;
             StatusByte(seg[0].0)
         }
@@ -216,6 +252,17 @@ pub fn parse<M: GuestMemoryBackend>(
     }
 
     let fail = |code: u8, reason: String| reject(Some(status), code, reason);
+    if let Some(breach) = breach {
+        return Err(fail(STATUS_IOERR, breach));
+    }
+    if let Some(max) = limits.seg_max {
+        if count > max.saturating_add(2) {
+            return Err(fail(
+                STATUS_IOERR,
+                format!("{count} descriptors (SEG_MAX {max}, plus header and status)"),
+            ));
+        }
+    }
     if misordered {
         return Err(fail(
             STATUS_IOERR,
@@ -407,6 +454,8 @@ mod tests {
             write_zeroes: true,
             max_discard_sectors: 1024,
             max_write_zeroes_sectors: 1024,
+            size_max: None,
+            seg_max: None,
         }
     }
 
@@ -632,6 +681,59 @@ mod tests {
         };
         let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &no_discard);
         assert_eq!(e.code, STATUS_UNSUPP);
+    }
+
+    #[test]
+    fn negotiated_segment_limits_are_enforced() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let chain = || vec![r(HDR, 16), w(DATA, 8192), w(STATUS, 1)];
+        // Not negotiated (firmware): one buffer of any size is fine.
+        assert!(parse(&m, chain(), &limits()).is_ok());
+        let l = Limits {
+            size_max: Some(4096),
+            seg_max: Some(2),
+            ..limits()
+        };
+        let e = rejected(&m, chain(), &l);
+        assert_eq!(e.code, STATUS_IOERR);
+        assert!(e.status.is_some() && e.reason.contains("SIZE_MAX"), "{e:?}");
+        let two = vec![
+            r(HDR, 16),
+            w(DATA, 4096),
+            w(DATA + 4096, 4096),
+            w(STATUS, 1),
+        ];
+        assert!(parse(&m, two, &l).is_ok());
+        let three = vec![
+            r(HDR, 16),
+            w(DATA, 1024),
+            w(DATA + 1024, 1024),
+            w(DATA + 2048, 2048),
+            w(STATUS, 1),
+        ];
+        let e = rejected(&m, three, &l);
+        assert!(e.status.is_some() && e.reason.contains("SEG_MAX"), "{e:?}");
+    }
+
+    #[test]
+    fn descriptors_ending_past_the_address_space_are_refused() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        // A data buffer ending exactly at 2^64.
+        let e = rejected(
+            &m,
+            vec![r(HDR, 16), w(u64::MAX - 4095, 4096), w(STATUS, 1)],
+            &limits(),
+        );
+        assert!(
+            e.status.is_some() && e.reason.contains("address space"),
+            "{e:?}"
+        );
+        // A status descriptor that wraps: its last byte would be at a low address (which is
+        // guest memory here).
+        let e = rejected(&m, vec![r(HDR, 16), w(u64::MAX, 2)], &limits());
+        assert!(e.status.is_none() && e.reason.contains("wraps"), "{e:?}");
     }
 
     #[test]

@@ -602,6 +602,22 @@ fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
             c.batch(0, &[req]).unwrap().remove(0).unwrap();
         }
         assert_eq!(&c.buffer()[4099..4099 + odd.len()], &odd[..], "{engine}");
+        // Larger than the bounce buffer (1 MiB): moved in pieces.
+        let big = pattern(13, 2 * MIB as usize + 512 * 1024 + 4096);
+        c.buffer()[1..1 + big.len()].copy_from_slice(&big);
+        for (op, buf_offset) in [(Op::Write, 1), (Op::Read, 4099)] {
+            let req = Req {
+                op,
+                offset: 4096 * 64,
+                len: big.len(),
+                buf_offset,
+            };
+            c.batch(0, &[req]).unwrap().remove(0).unwrap();
+        }
+        assert!(
+            c.buffer()[4099..4099 + big.len()] == big[..],
+            "{engine}: large bounced read"
+        );
         drop(c);
         if engine == "uring" && block_fs(dir.path()) {
             // ext4 and xfs insist on aligned memory for O_DIRECT (tmpfs does not).
@@ -609,6 +625,10 @@ fn direct_io_on_tmpfs_and_on_a_disk_filesystem() {
         }
         let on_disk = std::fs::read(&img).unwrap();
         assert_eq!(&on_disk[4096 * 20..4096 * 22], &odd[..], "{engine}");
+        assert!(
+            on_disk[4096 * 64..4096 * 64 + big.len()] == big[..],
+            "{engine}: large bounced write"
+        );
         assert_eq!(
             &on_disk[4096 * 4..4096 * 4 + 4096],
             &data[4096..8192],

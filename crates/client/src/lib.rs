@@ -8,7 +8,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::path::Path;
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::{iovec, Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 /// How long a call waits for the device's next completion: a device that stops completing
 /// fails the call instead of hanging its caller (a test, the demo).
@@ -83,7 +83,22 @@ pub struct Client {
     region: MemoryRegion,
     blkio: Blkio,
     capacity: u64,
+    /// The device's largest segment (SIZE_MAX; `usize::MAX` if it gives none): longer
+    /// buffers go as several segments, as a guest driver sends them.
+    max_segment: usize,
+    /// The segment lists of the requests submitted last: libblkio reads them when it hands
+    /// the requests to the device, which may be after `submit` returns.
+    iovecs: Vec<Segments>,
 }
+
+/// A request's segment list, pointing into the client's own buffer region.
+struct Segments {
+    _held: Vec<iovec>,
+}
+
+// SAFETY: the pointers refer to the region the `Client` owns and moves with it; nothing here
+// dereferences them (libblkio does, on the thread that drives the queue).
+unsafe impl Send for Segments {}
 
 impl Client {
     pub fn connect(socket: &Path, opts: &ClientOptions) -> Result<Client> {
@@ -105,16 +120,27 @@ impl Client {
         let started = b.start().map_err(blkio_err("start"))?;
         b.map_mem_region(&region).map_err(blkio_err("map region"))?;
         let capacity = b.get_u64("capacity").map_err(blkio_err("capacity"))?;
+        let max_segment = match b.get_i32("max-segment-len") {
+            Ok(n) if n > 0 => n as usize,
+            _ => usize::MAX,
+        };
         Ok(Client {
             queues: started.queues,
             region,
             blkio: b,
             capacity,
+            max_segment,
+            iovecs: Vec::new(),
         })
     }
 
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// The longest buffer one request segment may have (the device's SIZE_MAX).
+    pub fn max_segment(&self) -> usize {
+        self.max_segment
     }
 
     pub fn get_u64(&self, property: &str) -> Result<u64> {
@@ -138,6 +164,7 @@ impl Client {
         let base = self.region.addr as *mut u8;
         let region_len = self.region.len;
         let q = &mut self.queues[queue];
+        self.iovecs.clear();
         for (i, r) in reqs.iter().enumerate() {
             assert!(
                 r.buf_offset + r.len <= region_len,
@@ -145,6 +172,26 @@ impl Client {
             );
             // SAFETY: checked just above to lie inside the region.
             let buf = unsafe { base.add(r.buf_offset) };
+            let split = matches!(r.op, Op::Read | Op::Write) && r.len > self.max_segment;
+            if split {
+                let iov: Vec<iovec> = (0..r.len)
+                    .step_by(self.max_segment)
+                    .map(|at| iovec {
+                        // SAFETY: `at < r.len`, inside the region (checked above).
+                        iov_base: unsafe { buf.add(at) }.cast(),
+                        iov_len: (r.len - at).min(self.max_segment),
+                    })
+                    .collect();
+                let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
+                // The Vec's heap buffer does not move when the Vec does.
+                self.iovecs.push(Segments { _held: iov });
+                if r.op == Op::Read {
+                    q.readv(r.offset, ptr, n, i, ReqFlags::empty());
+                } else {
+                    q.writev(r.offset, ptr, n, i, ReqFlags::empty());
+                }
+                continue;
+            }
             match r.op {
                 Op::Read => q.read(r.offset, buf, r.len, i, ReqFlags::empty()),
                 Op::Write => q.write(r.offset, buf, r.len, i, ReqFlags::empty()),

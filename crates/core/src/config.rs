@@ -19,6 +19,11 @@ pub const MAX_POLL_US: u32 = 1000;
 
 /// A queue worker with requests in flight polls this long for more work before it sleeps.
 pub const DEFAULT_POLL_US: u32 = 50;
+/// Guest data a disk has in flight at most by default (requests beyond it wait).
+pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+/// The bounds of `max_inflight_bytes`: one largest segment at least, and what the device's
+/// counter holds.
+const INFLIGHT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 30);
 /// virtio-blk serials are at most 20 bytes.
 pub const MAX_SERIAL_LEN: usize = 20;
 
@@ -43,6 +48,8 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     pub cache: CacheMode,
     pub poll_us: u32,
+    /// Bytes of guest data the disk has in flight at most; requests beyond wait.
+    pub max_inflight_bytes: u64,
     pub backend: Box<dyn BackendSpec>,
     /// The disk's entry as written: a reload leaves a disk whose entry is unchanged alone.
     pub entry: serde_yaml::Value,
@@ -110,6 +117,10 @@ fn default_poll_us() -> u32 {
     DEFAULT_POLL_US
 }
 
+fn default_max_inflight_bytes() -> crate::ByteSize {
+    crate::ByteSize(DEFAULT_MAX_INFLIGHT_BYTES)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDisk {
@@ -125,6 +136,8 @@ struct RawDisk {
     cache: CacheMode,
     #[serde(default = "default_poll_us")]
     poll_us: u32,
+    #[serde(default = "default_max_inflight_bytes")]
+    max_inflight_bytes: crate::ByteSize,
     backend: serde_yaml::Mapping,
 }
 
@@ -208,6 +221,9 @@ fn parse_disk(
             format!("must be between 0 (no polling) and {MAX_POLL_US}"),
         ));
     }
+    if !INFLIGHT_BYTES_RANGE.contains(&raw.max_inflight_bytes.0) {
+        return Err(at("max_inflight_bytes", "must be between 1M and 1G".into()));
+    }
     if raw.socket.as_os_str().is_empty() || raw.socket.as_os_str().len() > 107 {
         return Err(at(
             "socket",
@@ -251,6 +267,7 @@ fn parse_disk(
         serial: raw.serial,
         cache: raw.cache,
         poll_us: raw.poll_us,
+        max_inflight_bytes: raw.max_inflight_bytes.0,
         backend,
         entry,
     })
@@ -326,8 +343,20 @@ mod tests {
         .unwrap();
         let d = &c.disks[0];
         assert_eq!(
-            (d.num_queues, d.read_only, d.cache, d.poll_us),
-            (1, false, CacheMode::Writeback, DEFAULT_POLL_US)
+            (
+                d.num_queues,
+                d.read_only,
+                d.cache,
+                d.poll_us,
+                d.max_inflight_bytes
+            ),
+            (
+                1,
+                false,
+                CacheMode::Writeback,
+                DEFAULT_POLL_US,
+                DEFAULT_MAX_INFLIGHT_BYTES
+            )
         );
         assert_eq!(d.backend.describe(), "dummy 4");
     }
@@ -369,6 +398,8 @@ mod tests {
 
         let e = err("disks:\n  - name: a\n    socket: /s\n    poll_us: 5000\n    backend: {type: dummy, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("poll_us"), "{e}");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    max_inflight_bytes: 4K\n    backend: {type: dummy, size: 1}\n");
+        assert_eq!(e.key.as_deref(), Some("max_inflight_bytes"), "{e}");
 
         let e = err("disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: x}\n");
         assert_eq!(e.key.as_deref(), Some("backend.size"), "{e}");

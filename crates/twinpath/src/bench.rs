@@ -224,6 +224,14 @@ fn run_test(args: &BenchArgs, name: &str, t: Test) -> Result<TestResult, String>
             t.block
         ));
     }
+    if t.block > client.max_segment() {
+        return Err(format!(
+            "{name}: blocks of {} bytes are larger than the device's largest segment \
+             (SIZE_MAX, {} bytes); a guest driver would split them: use at most that",
+            t.block,
+            client.max_segment()
+        ));
+    }
     let (queue, base, _) = client.queue_and_region(0);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut next_seq = 0u64;

@@ -53,6 +53,8 @@ async fn open_disk(cfg: DiskConfig) -> Result<Opened, (String, String)> {
         serial: cfg.serial.clone(),
         cache: cfg.cache,
         poll_us: cfg.poll_us,
+        // Validated to at most 1 GiB.
+        max_inflight_bytes: cfg.max_inflight_bytes as u32,
     };
     Ok(Opened {
         disk: Arc::new(Disk::new(settings, backend)),

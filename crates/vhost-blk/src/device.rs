@@ -333,6 +333,9 @@ impl BlkDevice {
         let started = Instant::now();
         Box::pin(async move {
             let disk = guard.disk();
+            // At most the whole budget: a request larger than it still runs, alone.
+            let want = req.data_len.min(disk.settings.max_inflight_bytes as usize) as u32;
+            let budget = disk.budget.acquire_many(want).await;
             let op = match req.kind {
                 RequestKind::Read { .. } => Op::Read,
                 RequestKind::Write { .. } => Op::Write,
@@ -381,6 +384,7 @@ impl BlkDevice {
                     }
                 }
             };
+            drop(budget);
             Done {
                 head,
                 used_len: if code == STATUS_OK { used_len } else { 1 },
@@ -613,6 +617,10 @@ mod tests {
     const DATA_BASE: u64 = 0x40000;
 
     fn rig(read_only: bool) -> Rig {
+        rig_with(read_only, 64 << 20)
+    }
+
+    fn rig_with(read_only: bool, max_inflight_bytes: u32) -> Rig {
         let mem: GuestMemoryMmap<()> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
         // The mock borrows the memory for its lifetime; leak a clone (regions are shared).
@@ -638,6 +646,7 @@ mod tests {
             serial: Some("serial-1".into()),
             cache: CacheMode::Writeback,
             poll_us: 0,
+            max_inflight_bytes,
         };
         let disk = Arc::new(Disk::new(settings, backend.clone()));
         let device = BlkDevice::new(disk).unwrap();
@@ -771,6 +780,23 @@ mod tests {
         rig.completion();
         assert_eq!(rig.used(), vec![3, 0]);
         assert_eq!(rig.device.inflight(), 0);
+    }
+
+    #[test]
+    fn requests_over_the_byte_budget_wait_for_it() {
+        let mut rig = rig_with(false, 4096);
+        rig.backend.hold_reads.store(true, Ordering::SeqCst);
+        rig.push(VIRTIO_BLK_T_IN, 0, Some((4096, true)));
+        let write = rig.push(VIRTIO_BLK_T_OUT, 8, Some((512, false)));
+        rig.kick();
+        // The read holds the whole budget: the write waits, accepted, not failed.
+        assert_eq!(rig.used(), Vec::<u32>::new());
+        assert_eq!(rig.device.inflight(), 2);
+        assert_eq!(rig.status(write), 0xff);
+        rig.backend.release_reads();
+        rig.completion();
+        assert_eq!(rig.used(), vec![0, 3]);
+        assert_eq!(rig.status(write), STATUS_OK);
     }
 
     #[test]

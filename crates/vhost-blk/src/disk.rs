@@ -22,6 +22,8 @@ pub struct DiskSettings {
     pub cache: CacheMode,
     /// How long a queue worker with requests in flight polls before it sleeps (0: never).
     pub poll_us: u32,
+    /// Bytes of guest data in flight at most, over all queues and connections.
+    pub max_inflight_bytes: u32,
 }
 
 pub struct Disk {
@@ -35,6 +37,10 @@ pub struct Disk {
     failed: AtomicU64,
     /// What the guests asked of this disk, across connections.
     pub(crate) io: IoStats,
+    /// Bytes of guest data the requests in flight may still take: what the backend holds
+    /// for them (bounce buffers, network frames) grows with their size, so a guest sending
+    /// many huge requests waits instead of taking the daemon's memory.
+    pub(crate) budget: tokio::sync::Semaphore,
 }
 
 impl Disk {
@@ -49,7 +55,6 @@ impl Disk {
         let n = id.len().min(ID_LEN);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
         Disk {
-            settings,
             backend,
             info,
             serial,
@@ -58,6 +63,8 @@ impl Disk {
             rejected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             io: IoStats::default(),
+            budget: tokio::sync::Semaphore::new(settings.max_inflight_bytes as usize),
+            settings,
         }
     }
 

@@ -514,7 +514,12 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// `transfer_all` through an aligned bounce buffer, for O_DIRECT with unaligned guest memory.
+/// The most a bounce moves at a time: its buffer is at most this large, whatever the
+/// request's size (a guest's 1 GiB request must not cost the daemon 1 GiB).
+const BOUNCE_CHUNK: usize = 1 << 20;
+
+/// `transfer_all` through an aligned bounce buffer, for O_DIRECT with unaligned guest memory,
+/// in pieces of at most [`BOUNCE_CHUNK`].
 fn bounce(
     file: &File,
     bufs: &GuestBuffers,
@@ -530,29 +535,40 @@ fn bounce(
         write,
         "O_DIRECT refused the guest buffers; using a bounce buffer"
     );
-    let mut buf = AlignedBuf::zeroed(len, align)?;
-    if write {
-        bufs.copy_to_slice(done, &mut buf.as_mut_slice()[..len]);
-    }
-    let mut moved = 0;
-    while moved < len {
-        let mut iov = buf.iovec(len);
-        // SAFETY: `moved < len <= layout.size()`, so the pointer stays inside the buffer.
-        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(moved) }.cast();
-        iov.iov_len = len - moved;
-        match rw_blocking(file, &[iov], offset + (done + moved) as u64, write)? {
-            0 if write => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "device accepted no bytes",
-                ))
-            }
-            0 => break,
-            n => moved += n,
+    let mut buf = AlignedBuf::zeroed(len.min(BOUNCE_CHUNK), align)?;
+    let mut at = done;
+    while at < bufs.len() {
+        let piece = (bufs.len() - at).min(BOUNCE_CHUNK);
+        if write {
+            bufs.copy_to_slice(at, &mut buf.as_mut_slice()[..piece]);
         }
-    }
-    if !write {
-        bufs.copy_from_slice(done, &buf.as_mut_slice()[..len]);
+        let mut moved = 0;
+        while moved < piece {
+            let mut iov = buf.iovec(piece);
+            // SAFETY: `moved < piece <= layout.size()`, so the pointer stays in the buffer.
+            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(moved) }.cast();
+            iov.iov_len = piece - moved;
+            match rw_blocking(file, &[iov], offset + (at + moved) as u64, write)? {
+                0 if write => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "device accepted no bytes",
+                    ))
+                }
+                // Past the end of the file: the rest reads as zeros.
+                0 => {
+                    buf.as_mut_slice()[moved..piece].fill(0);
+                    bufs.copy_from_slice(at, &buf.as_mut_slice()[..piece]);
+                    bufs.fill_zero(at + piece, bufs.len() - at - piece);
+                    return Ok(());
+                }
+                n => moved += n,
+            }
+        }
+        if !write {
+            bufs.copy_from_slice(at, &buf.as_mut_slice()[..piece]);
+        }
+        at += piece;
     }
     Ok(())
 }

@@ -223,6 +223,7 @@ impl SmbSpec {
             target,
             info,
             stats: Arc::default(),
+            zeroing: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -236,7 +237,13 @@ pub struct SmbImage {
     target: String,
     info: DiskInfo,
     stats: Arc<PathStats>,
+    /// One write-zeroes fallback at a time: each holds a buffer of zeros and its frames.
+    zeroing: tokio::sync::Mutex<()>,
 }
+
+/// The most one piece of the write-zeroes fallback writes: a guest may ask for a gigabyte of
+/// zeros, which must not cost the daemon a gigabyte.
+const ZERO_PIECE: u64 = 4 << 20;
 
 impl SmbImage {
     pub fn info(&self) -> DiskInfo {
@@ -312,8 +319,18 @@ impl SmbImage {
         match zeroed.await {
             Err(e) if e.kind() == ErrorKind::Unsupported => {
                 tracing::debug!("{}: {e}; writing zeros", self.target);
-                let (zeros, _) = GuestBuffers::from_vec(vec![0; len as usize]);
-                self.pipeline.write(&self.file, offset, &zeros).await
+                let _one = self.zeroing.lock().await;
+                let (zeros, _) = GuestBuffers::from_vec(vec![0; len.min(ZERO_PIECE) as usize]);
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(ZERO_PIECE);
+                    let piece = zeros.slice(0, n as usize);
+                    self.pipeline
+                        .write(&self.file, offset + done, &piece)
+                        .await?;
+                    done += n;
+                }
+                Ok(())
             }
             r => r,
         }

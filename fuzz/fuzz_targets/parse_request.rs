@@ -47,6 +47,8 @@ fuzz_target!(|data: &[u8]| {
         write_zeroes: bits & 16 != 0,
         max_discard_sectors: 64,
         max_write_zeroes_sectors: 64,
+        size_max: (bits & 32 != 0).then_some(4096),
+        seg_max: (bits & 64 != 0).then_some(4),
     };
     let Ok(req) = parse(&mem, descs, &limits) else {
         return;
@@ -54,6 +56,12 @@ fuzz_target!(|data: &[u8]| {
 
     let total: usize = req.data.iter().map(|&(_, l)| l).sum();
     assert_eq!(total, req.data_len);
+    if let Some(max) = limits.size_max {
+        assert!(
+            req.data.iter().all(|&(_, l)| l <= max as usize),
+            "segment over SIZE_MAX"
+        );
+    }
     for &(ptr, len) in &req.data {
         let inside = REGIONS.iter().any(|&(a, l)| {
             let host = mem.get_host_address(GuestAddress(a)).unwrap() as usize;

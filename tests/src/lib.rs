@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod fileserver;
+pub mod frontend;
 pub mod guestfio;
 pub mod iscsi;
 pub mod lun;

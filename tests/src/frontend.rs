@@ -1,0 +1,221 @@
+//! A vhost-user-blk frontend that builds descriptor chains itself, for tests that play a
+//! hostile guest or a hostile QEMU: any descriptor, any length, any address, memory it can
+//! shrink afterwards. Guest memory is one memfd; guest physical address = offset in it.
+//!
+//! Layout of guest memory: the split ring of queue 0 in the first pages, then request
+//! headers and status bytes, then the data area from [`DATA`] on.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::Frontend;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const QUEUE_SIZE: u16 = 256;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const HEADERS: u64 = 0x3000;
+const STATUS: u64 = 0x4000;
+/// Where the data area starts.
+pub const DATA: u64 = 0x10000;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_T_IN: u32 = 0;
+
+/// One descriptor of a chain's data: guest address, length, device-writable.
+#[derive(Debug, Clone, Copy)]
+pub struct Seg {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+pub struct RawFrontend {
+    frontend: Frontend,
+    memfd: File,
+    base: *mut u8,
+    size: usize,
+    kick: EventFd,
+    _call: EventFd,
+    next_desc: u16,
+    /// Requests made so far (the avail index).
+    posted: u16,
+}
+
+impl RawFrontend {
+    /// Connects to `socket`, hands over `data_len` bytes of guest data area (plus the ring
+    /// pages) and starts queue 0. Accepts only VIRTIO_F_VERSION_1: like firmware, it takes
+    /// neither SIZE_MAX nor SEG_MAX, so the device must take any descriptor length.
+    pub fn connect(socket: &Path, data_len: usize) -> RawFrontend {
+        let size = DATA as usize + data_len;
+        // SAFETY: plain syscalls; the descriptor is owned by the File from here on.
+        let memfd = unsafe {
+            let fd = libc::memfd_create(c"twinpath-guest".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            File::from_raw_fd(fd)
+        };
+        memfd.set_len(size as u64).unwrap();
+        // SAFETY: a shared mapping of the whole memfd, unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let base = base.cast::<u8>();
+        let frontend = Frontend::connect(socket, 1).expect("connect to the disk socket");
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        assert_ne!(features & VIRTIO_F_VERSION_1, 0);
+        frontend.set_features(VIRTIO_F_VERSION_1).unwrap();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: size as u64,
+            userspace_addr: base as u64,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        };
+        frontend.set_mem_table(&[region]).unwrap();
+        frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+        let at = |gpa: u64| base as u64 + gpa;
+        frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: at(DESC),
+                    used_ring_addr: at(USED),
+                    avail_ring_addr: at(AVAIL),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        frontend.set_vring_base(0, 0).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        frontend.set_vring_call(0, &call).unwrap();
+        frontend.set_vring_kick(0, &kick).unwrap();
+        RawFrontend {
+            frontend,
+            memfd,
+            base,
+            size,
+            kick,
+            _call: call,
+            next_desc: 0,
+            posted: 0,
+        }
+    }
+
+    /// The guest memory's file: what a hostile frontend can truncate under the device.
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    fn write_at<T: Copy>(&self, gpa: u64, v: T) {
+        assert!(gpa as usize + size_of::<T>() <= self.size);
+        // SAFETY: inside our mapping (checked); the device reads it concurrently, as a guest's
+        // memory is read.
+        unsafe { self.base.add(gpa as usize).cast::<T>().write_volatile(v) }
+    }
+
+    fn read_at<T: Copy>(&self, gpa: u64) -> T {
+        assert!(gpa as usize + size_of::<T>() <= self.size);
+        // SAFETY: as in `write_at`.
+        unsafe { self.base.add(gpa as usize).cast::<T>().read_volatile() }
+    }
+
+    /// Fills `len` bytes of guest memory at `gpa`.
+    pub fn fill(&self, gpa: u64, len: usize, byte: u8) {
+        assert!(gpa as usize + len <= self.size);
+        // SAFETY: inside our mapping (checked).
+        unsafe { std::ptr::write_bytes(self.base.add(gpa as usize), byte, len) }
+    }
+
+    fn desc(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
+        let i = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % QUEUE_SIZE;
+        let at = DESC + u64::from(i) * 16;
+        let next = (i + 1) % QUEUE_SIZE;
+        self.write_at(at, addr.to_le());
+        self.write_at(at + 8, len.to_le());
+        self.write_at(at + 12, flags.to_le());
+        self.write_at(at + 14, next.to_le());
+        i
+    }
+
+    /// Posts a READ of `segs` at `sector` (header and status added); returns the request's
+    /// number, for [`RawFrontend::status`].
+    pub fn read(&mut self, sector: u64, segs: &[Seg]) -> u16 {
+        let n = self.posted;
+        let header = HEADERS + u64::from(n % QUEUE_SIZE) * 16;
+        self.write_at(header, VIRTIO_BLK_T_IN.to_le());
+        self.write_at(header + 4, 0u32);
+        self.write_at(header + 8, sector.to_le());
+        let status = STATUS + u64::from(n % QUEUE_SIZE);
+        self.write_at(status, 0xffu8);
+        let head = self.desc(header, 16, F_NEXT);
+        for s in segs {
+            let flags = F_NEXT | if s.write { F_WRITE } else { 0 };
+            self.desc(s.addr, s.len, flags);
+        }
+        self.desc(status, 1, F_WRITE);
+        let slot = AVAIL + 4 + u64::from(n % QUEUE_SIZE) * 2;
+        self.write_at(slot, head.to_le());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.posted = n.wrapping_add(1);
+        self.write_at(AVAIL + 2, self.posted.to_le());
+        n
+    }
+
+    pub fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+
+    /// How many requests the device has completed.
+    pub fn used(&self) -> u16 {
+        u16::from_le(self.read_at(USED + 2))
+    }
+
+    /// Waits until `n` requests are complete; false if `timeout` passed first.
+    pub fn wait_used(&self, n: u16, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while self.used() < n {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// The status byte of request `n` (0xff until the device writes it).
+    pub fn status(&self, n: u16) -> u8 {
+        self.read_at(STATUS + u64::from(n % QUEUE_SIZE))
+    }
+
+    /// Whether the device still answers on the socket.
+    pub fn alive(&self) -> bool {
+        self.frontend.get_features().is_ok()
+    }
+}
+
+impl Drop for RawFrontend {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `connect`, of `size` bytes.
+        unsafe { libc::munmap(self.base.cast(), self.size) };
+    }
+}

@@ -1,0 +1,117 @@
+//! Hostile frontends: a frontend that builds its own descriptor chains (tests/src/frontend.rs)
+//! against the real daemon, with another disk of the same daemon serving a real client all
+//! along (safety.md promise 3: one guest cannot take memory or the daemon from the others).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use twinpath_client::{Client, ClientOptions};
+use twinpath_tests::frontend::{RawFrontend, Seg, DATA};
+use twinpath_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+/// The daemon's anonymous memory (heap, bounce buffers; not the guests' shared memory).
+fn rss_anon(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("RssAnon in /proc/PID/status")
+        * 1024
+}
+
+/// A daemon serving `victim` (an O_DIRECT file disk on a filesystem that wants aligned
+/// buffers, so odd guest addresses go through bounce buffers) and `other` (on tmpfs).
+fn two_disks(disk_dir: &Path, shm: &Path) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
+    let (victim, other) = (disk_dir.join("victim.img"), shm.join("other.img"));
+    make_image(&victim, 2 << 30);
+    // Written data: O_DIRECT reads of holes and unwritten extents take any buffer (the kernel
+    // zero-fills them), only reads of data insist on alignment.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .unwrap();
+        let chunk = pattern(7, MIB as usize);
+        for _ in 0..1024 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    make_image(&other, 16 * MIB);
+    let (vsock, osock) = (shm.join("victim.sock"), shm.join("other.sock"));
+    let cfg = format!(
+        "disks:\n{}      direct: true\n{}",
+        file_disk_yaml("victim", &vsock, &victim, ""),
+        file_disk_yaml("other", &osock, &other, "")
+    );
+    (Daemon::start(shm, &cfg), vsock, osock)
+}
+
+#[test]
+fn huge_aliased_misaligned_reads_cost_bounded_memory_and_other_disks_keep_serving() {
+    let disk_dir = tempfile::Builder::new()
+        .prefix("twinpath-hostile-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let shm = scratch();
+    let (daemon, vsock, osock) = two_disks(disk_dir.path(), shm.path());
+    let pid = daemon.pid();
+    let before = rss_anon(pid);
+
+    // Eight READs of 1 GiB each, every one made of 16 descriptors over the same 64 MiB of
+    // guest memory, at an odd address (O_DIRECT cannot take it: bounced).
+    let mut fe = RawFrontend::connect(&vsock, 64 * MIB as usize);
+    let seg = Seg {
+        addr: DATA + 1,
+        len: (64 * MIB - 4096) as u32,
+        write: true,
+    };
+    let n = 8u16;
+    let reqs: Vec<u16> = (0..n).map(|_| fe.read(0, &[seg; 16])).collect();
+    fe.kick();
+
+    let mut c = Client::connect(&osock, &ClientOptions::default()).unwrap();
+    let (mut peak, mut served) = (before, 0u32);
+    let started = Instant::now();
+    while fe.used() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the huge reads did not finish:\n{}",
+            daemon.log()
+        );
+        peak = peak.max(rss_anon(pid));
+        let block = pattern(u64::from(served), 4096);
+        c.write(0, u64::from(served % 64) * 4096, &block).unwrap();
+        assert_eq!(
+            c.read(0, u64::from(served % 64) * 4096, 4096).unwrap(),
+            block
+        );
+        served += 1;
+    }
+    peak = peak.max(rss_anon(pid));
+    eprintln!(
+        "{n} reads of ~1 GiB in {:?}; daemon RssAnon {} -> peak {} KiB; the other disk did \
+         {served} write+read pairs meanwhile",
+        started.elapsed(),
+        before / 1024,
+        peak / 1024
+    );
+    for r in reqs {
+        assert_eq!(fe.status(r), 0, "request {r}:\n{}", daemon.log());
+    }
+    assert!(
+        daemon.log().contains("bounce buffer"),
+        "the reads were not bounced:\n{}",
+        daemon.log()
+    );
+    assert!(
+        peak - before < 128 * MIB,
+        "daemon grew by {} MiB",
+        (peak - before) / MIB
+    );
+    assert!(served > 0);
+}

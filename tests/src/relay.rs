@@ -138,3 +138,65 @@ fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, cut: Ar
         }
     });
 }
+
+/// A relay whose `cut_server_side` closes the connection towards the map server (which sees
+/// the host gone) while the host's side stays open and silent (the host sees nothing: a
+/// partition where only the server's end noticed, e.g. its keepalive or an RST on its side).
+pub struct HalfCutRelay {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    servers: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl HalfCutRelay {
+    pub fn start(target: std::net::SocketAddr) -> HalfCutRelay {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let servers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c2, s2) = (cut.clone(), servers.clone());
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(client) = client else { continue };
+                if c2.load(Ordering::Relaxed) {
+                    // After the cut, new connections go nowhere (held open, silent).
+                    std::mem::forget(client);
+                    continue;
+                }
+                let server = TcpStream::connect(target).unwrap();
+                s2.lock().unwrap().push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    let cut = c2.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || cut.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        // Keep the host's end open: leak it.
+                        std::mem::forget(from);
+                        std::mem::forget(to);
+                    });
+                }
+                std::mem::forget(client);
+            }
+        });
+        HalfCutRelay { port, cut, servers }
+    }
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    pub fn cut_server_side(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        for s in self.servers.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}

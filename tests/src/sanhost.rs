@@ -7,6 +7,7 @@ use twinpath_filemap::file_extents;
 
 use crate::fileserver::FileServer;
 use crate::iscsi::Tgtd;
+use crate::relay::HalfCutRelay;
 use crate::samba::free_port;
 use crate::{sample, scrape, Client, ClientOptions, Daemon};
 
@@ -30,7 +31,43 @@ pub struct Host {
     _target: Option<Tgtd>,
 }
 
+/// Stops `fs`'s map server and starts one with `lease_time` that fences on `fence_url` (a
+/// tgtd's URL, or a relay's in front of it); waits until it holds the reservation. Returns it
+/// and its config.
+pub fn fencing_map_server(
+    fs: &mut FileServer,
+    fence_url: &str,
+    lease_time: &str,
+) -> (Daemon, String) {
+    if let Some(map) = fs.map.take() {
+        assert!(map.stop().success());
+    }
+    let config = fs.map_config(
+        &fs.lun.mount_point(),
+        &[],
+        &format!("lease_time: {lease_time}\nfence:\n  lun: \"{fence_url}\"\n"),
+    );
+    let mut map = Daemon::start_map_server(fs.dir.path(), &config);
+    map.wait_for_log("fencing with SCSI-3", std::time::Duration::from_secs(5));
+    (map, config)
+}
+
 impl Host {
+    /// `test-host` serving `vm.raw`, its map connection through a relay that can be cut on
+    /// the server's side only (the host hears nothing: a partition).
+    pub fn partitionable(fs: &FileServer, lun: Lun) -> (Host, HalfCutRelay) {
+        let relay = HalfCutRelay::start(fs.map_addr.parse().unwrap());
+        let host = Host::start_as(
+            fs,
+            "test-host",
+            lun,
+            "vm.raw",
+            &relay.addr(),
+            "map_timeout: 1s",
+        );
+        (host, relay)
+    }
+
     pub fn start(fs: &FileServer, image: &str, map_addr: &str, extra: &str) -> Host {
         Host::start_on(fs, Lun::Device, image, map_addr, extra)
     }

@@ -1,7 +1,7 @@
 //! Attacks on fencing (review of f39e110): real tgtd, real map server with `fence:`.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,72 +9,10 @@ use std::time::{Duration, Instant};
 use twinpath_tests::fileserver::FileServer;
 use twinpath_tests::iscsi::Tgtd;
 use twinpath_tests::lun::Fs;
-use twinpath_tests::sanhost::{registered, xflags, Host, Lun};
+use twinpath_tests::sanhost::{fencing_map_server, registered, xflags, Host, Lun};
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
-
-/// A relay whose `cut_server_side` closes the connection towards the map server (which sees
-/// the host gone) while the host's side stays open and silent (the host sees nothing: a
-/// partition where only the server's end noticed, e.g. its keepalive or an RST on its side).
-struct HalfCutRelay {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    servers: Arc<std::sync::Mutex<Vec<TcpStream>>>,
-}
-
-impl HalfCutRelay {
-    fn start(target: std::net::SocketAddr) -> HalfCutRelay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let servers = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (c2, s2) = (cut.clone(), servers.clone());
-        std::thread::spawn(move || {
-            for client in l.incoming() {
-                let Ok(client) = client else { continue };
-                if c2.load(Ordering::Relaxed) {
-                    // After the cut, new connections go nowhere (held open, silent).
-                    std::mem::forget(client);
-                    continue;
-                }
-                let server = TcpStream::connect(target).unwrap();
-                s2.lock().unwrap().push(server.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
-                ] {
-                    let cut = c2.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 65536];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || cut.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        // Keep the host's end open: leak it.
-                        std::mem::forget(from);
-                        std::mem::forget(to);
-                    });
-                }
-                std::mem::forget(client);
-            }
-        });
-        HalfCutRelay { port, cut, servers }
-    }
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-    fn cut_server_side(&self) {
-        self.cut.store(true, Ordering::Relaxed);
-        for s in self.servers.lock().unwrap().iter() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
 
 // tgtd has no PREEMPT AND ABORT: a write it accepted from the host before the preemption
 // may still land. The server used to free the host's leases at once all the same; xfs_fsr
@@ -101,25 +39,9 @@ fn fenced_reads(flush: bool) {
     let original: Vec<u8> = (0..32u64).flat_map(|i| pattern(i, MIB as usize)).collect();
     std::fs::write(&img, &original).unwrap();
 
-    assert!(fs.map.take().unwrap().stop().success());
     let target = Tgtd::start(fs.lun.device(), false, fs.dir.path());
-    let config = fs.map_config(
-        &mnt,
-        &[],
-        &format!("lease_time: 30s\nfence:\n  lun: \"{}\"\n", target.url()),
-    );
-    let mut map = Daemon::start_map_server(fs.dir.path(), &config);
-    map.wait_for_log("fencing with SCSI-3", Duration::from_secs(5));
-
-    let relay = HalfCutRelay::start(fs.map_addr.parse().unwrap());
-    let a = Host::start_as(
-        &fs,
-        "test-host",
-        Lun::Target(&target),
-        "vm.raw",
-        &relay.addr(),
-        "map_timeout: 1s",
-    );
+    let (mut map, _) = fencing_map_server(&mut fs, &target.url(), "30s");
+    let (a, relay) = Host::partitionable(&fs, Lun::Target(&target));
     let mut c = a.client();
     // Read the whole image twice: grants for all of it.
     for _ in 0..2 {
@@ -197,16 +119,8 @@ fn fenced_reads(flush: bool) {
 #[test]
 fn a_fencing_map_server_comes_back_after_a_crash() {
     let mut fs = FileServer::start(512 * MIB, Fs::Xfs, true, "");
-    let mnt = fs.lun.mount_point();
-    assert!(fs.map.take().unwrap().stop().success());
     let target = Tgtd::start(fs.lun.device(), false, fs.dir.path());
-    let config = fs.map_config(
-        &mnt,
-        &[],
-        &format!("lease_time: 3s\nfence:\n  lun: \"{}\"\n", target.url()),
-    );
-    let mut map = Daemon::start_map_server(fs.dir.path(), &config);
-    map.wait_for_log("fencing with SCSI-3", Duration::from_secs(5));
+    let (map, config) = fencing_map_server(&mut fs, &target.url(), "3s");
     signal(map.pid(), libc::SIGKILL);
     let _ = map.wait_exit(Duration::from_secs(5));
     let dir2 = fs.dir.path().join("second");
@@ -236,5 +150,105 @@ fn a_fencing_map_server_comes_back_after_a_crash() {
     assert!(
         log.contains("fencing with SCSI-3"),
         "the restarted map server did not come back:\n{log}"
+    );
+}
+
+/// An iSCSI relay (map server -> tgtd) that holds the first SYNCHRONIZE CACHE it sees for
+/// `stall` (a slow cache flush on the target), everything after it waiting behind.
+fn slow_flush_relay(target_port: u16, stall: Duration) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let stalled = Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut t = TcpStream::connect(("127.0.0.1", target_port)).unwrap();
+            let (mut c2, mut t2) = (c.try_clone().unwrap(), t.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut t2, &mut c2);
+            });
+            let stalled = stalled.clone();
+            std::thread::spawn(move || loop {
+                let mut bhs = [0u8; 48];
+                if c.read_exact(&mut bhs).is_err() {
+                    return;
+                }
+                let ahs = bhs[4] as usize * 4;
+                let dlen = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+                let mut rest = vec![0u8; ahs + dlen.div_ceil(4) * 4];
+                if c.read_exact(&mut rest).is_err() {
+                    return;
+                }
+                if bhs[0] & 0x3f == 0x01
+                    && (bhs[32] == 0x35 || bhs[32] == 0x91)
+                    && !stalled.swap(true, Ordering::SeqCst)
+                {
+                    eprintln!("relay: holding SYNCHRONIZE CACHE for {stall:?}");
+                    std::thread::sleep(stall);
+                }
+                if t.write_all(&bhs).is_err() || t.write_all(&rest).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    port
+}
+
+// (Found by review of 817f324.) The PREEMPT takes effect but the target's flush outlasts the
+// fencing timeout; the next sweep found the host's key gone and took that as "its commands
+// were aborted": the leases went at once, on a target that cannot abort.
+#[test]
+fn a_preemption_whose_flush_times_out_still_waits_the_leases_out_on_tgtd() {
+    let mut fs = FileServer::start(512 * MIB, Fs::Xfs, true, "");
+    let mnt = fs.lun.mount_point();
+    let img = mnt.join("vm.raw");
+    let original = pattern(1, 32 * MIB as usize);
+    std::fs::write(&img, &original).unwrap();
+    assert!(fs.map.take().unwrap().stop().success());
+    let target = Tgtd::start(fs.lun.device(), false, fs.dir.path());
+    let tport: u16 = target
+        .url()
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rport = slow_flush_relay(tport, Duration::from_secs(7));
+    let url = target
+        .url()
+        .replace(&format!(":{tport}/"), &format!(":{rport}/"));
+    let (map, _) = fencing_map_server(&mut fs, &url, "30s");
+    let (a, relay) = Host::partitionable(&fs, Lun::Target(&target));
+    let mut c = a.client();
+    c.write(0, 0, &original[..MIB as usize]).unwrap();
+    assert!(a.done("direct", "write") >= 1.0, "{}", a.daemon.log());
+    assert!(xflags(&img).contains("no-defrag"));
+    let a_key = twinpath_mapproto::fence_key("test-host");
+    assert!(registered(&target).contains(&a_key));
+
+    relay.cut_server_side();
+    let cut = Instant::now();
+    let mut flag_gone = None;
+    while cut.elapsed() < Duration::from_secs(15) {
+        if flag_gone.is_none() && !xflags(&img).contains("no-defrag") {
+            flag_gone = Some(cut.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = map.log();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("LUN") || l.contains("lease"))
+    {
+        eprintln!("{l}");
+    }
+    eprintln!("no-defrag flag (leases) gone {flag_gone:?} after the cut; hold is 34 s");
+    assert!(
+        !log.contains("host fenced on the LUN"),
+        "tgtd cannot abort, yet the host's leases were freed at once (flag gone {flag_gone:?} after the cut)"
     );
 }

@@ -11,7 +11,9 @@ use twinpath_tests::fileserver::FileServer;
 use twinpath_tests::iscsi::Tgtd;
 use twinpath_tests::lun::Fs;
 use twinpath_tests::relay::LatencyRelay;
-use twinpath_tests::sanhost::{extents, overlap, registered, xflags, Host, Lun};
+use twinpath_tests::sanhost::{
+    extents, fencing_map_server, overlap, registered, xflags, Host, Lun,
+};
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -460,15 +462,8 @@ fn a_host_cut_off_is_fenced_on_the_lun_and_another_host_writes_directly() {
     let mut expect = pattern(1, 128 * MIB as usize);
     std::fs::write(mnt.join("vm.raw"), &expect).unwrap();
     // The map server again, now fencing on the LUN through tgtd.
-    assert!(fs.map.take().unwrap().stop().success());
     let target = Tgtd::start(fs.lun.device(), false, fs.dir.path());
-    let config = fs.map_config(
-        &mnt,
-        &[],
-        &format!("lease_time: 3s\nfence:\n  lun: \"{}\"\n", target.url()),
-    );
-    let mut map = Daemon::start_map_server(fs.dir.path(), &config);
-    map.wait_for_log("fencing with SCSI-3", Duration::from_secs(5));
+    let (map, _) = fencing_map_server(&mut fs, &target.url(), "3s");
 
     // Host A writes window 0 through a relay that will go silent.
     let relay = LatencyRelay::start(fs.map_addr.parse().unwrap(), Duration::ZERO);

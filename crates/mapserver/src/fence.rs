@@ -41,8 +41,8 @@ enum Lun {
 /// What a fencing achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fenced {
-    /// The host's registration is gone and its commands in the target were aborted (or it
-    /// was not registered at all): nothing of it can reach the LUN any more.
+    /// The host's registration is gone and its commands in the target were aborted, by
+    /// this very preemption: nothing of it can reach the LUN any more.
     Aborted,
     /// The host's registration is gone, but the target could not abort its commands: those
     /// it had accepted may still complete.
@@ -167,8 +167,8 @@ impl Fencer {
     /// Removes `host`'s registration and, where the target can, aborts its commands still
     /// in it: its direct writes fail from now on. Then flushes the LUN's cache, so that
     /// every write the host had acknowledged is durable (the host, fenced, can no longer
-    /// flush: it counts on this). Done too when the host was not registered (it could not
-    /// write under the reservation anyway).
+    /// flush: it counts on this). Done too when the host is not registered any more, which
+    /// counts as [`Fenced::Preempted`].
     pub async fn fence(&self, host: &str) -> Result<Fenced, String> {
         let victim = fence_key(host);
         let fenced = async {
@@ -189,8 +189,12 @@ impl Fencer {
 
     async fn preempt_iscsi(&self, session: &Session, victim: u64) -> Result<Fenced, String> {
         let keys = session.pr_read_keys().await.map_err(|e| e.to_string())?;
-        let mut fenced = Fenced::Aborted;
+        // A key already gone may have been preempted by an attempt of ours that did not
+        // finish (its flush timed out) or that could not abort: nothing says the host's
+        // commands were aborted, so it counts as preempted only.
+        let mut fenced = Fenced::Preempted;
         if keys.contains(&victim) {
+            fenced = Fenced::Aborted;
             let aborted = session.pr_preempt(self.key, victim, true).await;
             match aborted {
                 Ok(()) => {}

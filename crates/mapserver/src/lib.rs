@@ -17,6 +17,7 @@ mod leases;
 mod maps;
 mod metrics;
 mod nodefrag;
+mod record;
 mod volume;
 mod watch;
 
@@ -110,6 +111,13 @@ struct State {
     /// Leased files kept from `xfs_fsr`; `None` on filesystems without the flag.
     nodefrag: Option<std::sync::Mutex<nodefrag::NoDefrag>>,
     metrics: Metrics,
+    /// What the next run must know of this run's leases.
+    record: record::LeaseRecord,
+    /// Whether the record says this run has leases out (written once, before the first
+    /// grant).
+    recorded: tokio::sync::OnceCell<()>,
+    /// Until when this run answers no maps: leases of an earlier run may still be in use.
+    grace_until: Option<std::time::Instant>,
 }
 
 impl State {
@@ -126,6 +134,25 @@ impl State {
         }
         if let Some(n) = &self.nodefrag {
             lock(n).unpin(inode);
+        }
+    }
+}
+
+/// Records a clean stop: see [`MapServer::stopper`].
+pub struct Stopper(Arc<State>);
+
+impl Stopper {
+    pub fn stopped(&self) {
+        let state = &self.0;
+        if state.recorded.get().is_none() {
+            // Nothing was granted in this run: the record is as the earlier run left it.
+            return;
+        }
+        let held = lock(&state.leases).counts() != (0, 0);
+        let hold = lock(&state.leases).hold;
+        match state.record.stopped(held, hold) {
+            Ok(()) => tracing::info!(leases_held = held, "lease record written"),
+            Err(e) => tracing::warn!("lease record: {e}"),
         }
     }
 }
@@ -160,15 +187,27 @@ impl MapServer {
         let export = Export::new(&cfg.export)
             .map_err(|e| format!("export {}: {e}", cfg.export.display()))?;
         let root = export.root().to_path_buf();
-        let (identity, fill, internal) = tokio::task::spawn_blocking(move || {
+        let hold = hold(cfg.lease_time);
+        let (identity, fill, internal, record, grace) = tokio::task::spawn_blocking(move || {
             let (identity, token) = volume::identify(&root)?;
             let fill = Filler::new(&root)?;
-            let mut internal = vec![token];
+            let record = record::LeaseRecord::new(&root);
+            let grace = record.grace(hold);
+            let (dev, ino) = record.create()?;
+            let mut internal = vec![token, Inode { dev, ino }];
             internal.extend(fill.zero_file_id().map(|(dev, ino)| Inode { dev, ino }));
-            Ok::<_, String>((identity, fill, internal))
+            Ok::<_, String>((identity, fill, internal, record, grace))
         })
         .await
         .map_err(|e| e.to_string())??;
+        if !grace.is_zero() {
+            tracing::warn!(
+                ?grace,
+                "an earlier run of this map server may have left leases in use (it did not \
+                 stop cleanly, or hosts held leases when it stopped): no maps until they have \
+                 run out"
+            );
+        }
         let xfs = identity.fs_type == "xfs";
         let watcher = match watch::Watcher::new() {
             Ok(w) => Some(w),
@@ -216,8 +255,7 @@ impl MapServer {
             None => {
                 tracing::info!(
                     "no fencing configured: the leases of a lost or silent host are waited out \
-                     ({:?}) before its blocks go to anyone else",
-                    hold(cfg.lease_time)
+                     ({hold:?}) before its blocks go to anyone else"
                 );
                 None
             }
@@ -238,12 +276,21 @@ impl MapServer {
                 fill: Arc::new(fill),
                 identity,
                 internal,
-                leases: std::sync::Mutex::new(Leases::new(hold(cfg.lease_time))),
+                leases: std::sync::Mutex::new(Leases::new(hold)),
                 watcher,
                 nodefrag: xfs.then(Default::default),
                 metrics: Metrics::default(),
+                record,
+                recorded: tokio::sync::OnceCell::new(),
+                grace_until: (!grace.is_zero()).then(|| std::time::Instant::now() + grace),
             }),
         })
+    }
+
+    /// What to call when the server stops cleanly (after `serve` was dropped): records
+    /// whether leases were still out, for the next run.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.state.clone())
     }
 
     /// Serves hosts until the task is dropped.
@@ -635,6 +682,24 @@ async fn get_map(
     write: bool,
     respond: &Respond,
 ) -> Result<Option<Reply>, Refusal> {
+    if let Some(until) = state.grace_until {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if !left.is_zero() {
+            return Err(Refusal::new(
+                "grace",
+                format!("leases of the map server's earlier run may be in use for {left:?} more"),
+            ));
+        }
+    }
+    // Durably on record before any grant of this run goes out.
+    state
+        .recorded
+        .get_or_try_init(|| {
+            let s = state.clone();
+            blocking(move || s.record.outstanding())
+        })
+        .await
+        .map_err(|e| Refusal::new("io", format!("lease record: {e}")))?;
     let opened = {
         let (s, h, rel) = (state.clone(), host.clone(), path.clone());
         tokio::task::spawn_blocking(move || s.export.open(&rel, h.paths.as_deref(), write))

@@ -34,11 +34,13 @@ pub fn run(config: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         };
         tracing::info!("ready: map server on {}", server.local_addr);
+        let stopper = server.stopper();
         tokio::select! {
             () = server.serve() => {}
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
         }
+        stopper.stopped();
         ExitCode::SUCCESS
     })
 }

@@ -1,9 +1,13 @@
 //! The executor against a map server scripted here (real protocol, on loopback) and a LUN in
 //! memory that checks every device operation against the server's book, as it is issued and,
-//! for writes, as it lands: the unit-level proof, without root, smbd or a loop device, that direct I/O
-//! happens only under a lease the server still counts as this host's (safety.md promise 2),
-//! and that a slow or silent map server costs a request at most the map timeout (promise 4).
-//! The guest's network path is the server writing its file, which lies on the same LUN.
+//! for writes, as it lands: it must lie in the extent of a lease the server still counts as
+//! this host's (the image moves on the LUN whenever nothing is leased, so an operation under
+//! a lease returned earlier lands outside every live lease). The unit-level proof, without
+//! root, smbd or a loop device, that direct I/O happens only under a valid grant (safety.md
+//! promise 2), and that a slow or silent map server costs a request at most the map timeout
+//! (promise 4). The guest's network path is the server writing its file, on the same LUN.
+//! Not covered here: several windows (the image is smaller than one), and a LUN that refuses
+//! (reservation conflicts): `tests/tests/fence_attacks.rs` has those against tgtd.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicUsize;
@@ -18,20 +22,31 @@ use twinpath_mapproto::{Frame, HostKeys, Key, MapGrant, VolumeIdentity};
 use super::*;
 use crate::volume::Volume;
 
-/// Where the image starts on the LUN; the bytes before it belong to someone else.
+/// Where the image's places start on the LUN; the bytes before belong to someone else.
 const BASE: u64 = 1 << 20;
 /// Large enough that one request of all of it has device sections waiting for others.
 const FILE: u64 = 32 << 20;
-const LUN: u64 = BASE + FILE;
+/// The image moves between this many places on the LUN (see [`Server::grant`]).
+const PLACES: u64 = 3;
+const LUN: u64 = BASE + PLACES * FILE;
 const LEASE_TIME: Duration = Duration::from_secs(1);
 const MAP_TIMEOUT: Duration = Duration::from_millis(300);
 const HOST: &str = "host-a";
 
-/// What the server holds true, and what the LUN found against it.
-#[derive(Default)]
+/// A live lease: its access, and where on the LUN the image was when it was granted.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    write: bool,
+    base: u64,
+}
+
+/// What the server holds true (the LUN's bytes among it), and what the LUN found against it.
 struct Book {
-    /// Live leases: whether each is a write lease.
-    leases: HashMap<u64, bool>,
+    /// The whole LUN.
+    data: Vec<u8>,
+    /// Where the image is now.
+    current: u64,
+    leases: HashMap<u64, Held>,
     /// Leases recalled and not yet returned: no new map is answered until they are back, so
     /// a device operation after a return and before the next grant has no lease at all.
     recalled: HashSet<u64>,
@@ -50,8 +65,33 @@ struct Book {
 }
 
 impl Book {
-    fn lease_valid(&self, write: bool, now: Duration) -> bool {
-        now <= self.heard + LEASE_TIME && self.leases.values().any(|&w| w || !write)
+    fn new() -> Book {
+        Book {
+            data: vec![0xee; LUN as usize],
+            current: BASE,
+            leases: HashMap::new(),
+            recalled: HashSet::new(),
+            next_lease: 0,
+            heard: Duration::ZERO,
+            silent: false,
+            maps_unanswered: false,
+            violations: Vec::new(),
+            checked: 0,
+        }
+    }
+
+    /// The live leases that cover `[physical, physical + len)` with the access asked.
+    fn covering(&self, physical: u64, len: u64, write: bool) -> Vec<u64> {
+        self.leases
+            .iter()
+            .filter(|(_, h)| h.write || !write)
+            .filter(|(_, h)| h.base <= physical && physical + len <= h.base + FILE)
+            .map(|(&l, _)| l)
+            .collect()
+    }
+
+    fn file(&self) -> &[u8] {
+        &self.data[self.current as usize..(self.current + FILE) as usize]
     }
 }
 
@@ -67,7 +107,7 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = Arc::new(Server {
             addr: listener.local_addr().unwrap().to_string(),
-            book: Arc::default(),
+            book: Arc::new(Mutex::new(Book::new())),
             to_host: Mutex::default(),
         });
         let keys = Arc::new(HostKeys::new(vec![(HOST.into(), key.clone())]).unwrap());
@@ -157,9 +197,20 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let mut b = lock(book);
+        if b.leases.is_empty() {
+            // Nothing leased: the image moves (as a defragmenter would move it), so that a
+            // device operation under a lease returned earlier lands outside every live
+            // lease's extent and is told apart from one under the new lease.
+            let from = b.current as usize;
+            let to = BASE + ((b.current - BASE) / FILE + 1) % PLACES * FILE;
+            b.data.copy_within(from..from + FILE as usize, to as usize);
+            b.data[from..from + FILE as usize].fill(0xdd);
+            b.current = to;
+        }
         b.next_lease += 1;
         let lease = b.next_lease;
-        b.leases.insert(lease, write);
+        let base = b.current;
+        b.leases.insert(lease, Held { write, base });
         let access = if write {
             Access::ReadWrite
         } else {
@@ -172,7 +223,7 @@ impl Server {
                 logical: offset,
                 len: FILE - offset,
                 kind: SpanKind::Data {
-                    physical: BASE + offset,
+                    physical: base + offset,
                 },
                 access,
             }],
@@ -208,9 +259,8 @@ impl Server {
     }
 }
 
-/// The shared volume in memory: the image at [`BASE`], another tenant's bytes before it.
+/// The shared volume in memory (its bytes in the server's book).
 struct MemLun {
-    data: Mutex<Vec<u8>>,
     book: Arc<Mutex<Book>>,
     /// Device operations wait while this is false (a stalled path).
     open: watch::Sender<bool>,
@@ -223,7 +273,6 @@ struct MemLun {
 impl MemLun {
     fn new(book: Arc<Mutex<Book>>) -> Arc<MemLun> {
         Arc::new(MemLun {
-            data: Mutex::new(vec![0xee; LUN as usize]),
             book,
             open: watch::channel(true).0,
             busy: AtomicUsize::new(0),
@@ -236,23 +285,17 @@ impl MemLun {
         let now = clock::now();
         let mut b = lock(&self.book);
         b.checked += 1;
-        if physical < BASE || physical + len as u64 > LUN {
-            b.violations
-                .push(format!("{what} at {physical}+{len}: outside the image"));
-        } else if !b.lease_valid(write, now) {
+        let covering = b.covering(physical, len as u64, write);
+        if covering.is_empty() || now > b.heard + LEASE_TIME {
             let why = format!(
                 "{what} at {physical}+{len}, {:?} after the server last heard the host, \
-                 leases {:?}",
+                 under none of the live leases {:?}",
                 now.saturating_sub(b.heard),
                 b.leases
             );
             b.violations.push(why);
         }
-        b.leases
-            .iter()
-            .filter(|(_, &w)| w || !write)
-            .map(|(&l, _)| l)
-            .collect()
+        covering
     }
 
     async fn device(&self, physical: u64, bufs: &GuestBuffers, write: bool) {
@@ -269,12 +312,11 @@ impl MemLun {
             tokio::time::sleep(Duration::from_micros(latency)).await;
         }
         let at = physical as usize;
-        let mut data = lock(&self.data);
+        let mut b = lock(&self.book);
         if write {
-            bufs.copy_to_slice(0, &mut data[at..at + bufs.len()]);
+            bufs.copy_to_slice(0, &mut b.data[at..at + bufs.len()]);
             // Landing counts too: a write still in the device when the lease it was issued
             // under went back could overwrite what the server wrote next.
-            let mut b = lock(&self.book);
             if !allowed.iter().any(|l| b.leases.contains_key(l)) {
                 let why = format!(
                     "write at {physical}+{} landed after its leases {allowed:?} went back",
@@ -283,14 +325,15 @@ impl MemLun {
                 b.violations.push(why);
             }
         } else {
-            bufs.copy_from_slice(0, &data[at..at + bufs.len()]);
+            bufs.copy_from_slice(0, &b.data[at..at + bufs.len()]);
         }
+        drop(b);
         self.busy.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// The file as the server reads it.
     fn file(&self) -> Vec<u8> {
-        lock(&self.data)[BASE as usize..].to_vec()
+        lock(&self.book).file().to_vec()
     }
 }
 
@@ -327,7 +370,7 @@ impl Volume for MemVolume {
     }
 
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
-        Ok(lock(&self.0.data)[offset as usize..offset as usize + len].to_vec())
+        Ok(lock(&self.0.book).data[offset as usize..offset as usize + len].to_vec())
     }
 
     fn io(&self, _read_only: bool) -> Result<Arc<dyn BlockBackend>, String> {
@@ -398,12 +441,12 @@ impl Rig {
             Ok(Outcome::Done) => Took::Direct,
             Ok(Outcome::Network) | Err(_) => {
                 d.before_network(offset, len as u64, is_write).await;
-                let at = (BASE + offset) as usize;
-                let mut lun = lock(&self.lun.data);
+                let mut b = lock(&self.lun.book);
+                let at = (b.current + offset) as usize;
                 if is_write {
-                    lun[at..at + len].copy_from_slice(&data);
+                    b.data[at..at + len].copy_from_slice(&data);
                 } else {
-                    lock(&mem).copy_from_slice(&lun[at..at + len]);
+                    lock(&mem).copy_from_slice(&b.data[at..at + len]);
                 }
                 Took::Network
             }
@@ -586,4 +629,35 @@ async fn a_request_outliving_its_lease_issues_nothing_after_the_lease_ran_out() 
     assert_eq!(rig.violations(), Vec::<String>::new());
     assert_eq!(took, Took::Network);
     assert!(rig.lun.file() == *lock(&rig.model), "image differs");
+}
+
+/// The checker itself: a write into the place a returned lease covered is flagged, though
+/// another write lease (elsewhere) lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_flags_a_write_under_a_returned_lease_while_another_lives() {
+    let rig = Rig::start().await;
+    {
+        let mut b = lock(&rig.server.book);
+        b.heard = clock::now();
+        let old = BASE + FILE;
+        b.leases.insert(
+            100,
+            Held {
+                write: true,
+                base: old,
+            },
+        );
+        b.leases.insert(
+            101,
+            Held {
+                write: true,
+                base: BASE,
+            },
+        );
+        b.leases.remove(&100);
+    }
+    let (bufs, _mem) = GuestBuffers::from_vec(vec![0xab; 65536]);
+    rig.lun.write(BASE + FILE, bufs).await.unwrap();
+    let v = rig.violations();
+    assert!(v.first().is_some_and(|v| v.contains("under none")), "{v:?}");
 }

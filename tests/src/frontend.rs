@@ -160,13 +160,19 @@ impl RawFrontend {
     /// Posts a READ of `segs` at `sector` (header and status added); returns the request's
     /// number, for [`RawFrontend::status`].
     pub fn read(&mut self, sector: u64, segs: &[Seg]) -> u16 {
+        let status = STATUS + u64::from(self.posted % QUEUE_SIZE);
+        self.write_at(status, 0xffu8);
+        self.read_with_status(sector, segs, status)
+    }
+
+    /// [`RawFrontend::read`] with the status byte at guest address `status` (which this
+    /// frontend does not touch: it may lie outside its memory).
+    pub fn read_with_status(&mut self, sector: u64, segs: &[Seg], status: u64) -> u16 {
         let n = self.posted;
         let header = HEADERS + u64::from(n % QUEUE_SIZE) * 16;
         self.write_at(header, VIRTIO_BLK_T_IN.to_le());
         self.write_at(header + 4, 0u32);
         self.write_at(header + 8, sector.to_le());
-        let status = STATUS + u64::from(n % QUEUE_SIZE);
-        self.write_at(status, 0xffu8);
         let head = self.desc(header, 16, F_NEXT);
         for s in segs {
             let flags = F_NEXT | if s.write { F_WRITE } else { 0 };

@@ -115,3 +115,71 @@ fn huge_aliased_misaligned_reads_cost_bounded_memory_and_other_disks_keep_servin
     );
     assert!(served > 0);
 }
+
+/// A frontend that shrinks its guest memory after handing it over, then points a request's
+/// data and status byte past the new end: the device's next touch there raised SIGBUS and
+/// killed the daemon with every disk in it. Now only that connection ends.
+#[test]
+fn a_frontend_shrinking_its_memory_loses_its_connection_not_the_daemon() {
+    let shm = scratch();
+    let (victim, other) = (shm.path().join("victim.img"), shm.path().join("other.img"));
+    make_image(&victim, 16 * MIB);
+    make_image(&other, 16 * MIB);
+    let (vsock, osock) = (
+        shm.path().join("victim.sock"),
+        shm.path().join("other.sock"),
+    );
+    let cfg = format!(
+        "disks:\n{}{}",
+        file_disk_yaml("victim", &vsock, &victim, ""),
+        file_disk_yaml("other", &osock, &other, "")
+    );
+    let mut daemon = Daemon::start(shm.path(), &cfg);
+
+    let mut fe = RawFrontend::connect(&vsock, MIB as usize);
+    let first = fe.read(
+        0,
+        &[Seg {
+            addr: DATA,
+            len: 4096,
+            write: true,
+        }],
+    );
+    fe.kick();
+    assert!(fe.wait_used(1, Duration::from_secs(10)));
+    assert_eq!(fe.status(first), 0);
+
+    // Everything from the data area on goes away under the device.
+    fe.memfd().set_len(DATA).unwrap();
+    fe.read_with_status(
+        0,
+        &[Seg {
+            addr: DATA,
+            len: 4096,
+            write: true,
+        }],
+        DATA + 8192,
+    );
+    fe.kick();
+    daemon.wait_for_log("shrank guest memory", Duration::from_secs(10));
+    assert!(daemon.is_running(), "the daemon died:\n{}", daemon.log());
+    let t = Instant::now();
+    while fe.alive() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "connection kept:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(fe);
+
+    // The other disk, and the victim's disk for its next frontend, serve on.
+    for sock in [&osock, &vsock] {
+        let mut c = Client::connect(sock, &ClientOptions::default()).unwrap();
+        let block = pattern(5, 4096);
+        c.write(0, 4096, &block).unwrap();
+        assert_eq!(c.read(0, 4096, 4096).unwrap(), block);
+    }
+    assert!(daemon.stop().success());
+}

@@ -23,7 +23,9 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -36,6 +38,7 @@ use crate::lock;
 use crate::request::{
     self, Limits, Request, RequestKind, StatusByte, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
+use crate::sigbus::Watched;
 
 type Mem = GuestMemoryMmap<()>;
 type RequestFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -110,6 +113,10 @@ struct Inner {
     writeback: AtomicBool,
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
     queues: Vec<Queue>,
+    /// The guest mappings of this connection, watched for a frontend shrinking them.
+    watched: Mutex<Vec<Watched>>,
+    /// Ends this connection (set once it is up).
+    hang_up: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
 }
 
 /// The device state of one frontend connection.
@@ -142,6 +149,8 @@ impl BlkDevice {
             writeback: AtomicBool::new(writeback),
             mem: RwLock::new(None),
             queues,
+            watched: Mutex::default(),
+            hang_up: Mutex::default(),
         })))
     }
 
@@ -154,6 +163,26 @@ impl BlkDevice {
     pub fn completion_fd(&self, index: usize) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.0.queues[index].notify.eventfd.as_raw_fd()
+    }
+
+    /// How to end this connection, for a frontend that breaks the rules.
+    pub fn set_hang_up(&self, handle: Option<vhost_user_backend::ShutdownHandle>) {
+        *lock(&self.0.hang_up) = handle;
+    }
+
+    /// Ends the connection if its frontend shrank guest memory under the device (the
+    /// accesses that hit it completed on pages of zeros).
+    fn hang_up_if_poisoned(&self) {
+        if !lock(&self.0.watched).iter().any(Watched::poisoned) {
+            return;
+        }
+        if let Some(h) = lock(&self.0.hang_up).take() {
+            tracing::error!(
+                disk = %self.0.disk.name(),
+                "the frontend shrank guest memory it had handed over: closing its connection"
+            );
+            h.shutdown();
+        }
     }
 
     /// Requests of this connection still running.
@@ -261,6 +290,7 @@ impl BlkDevice {
         }
         drop(inflight);
 
+        self.hang_up_if_poisoned();
         if used.is_empty() {
             return Ok(());
         }
@@ -470,6 +500,27 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        let mut watched = Vec::new();
+        for region in mem.memory().iter() {
+            let len = region.len() as usize;
+            // A region larger than its file faults as soon as the device touches its end.
+            if let Some(f) = region.file_offset() {
+                let size = f.file().metadata()?.len();
+                if f.start()
+                    .checked_add(len as u64)
+                    .is_none_or(|end| end > size)
+                {
+                    return Err(io::Error::other(format!(
+                        "guest memory region at {:#x} of {len} bytes lies past the end of its \
+                         file ({size} bytes from offset {})",
+                        region.start_addr().0,
+                        f.start()
+                    )));
+                }
+            }
+            watched.push(crate::sigbus::watch(region.as_ptr(), len));
+        }
+        *lock(&self.0.watched) = watched;
         *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }

@@ -2,13 +2,16 @@
 //!
 //! - [`request`]: parsing and checking descriptor chains from an untrusted guest;
 //! - [`device`]: the per-connection device (queues, executor, config space);
-//! - [`server`]: the socket, reconnects and graceful shutdown of one disk.
+//! - [`server`]: the socket, reconnects and graceful shutdown of one disk;
+//! - `sigbus`: guest memory shrunk under the device costs its frontend's connection, not
+//!   the daemon.
 
 mod config_space;
 pub mod device;
 mod disk;
 pub mod request;
 pub mod server;
+mod sigbus;
 
 pub use disk::{Disk, DiskSettings};
 

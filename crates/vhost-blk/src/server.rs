@@ -149,6 +149,7 @@ fn serve_one(disk: &Arc<Disk>, listener: &mut Listener, state: &State) -> io::Re
         .start(listener)
         .map_err(|e| io::Error::other(e.to_string()))?;
     *lock(&state.connection) = daemon.shutdown_handle();
+    device.set_hang_up(daemon.shutdown_handle());
     if state.stopping.load(Ordering::Acquire) {
         daemon.request_shutdown();
     } else {

@@ -36,6 +36,11 @@ pub struct Seg {
     pub write: bool,
 }
 
+/// The error of setup step `what`.
+fn step<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
 pub struct RawFrontend {
     frontend: Frontend,
     memfd: File,
@@ -53,6 +58,16 @@ impl RawFrontend {
     /// pages) and starts queue 0. Accepts only VIRTIO_F_VERSION_1: like firmware, it takes
     /// neither SIZE_MAX nor SEG_MAX, so the device must take any descriptor length.
     pub fn connect(socket: &Path, data_len: usize) -> RawFrontend {
+        Self::try_connect(socket, data_len, None).unwrap()
+    }
+
+    /// [`RawFrontend::connect`], with the memfd only `file_len` bytes long if given (the
+    /// memory table still says the full size); the first step the device refuses is the error.
+    pub fn try_connect(
+        socket: &Path,
+        data_len: usize,
+        file_len: Option<usize>,
+    ) -> Result<RawFrontend, String> {
         let size = DATA as usize + data_len;
         // SAFETY: plain syscalls; the descriptor is owned by the File from here on.
         let memfd = unsafe {
@@ -74,11 +89,16 @@ impl RawFrontend {
         };
         assert_ne!(base, libc::MAP_FAILED);
         let base = base.cast::<u8>();
-        let frontend = Frontend::connect(socket, 1).expect("connect to the disk socket");
-        frontend.set_owner().unwrap();
-        let features = frontend.get_features().unwrap();
+        if let Some(len) = file_len {
+            memfd.set_len(len as u64).unwrap();
+        }
+        let frontend = Frontend::connect(socket, 1).map_err(step("connect"))?;
+        frontend.set_owner().map_err(step("set_owner"))?;
+        let features = frontend.get_features().map_err(step("get_features"))?;
         assert_ne!(features & VIRTIO_F_VERSION_1, 0);
-        frontend.set_features(VIRTIO_F_VERSION_1).unwrap();
+        frontend
+            .set_features(VIRTIO_F_VERSION_1)
+            .map_err(step("set_features"))?;
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: size as u64,
@@ -86,8 +106,12 @@ impl RawFrontend {
             mmap_offset: 0,
             mmap_handle: memfd.as_raw_fd(),
         };
-        frontend.set_mem_table(&[region]).unwrap();
-        frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+        frontend
+            .set_mem_table(&[region])
+            .map_err(step("set_mem_table"))?;
+        frontend
+            .set_vring_num(0, QUEUE_SIZE)
+            .map_err(step("set_vring_num"))?;
         let at = |gpa: u64| base as u64 + gpa;
         frontend
             .set_vring_addr(
@@ -102,13 +126,22 @@ impl RawFrontend {
                     log_addr: None,
                 },
             )
-            .unwrap();
-        frontend.set_vring_base(0, 0).unwrap();
+            .map_err(step("set_vring_addr"))?;
+        frontend
+            .set_vring_base(0, 0)
+            .map_err(step("set_vring_base"))?;
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        frontend.set_vring_call(0, &call).unwrap();
-        frontend.set_vring_kick(0, &kick).unwrap();
-        RawFrontend {
+        frontend
+            .set_vring_call(0, &call)
+            .map_err(step("set_vring_call"))?;
+        frontend
+            .set_vring_kick(0, &kick)
+            .map_err(step("set_vring_kick"))?;
+        // The device answers only requests that want a reply: this one shows it is still
+        // there (it hangs up on a memory table it refused).
+        frontend.get_features().map_err(step("get_features"))?;
+        Ok(RawFrontend {
             frontend,
             memfd,
             base,
@@ -117,7 +150,7 @@ impl RawFrontend {
             _call: call,
             next_desc: 0,
             posted: 0,
-        }
+        })
     }
 
     /// The guest memory's file: what a hostile frontend can truncate under the device.

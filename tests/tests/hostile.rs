@@ -136,6 +136,12 @@ fn a_frontend_shrinking_its_memory_loses_its_connection_not_the_daemon() {
     );
     let mut daemon = Daemon::start(shm.path(), &cfg);
 
+    // A memory table whose region reaches past the end of its file is refused outright.
+    let refused = RawFrontend::try_connect(&vsock, MIB as usize, Some(DATA as usize));
+    assert!(refused.is_err(), "a region past its file's end was taken");
+    daemon.wait_for_log("past the end of its file", Duration::from_secs(10));
+    drop(refused);
+
     let mut fe = RawFrontend::connect(&vsock, MIB as usize);
     let first = fe.read(
         0,

@@ -300,6 +300,22 @@ fn inotify_events(fd: i32) -> Vec<(u32, String)> {
 
 #[test]
 fn socket_is_private_from_its_first_moment_and_removed_on_sigterm() {
+    socket_appears_whole("", 0o600, None);
+}
+
+/// A frontend running as another user (QEMU under libvirt) gets the socket through its group,
+/// set before the socket appears.
+#[test]
+fn socket_group_and_mode_are_set_before_the_socket_appears() {
+    let gid = twinpath_core::group_id("nogroup").unwrap();
+    socket_appears_whole(
+        "    socket_group: nogroup\n    socket_mode: \"0660\"\n",
+        0o660,
+        Some(gid),
+    );
+}
+
+fn socket_appears_whole(disk_extra: &str, mode: u32, gid: Option<u32>) {
     let dir = scratch();
     // Watch the directory from before the daemon starts: a socket bound in place and chmod'ed
     // afterwards shows as created there (with the umask's mode) and then changed.
@@ -316,7 +332,7 @@ fn socket_is_private_from_its_first_moment_and_removed_on_sigterm() {
         )
     };
     assert!(wd >= 0);
-    let (daemon, _img, sock) = one_disk(dir.path(), "");
+    let (daemon, _img, sock) = one_disk(dir.path(), disk_extra);
     let events: Vec<(u32, String)> = inotify_events(fd)
         .into_iter()
         .filter(|(_, name)| name == "disk.sock")
@@ -328,8 +344,12 @@ fn socket_is_private_from_its_first_moment_and_removed_on_sigterm() {
         vec![(libc::IN_MOVED_TO, "disk.sock".to_owned())],
         "the socket must appear whole, with its final mode"
     );
-    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, mode);
+    if let Some(gid) = gid {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(meta.gid(), gid);
+    }
     let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
     c.write(0, 0, &[5u8; 4096]).unwrap();
     let status = daemon.stop();

@@ -38,11 +38,30 @@ pub enum CacheMode {
     Writethrough,
 }
 
+/// Who may connect to a disk's socket: its mode and group, set before it appears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits; the owner (the daemon's user) always has read and write.
+    pub mode: u32,
+    /// The group the socket belongs to; `None`: the daemon's.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o600,
+            group: None,
+        }
+    }
+}
+
 /// One disk, validated, with its backend parsed but not yet opened.
 #[derive(Debug)]
 pub struct DiskConfig {
     pub name: String,
     pub socket: PathBuf,
+    pub socket_access: SocketAccess,
     pub num_queues: u16,
     pub read_only: bool,
     pub serial: Option<String>,
@@ -107,6 +126,11 @@ struct RawConfig {
     disks: Vec<serde_yaml::Value>,
     #[serde(default)]
     metrics: Option<serde_yaml::Value>,
+    /// Defaults for every disk's `socket_group` and `socket_mode`.
+    #[serde(default)]
+    socket_group: Option<String>,
+    #[serde(default)]
+    socket_mode: Option<String>,
 }
 
 fn default_queues() -> u16 {
@@ -138,6 +162,10 @@ struct RawDisk {
     poll_us: u32,
     #[serde(default = "default_max_inflight_bytes")]
     max_inflight_bytes: crate::ByteSize,
+    #[serde(default)]
+    socket_group: Option<String>,
+    #[serde(default)]
+    socket_mode: Option<String>,
     backend: serde_yaml::Mapping,
 }
 
@@ -166,11 +194,14 @@ impl Config {
                     .map_err(|e| option_error(None, Some("metrics"), e))
             })
             .transpose()?;
+        let defaults = (raw.socket_group, raw.socket_mode);
+        socket_access(&defaults, (None, None))
+            .map_err(|(key, e)| ConfigError::new(None, Some(key.into()), e))?;
         let mut names = HashSet::new();
         let mut sockets = HashSet::new();
         let mut disks = Vec::with_capacity(raw.disks.len());
         for (index, value) in raw.disks.into_iter().enumerate() {
-            let disk = parse_disk(index, value, registry)?;
+            let disk = parse_disk(index, value, registry, &defaults)?;
             if !names.insert(disk.name.clone()) {
                 return Err(ConfigError::new(
                     Some(&disk.name),
@@ -191,10 +222,51 @@ impl Config {
     }
 }
 
+/// A socket's access from a disk's `socket_group`/`socket_mode`, else the config's defaults;
+/// an error names the key.
+fn socket_access(
+    defaults: &(Option<String>, Option<String>),
+    disk: (Option<&String>, Option<&String>),
+) -> Result<SocketAccess, (&'static str, String)> {
+    let mode = match disk.1.or(defaults.1.as_ref()) {
+        None => 0o600,
+        Some(m) => {
+            let bits = u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
+                (
+                    "socket_mode",
+                    format!("`{m}` is not an octal mode like 0660"),
+                )
+            })?;
+            if bits & !0o777 != 0 || bits & 0o600 != 0o600 {
+                return Err((
+                    "socket_mode",
+                    format!("{m}: permission bits only, with read and write for the owner"),
+                ));
+            }
+            if bits & 0o007 != 0 {
+                return Err((
+                    "socket_mode",
+                    format!(
+                        "{m} lets every user of the host connect (and so read and write the \
+                         disk): give the frontend's group `socket_group` and mode 0660"
+                    ),
+                ));
+            }
+            bits
+        }
+    };
+    let group = match disk.0.or(defaults.0.as_ref()) {
+        None => None,
+        Some(g) => Some(crate::group_id(g).map_err(|e| ("socket_group", e))?),
+    };
+    Ok(SocketAccess { mode, group })
+}
+
 fn parse_disk(
     index: usize,
     value: serde_yaml::Value,
     registry: &Registry,
+    defaults: &(Option<String>, Option<String>),
 ) -> Result<DiskConfig, ConfigError> {
     // Name the disk in errors even when a later key is wrong; fall back to its position.
     let label = value
@@ -224,6 +296,11 @@ fn parse_disk(
     if !INFLIGHT_BYTES_RANGE.contains(&raw.max_inflight_bytes.0) {
         return Err(at("max_inflight_bytes", "must be between 1M and 1G".into()));
     }
+    let socket_access = socket_access(
+        defaults,
+        (raw.socket_group.as_ref(), raw.socket_mode.as_ref()),
+    )
+    .map_err(|(key, e)| at(key, e))?;
     if raw.socket.as_os_str().is_empty() || raw.socket.as_os_str().len() > 107 {
         return Err(at(
             "socket",
@@ -262,6 +339,7 @@ fn parse_disk(
     Ok(DiskConfig {
         name: raw.name,
         socket: raw.socket,
+        socket_access,
         num_queues: raw.num_queues,
         read_only: raw.read_only,
         serial: raw.serial,
@@ -335,6 +413,29 @@ mod tests {
     }
 
     #[test]
+    fn socket_access_takes_the_global_default_and_per_disk_overrides() {
+        let c = Config::parse(
+            "socket_group: root\nsocket_mode: \"0660\"\ndisks:\n  - name: a\n    socket: /a\n    backend: {type: dummy, size: 4}\n  - name: b\n    socket: /b\n    socket_mode: \"0640\"\n    socket_group: \"7\"\n    backend: {type: dummy, size: 4}\n",
+            &registry(),
+        )
+        .unwrap();
+        let access: Vec<SocketAccess> = c.disks.iter().map(|d| d.socket_access).collect();
+        assert_eq!(
+            access,
+            vec![
+                SocketAccess {
+                    mode: 0o660,
+                    group: Some(0)
+                },
+                SocketAccess {
+                    mode: 0o640,
+                    group: Some(7)
+                }
+            ]
+        );
+    }
+
+    #[test]
     fn parses_defaults() {
         let c = Config::parse(
             "disks:\n  - name: a\n    socket: /tmp/a.sock\n    backend: {type: dummy, size: 4}\n",
@@ -359,6 +460,7 @@ mod tests {
             )
         );
         assert_eq!(d.backend.describe(), "dummy 4");
+        assert_eq!(d.socket_access, SocketAccess::default());
     }
 
     #[test]
@@ -400,6 +502,22 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("poll_us"), "{e}");
         let e = err("disks:\n  - name: a\n    socket: /s\n    max_inflight_bytes: 4K\n    backend: {type: dummy, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("max_inflight_bytes"), "{e}");
+        for (lines, key, says) in [
+            ("    socket_mode: \"0666\"\n", "socket_mode", "every user"),
+            ("    socket_mode: \"0460\"\n", "socket_mode", "owner"),
+            ("    socket_mode: rw\n", "socket_mode", "octal"),
+            (
+                "    socket_group: no-such-group-here\n",
+                "socket_group",
+                "no group",
+            ),
+        ] {
+            let e = err(&format!(
+                "disks:\n  - name: a\n    socket: /s\n{lines}    backend: {{type: dummy, size: 1}}\n"
+            ));
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
 
         let e = err("disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: x}\n");
         assert_eq!(e.key.as_deref(), Some("backend.size"), "{e}");

@@ -13,6 +13,7 @@ pub mod blockdev;
 mod buffers;
 pub mod config;
 mod error;
+mod group;
 mod registry;
 mod secret;
 mod size;
@@ -21,8 +22,9 @@ pub mod worker;
 
 pub use backend::{BlockBackend, DiskInfo};
 pub use buffers::{GuestBuffers, IoVecs};
-pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig};
+pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig, SocketAccess};
 pub use error::{Error, ErrorKind, Result};
+pub use group::group_id;
 pub use registry::{parse_options, BackendSpec, DiskContext, OptionError, Plugin, Registry};
 pub use secret::{read_secret, read_secret_bytes};
 pub use size::ByteSize;

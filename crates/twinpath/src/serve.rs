@@ -37,6 +37,7 @@ struct Running {
 struct Opened {
     disk: Arc<Disk>,
     socket: PathBuf,
+    socket_access: twinpath_core::SocketAccess,
     entry: serde_yaml::Value,
 }
 
@@ -59,6 +60,7 @@ async fn open_disk(cfg: DiskConfig) -> Result<Opened, (String, String)> {
     Ok(Opened {
         disk: Arc::new(Disk::new(settings, backend)),
         socket: cfg.socket,
+        socket_access: cfg.socket_access,
         entry: cfg.entry,
     })
 }
@@ -66,7 +68,7 @@ async fn open_disk(cfg: DiskConfig) -> Result<Opened, (String, String)> {
 /// Puts an opened disk on its socket; logs either way.
 fn start_disk(opened: Opened) -> Option<Running> {
     let name = opened.disk.name().to_owned();
-    match DiskServer::start(opened.disk, &opened.socket) {
+    match DiskServer::start(opened.disk, &opened.socket, opened.socket_access) {
         Ok(server) => {
             tracing::info!(
                 disk = %name,

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use twinpath_core::SocketAccess;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -33,9 +34,9 @@ pub struct DiskServer {
 }
 
 impl DiskServer {
-    /// Binds the socket (mode 0600) and starts accepting frontends.
-    pub fn start(disk: Arc<Disk>, socket: &Path) -> io::Result<DiskServer> {
-        let listener = bind(socket)?;
+    /// Binds the socket (with `access`'s mode and group) and starts accepting frontends.
+    pub fn start(disk: Arc<Disk>, socket: &Path, access: SocketAccess) -> io::Result<DiskServer> {
+        let listener = bind(socket, access)?;
         let state = Arc::new(State {
             stopping: AtomicBool::new(false),
             connection: Mutex::new(None),
@@ -89,9 +90,10 @@ impl DiskServer {
 }
 
 /// Binds a fresh socket, replacing a stale one but never another kind of file. The socket
-/// appears at `path` with its final mode: it is bound and chmod'ed in a private (0700)
-/// directory next to it and renamed into place, so no one can connect in between.
-fn bind(path: &Path) -> io::Result<Listener> {
+/// appears at `path` with its final mode and group: it is bound, chmod'ed and chown'ed in a
+/// private (0700) directory next to it and renamed into place, so no one can connect in
+/// between.
+fn bind(path: &Path, access: SocketAccess) -> io::Result<Listener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => {
@@ -113,7 +115,15 @@ fn bind(path: &Path) -> io::Result<Listener> {
         .tempdir_in(dir)?;
     let staged = staging.path().join("socket");
     let listener = UnixListener::bind(&staged)?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(access.mode))?;
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(&staged, None, Some(gid)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("giving {} to group {gid}: {e}", path.display()),
+            )
+        })?;
+    }
     std::fs::rename(&staged, path)?;
     Ok(Listener::from(listener))
 }

@@ -17,7 +17,8 @@ dir=/dev/shm/twinpath-bench
 rm -rf "$dir"
 mkdir -p "$dir"
 # Written, not fallocated: tmpfs zeroes fallocated pages on first write, which would measure
-# that instead of the device. Targets are measured one at a time, so they can share it.
+# that instead of the device. Targets are measured one at a time, so they can share it (image
+# locks off on every side: twinpath's lock: false, qemu-storage-daemon's locking=off).
 img=$dir/bench.raw
 dd if=/dev/zero of="$img" bs=1M count=1024 status=none
 
@@ -28,6 +29,7 @@ for engine in auto uring threads; do
     cat >> "$dir/twinpath.yaml" <<YAML
   - name: tp-$engine
     socket: $dir/tp-$engine.sock
+    lock: false
     backend: {type: file, path: $img, engine: $engine}
 YAML
 done
@@ -36,7 +38,7 @@ done
 tp=$!
 # The peer, as in the notes: io_uring, O_DIRECT, its own iothread.
 qemu-storage-daemon --object iothread,id=iot0 \
-    --blockdev file,node-name=f0,filename="$img",aio=io_uring,cache.direct=on \
+    --blockdev file,node-name=f0,filename="$img",aio=io_uring,cache.direct=on,locking=off \
     --export type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path="$dir/qsd.sock",writable=on,num-queues=1,iothread=iot0 \
     > "$dir/qsd.log" 2>&1 &
 qsd=$!

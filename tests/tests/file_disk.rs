@@ -763,3 +763,106 @@ fn stats_needs_metrics_listen_and_a_running_daemon() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("is `twinpath serve` running"), "{err}");
 }
+
+/// qemu-storage-daemon exporting `img` read-write over vhost-user-blk at `sock`; it takes
+/// QEMU's image locks on the file. Returns the process, or its exit status and stderr if it
+/// stopped within a second (refused).
+fn qsd(img: &Path, sock: &Path) -> Result<std::process::Child, String> {
+    let mut child = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            return Err(format!("{status}: {err}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+/// twinpath and qemu-storage-daemon refuse each other's image, as two QEMUs would (QEMU's
+/// OFD locks); before, both served it and wrote it at once.
+#[test]
+fn image_locks_keep_twinpath_and_qemu_storage_daemon_apart() {
+    let dir = scratch();
+    let (daemon, img, sock) = one_disk(dir.path(), "");
+    let refused = qsd(&img, &dir.path().join("qsd.sock")).map(|mut c| {
+        let _ = c.kill();
+        let _ = c.wait();
+    });
+    let err = refused.expect_err("qemu-storage-daemon served an image twinpath writes");
+    assert!(err.contains("lock"), "{err}");
+    assert!(daemon.stop().success());
+
+    // The other way round: qemu-storage-daemon first, twinpath refuses the disk.
+    let mut q = qsd(&img, &dir.path().join("qsd.sock")).unwrap();
+    let (status, _, err) = run_twinpath_serve_once(dir.path(), &img);
+    let _ = q.kill();
+    let _ = q.wait();
+    assert!(!status.success());
+    assert!(
+        err.contains("is in use") && err.contains(&img.display().to_string()),
+        "{err}"
+    );
+    drop(sock);
+}
+
+/// Serves one disk on `img` in a fresh directory; returns once the daemon exits (it does
+/// when no disk could be opened): status, stdout, stderr.
+fn run_twinpath_serve_once(dir: &Path, img: &Path) -> (std::process::ExitStatus, String, String) {
+    let cfg = dir.join("second.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "disks:\n{}",
+            file_disk_yaml("again", &dir.join("again.sock"), img, "")
+        ),
+    )
+    .unwrap();
+    run_twinpath(&["serve", "--config", cfg.to_str().unwrap()])
+}
+
+#[test]
+fn two_disks_writing_one_image_are_a_config_error_unless_unlocked() {
+    let dir = scratch();
+    let img = dir.path().join("one.img");
+    make_image(&img, MIB);
+    let cfg = dir.path().join("t.yaml");
+    let check = |a: &str, b: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "disks:\n{}{}",
+                file_disk_yaml("a", &dir.path().join("a.sock"), &img, a),
+                file_disk_yaml("b", &dir.path().join("b.sock"), &img, b)
+            ),
+        )
+        .unwrap();
+        run_twinpath(&["check", "--config", cfg.to_str().unwrap()])
+    };
+    let (status, _, err) = check("", "    read_only: true\n");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("disk `a`'s too") && err.contains("lock: false"),
+        "{err}"
+    );
+    let (status, _, err) = check("    read_only: true\n", "    read_only: true\n");
+    assert!(status.success(), "two readers: {err}");
+    let (status, _, err) = check("    lock: false\n", "    lock: false\n");
+    assert!(status.success(), "unlocked: {err}");
+}

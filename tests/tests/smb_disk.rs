@@ -118,7 +118,7 @@ fn start_errors_name_the_disk_and_the_cause() {
             "badpass",
             &dir.path().join("b.sock"),
             &smb,
-            "nope.raw",
+            "nope-either.raw",
             &creds
         ),
         smb_disk_yaml("noshare", &dir.path().join("s.sock"), &smb, "there.raw", "")

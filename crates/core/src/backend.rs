@@ -76,4 +76,8 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
         Vec::new()
     }
+
+    /// The disk has stopped serving and will issue no more I/O: lets go of what others may
+    /// wait for (image locks) now, not when the last reference to the backend is gone.
+    fn release(&self) {}
 }

@@ -62,6 +62,8 @@ pub struct DiskConfig {
     pub name: String,
     pub socket: PathBuf,
     pub socket_access: SocketAccess,
+    /// Whether the disk takes image locks (`lock`, default true).
+    pub lock: bool,
     pub num_queues: u16,
     pub read_only: bool,
     pub serial: Option<String>,
@@ -141,6 +143,10 @@ fn default_poll_us() -> u32 {
     DEFAULT_POLL_US
 }
 
+fn default_lock() -> bool {
+    true
+}
+
 fn default_max_inflight_bytes() -> crate::ByteSize {
     crate::ByteSize(DEFAULT_MAX_INFLIGHT_BYTES)
 }
@@ -166,6 +172,8 @@ struct RawDisk {
     socket_group: Option<String>,
     #[serde(default)]
     socket_mode: Option<String>,
+    #[serde(default = "default_lock")]
+    lock: bool,
     backend: serde_yaml::Mapping,
 }
 
@@ -199,6 +207,8 @@ impl Config {
             .map_err(|(key, e)| ConfigError::new(None, Some(key.into()), e))?;
         let mut names = HashSet::new();
         let mut sockets = HashSet::new();
+        // Image -> (disk, read-only) of the disks that lock it.
+        let mut images: std::collections::HashMap<String, (String, bool)> = Default::default();
         let mut disks = Vec::with_capacity(raw.disks.len());
         for (index, value) in raw.disks.into_iter().enumerate() {
             let disk = parse_disk(index, value, registry, &defaults)?;
@@ -215,6 +225,25 @@ impl Config {
                     Some("socket".into()),
                     format!("socket {} is used by another disk", disk.socket.display()),
                 ));
+            }
+            if let Some(image) = disk.backend.image().filter(|_| disk.lock) {
+                match images.get(&image) {
+                    Some((other, other_ro)) if !(disk.read_only && *other_ro) => {
+                        return Err(ConfigError::new(
+                            Some(&disk.name),
+                            Some("backend".into()),
+                            format!(
+                                "image {image} is disk `{other}`'s too, and one of them writes \
+                                 it: two users of one image need `lock: false` on both (for \
+                                 shared-disk clusters that coordinate themselves)"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        images.insert(image, (disk.name.clone(), disk.read_only));
+                    }
+                }
             }
             disks.push(disk);
         }
@@ -331,6 +360,7 @@ fn parse_disk(
     let ctx = DiskContext {
         name: raw.name.clone(),
         read_only: raw.read_only,
+        lock: raw.lock,
     };
     let backend = plugin
         .parse(&ctx, serde_yaml::Value::Mapping(options))
@@ -340,6 +370,7 @@ fn parse_disk(
         name: raw.name,
         socket: raw.socket,
         socket_access,
+        lock: raw.lock,
         num_queues: raw.num_queues,
         read_only: raw.read_only,
         serial: raw.serial,

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     /// The shared LUN refused this host: another party removed its persistent reservation
     /// (RESERVATION CONFLICT), so it may not write there any more.
     Fenced,
+    /// Someone else uses the image in a way this disk may not share (image locks).
+    InUse,
 }
 
 impl fmt::Display for ErrorKind {
@@ -37,6 +39,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::NotFound => "not found",
             ErrorKind::Timeout => "timed out",
             ErrorKind::Fenced => "fenced",
+            ErrorKind::InUse => "in use",
         };
         f.write_str(s)
     }

@@ -14,6 +14,7 @@ mod buffers;
 pub mod config;
 mod error;
 mod group;
+pub mod imagelock;
 mod registry;
 mod secret;
 mod size;

@@ -15,6 +15,8 @@ use crate::error::Result;
 pub struct DiskContext {
     pub name: String,
     pub read_only: bool,
+    /// Whether the disk takes image locks (the disk's `lock`, default true).
+    pub lock: bool,
 }
 
 /// A parsed, validated backend configuration that can be opened later.
@@ -22,6 +24,12 @@ pub struct DiskContext {
 pub trait BackendSpec: Send + Sync + fmt::Debug {
     /// One line for `twinpath check`, e.g. `file /var/lib/img.raw (direct)`.
     fn describe(&self) -> String;
+
+    /// The image this disk serves, named so that two disks of one config on the same image
+    /// compare equal (a path, `//server/share/path`); `None` where there is no such thing.
+    fn image(&self) -> Option<String> {
+        None
+    }
 
     /// Opens the backing store. Errors carry the object that failed (path, share, ...).
     async fn open(&self) -> Result<Arc<dyn BlockBackend>>;

@@ -41,11 +41,16 @@ struct Opened {
     entry: serde_yaml::Value,
 }
 
+/// Why a disk could not be opened: its name, the message, and whether its image is in use
+/// (image locks).
+type OpenError = (String, String, bool);
+
 /// Opens a disk's backend; an error comes with the disk's name.
-async fn open_disk(cfg: DiskConfig) -> Result<Opened, (String, String)> {
+async fn open_disk(cfg: &DiskConfig) -> Result<Opened, OpenError> {
     let backend = cfg.backend.open().await.map_err(|e| {
+        let in_use = e.kind() == twinpath_core::ErrorKind::InUse;
         let message = e.within(format!("disk `{}`", cfg.name)).to_string();
-        (cfg.name.clone(), message)
+        (cfg.name.clone(), message, in_use)
     })?;
     let settings = DiskSettings {
         name: cfg.name.clone(),
@@ -59,9 +64,9 @@ async fn open_disk(cfg: DiskConfig) -> Result<Opened, (String, String)> {
     };
     Ok(Opened {
         disk: Arc::new(Disk::new(settings, backend)),
-        socket: cfg.socket,
+        socket: cfg.socket.clone(),
         socket_access: cfg.socket_access,
-        entry: cfg.entry,
+        entry: cfg.entry.clone(),
     })
 }
 
@@ -93,7 +98,7 @@ fn start_disk(opened: Opened) -> Option<Running> {
 
 /// Opens the disks concurrently and starts the ones that opened.
 async fn start_all(disks: Vec<DiskConfig>, running: &mut BTreeMap<String, Running>) {
-    for result in futures::future::join_all(disks.into_iter().map(open_disk)).await {
+    for result in futures::future::join_all(disks.iter().map(open_disk)).await {
         match result {
             Ok(opened) => {
                 let name = opened.disk.name().to_owned();
@@ -101,7 +106,7 @@ async fn start_all(disks: Vec<DiskConfig>, running: &mut BTreeMap<String, Runnin
                     running.insert(name, r);
                 }
             }
-            Err((_, e)) => tracing::error!("not serving: {e}"),
+            Err((_, e, _)) => tracing::error!("not serving: {e}"),
         }
     }
 }
@@ -239,12 +244,15 @@ async fn reload(
     }
     // Open the new and changed disks before anything stops, so a changed disk whose new
     // backend cannot be opened keeps running on its old one.
-    let opened = futures::future::join_all(wanted.into_values().map(open_disk)).await;
+    let opened = futures::future::join_all(wanted.values().map(open_disk)).await;
     let mut to_start = Vec::new();
+    // Changed disks whose image the running disk still locks: opened once that one stopped.
+    let mut after_stop = Vec::new();
     for result in opened {
         match result {
             Ok(o) => to_start.push(o),
-            Err((name, e)) => {
+            Err((name, _, true)) if changed.contains(&name) => after_stop.push(name),
+            Err((name, e, _)) => {
                 tracing::error!("SIGHUP: not serving: {e}");
                 changed.retain(|n| *n != name);
             }
@@ -257,6 +265,13 @@ async fn reload(
         .map(|r| r.server)
         .collect();
     stop_all(servers).await;
+    // A stopped disk has released its image locks (`BlockBackend::release`).
+    for name in after_stop {
+        match open_disk(&wanted[&name]).await {
+            Ok(o) => to_start.push(o),
+            Err((_, e, _)) => tracing::error!("SIGHUP: not serving: {e}"),
+        }
+    }
     let (mut added, mut replaced) = (0, 0);
     for o in to_start {
         let name = o.disk.name().to_owned();
@@ -313,7 +328,9 @@ fn shutdown_disk(server: DiskServer, rt: &tokio::runtime::Handle) -> bool {
         tracing::error!(disk = %name, "final flush failed: {e}");
         clean = false;
     }
+    let backend = server.disk().backend().clone();
     server.stop();
+    backend.release();
     tracing::info!(disk = %name, "stopped");
     clean
 }

@@ -62,6 +62,8 @@ struct FileSpec {
     create_size: Option<ByteSize>,
     engine: EngineKind,
     read_only: bool,
+    /// QEMU's image locks, so no other disk, daemon or QEMU writes the image meanwhile.
+    lock: bool,
 }
 
 impl Plugin for FilePlugin {
@@ -98,12 +100,18 @@ impl Plugin for FilePlugin {
             create_size: o.create_size,
             engine: o.engine,
             read_only: disk.read_only,
+            lock: disk.lock,
         }))
     }
 }
 
 #[async_trait]
 impl BackendSpec for FileSpec {
+    fn image(&self) -> Option<String> {
+        let path = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        Some(path.display().to_string())
+    }
+
     fn describe(&self) -> String {
         let mut s = format!("file {}", self.path.display());
         if self.direct {
@@ -133,6 +141,8 @@ pub fn open_direct(
         create_size: None,
         read_only,
         engine,
+        // A shared LUN: every san disk of the host opens it, by design.
+        lock: false,
     };
     Ok(Arc::new(FileBackend::open(&spec)?))
 }
@@ -140,6 +150,8 @@ pub fn open_direct(
 struct FileBackend {
     engine: Engine,
     info: DiskInfo,
+    /// The image, while this backend holds QEMU's image locks on it.
+    locked: Option<Arc<std::fs::File>>,
 }
 
 impl FileBackend {
@@ -176,6 +188,10 @@ impl FileBackend {
             opened => opened,
         }
         .map_err(|e| Error::io(ctx("open"), e))?;
+        if spec.lock {
+            twinpath_core::imagelock::lock(&file, path, spec.read_only)
+                .map_err(|e| Error::new(ErrorKind::InUse, e))?;
+        }
         let meta = file.metadata().map_err(|e| Error::io(ctx("stat"), e))?;
         let (kind, capacity, block_size) = if meta.file_type().is_block_device() {
             let size = twinpath_core::blockdev::size(&file)
@@ -210,8 +226,10 @@ impl FileBackend {
             ));
         }
         tracing::info!(path = %path.display(), capacity, block_size, direct = spec.direct, "opened image");
+        let file = Arc::new(file);
+        let locked = spec.lock.then(|| file.clone());
         let engine = Engine::new(
-            Arc::new(file),
+            file,
             kind,
             spec.direct,
             path.clone(),
@@ -228,7 +246,11 @@ impl FileBackend {
             write_zeroes: true,
             serial: None,
         };
-        Ok(FileBackend { engine, info })
+        Ok(FileBackend {
+            engine,
+            info,
+            locked,
+        })
     }
 }
 
@@ -247,6 +269,12 @@ fn create_image(path: &std::path::Path, size: u64) -> std::io::Result<()> {
 impl BlockBackend for FileBackend {
     fn info(&self) -> DiskInfo {
         self.info.clone()
+    }
+
+    fn release(&self) {
+        if let Some(f) = &self.locked {
+            twinpath_core::imagelock::unlock(f);
+        }
     }
 
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {

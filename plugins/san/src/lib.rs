@@ -337,6 +337,10 @@ impl BackendSpec for SanSpec {
         )
     }
 
+    fn image(&self) -> Option<String> {
+        self.network.image()
+    }
+
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         self.setup.key()?;
         let network = Arc::new(self.network.open_image().await?);
@@ -543,6 +547,7 @@ mod tests {
         let disk = DiskContext {
             name: "vm".into(),
             read_only: false,
+            lock: true,
         };
         SanPlugin
             .parse(&disk, serde_yaml::Value::Mapping(options))

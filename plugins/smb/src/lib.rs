@@ -176,6 +176,15 @@ impl BackendSpec for SmbSpec {
         )
     }
 
+    fn image(&self) -> Option<String> {
+        Some(format!(
+            "//{}/{}/{}",
+            self.server,
+            self.share.to_lowercase(),
+            self.path.to_lowercase()
+        ))
+    }
+
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         Ok(Arc::new(SmbBackend {
             image: Arc::new(self.open_image().await?),
@@ -408,6 +417,7 @@ mod tests {
         let disk = DiskContext {
             name: "vm".into(),
             read_only,
+            lock: true,
         };
         SmbPlugin
             .parse(&disk, serde_yaml::Value::Mapping(options))

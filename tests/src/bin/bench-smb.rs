@@ -78,7 +78,7 @@ fn main() {
     let mut cfg = String::from("disks:\n");
     for (name, addr, extra) in disks {
         cfg += &format!(
-            "  - name: {name}\n    socket: {}\n    backend: {{type: smb, server: \"{addr}\", share: {SHARE}, path: bench.raw, {extra}user: {USER}, password_file: {}}}\n",
+            "  - name: {name}\n    socket: {}\n    lock: false\n    backend: {{type: smb, server: \"{addr}\", share: {SHARE}, path: bench.raw, {extra}user: {USER}, password_file: {}}}\n",
             dir.path().join(format!("{name}.sock")).display(),
             pass.display()
         );

@@ -10,7 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Frontend;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,6 +69,17 @@ impl RawFrontend {
         data_len: usize,
         file_len: Option<usize>,
     ) -> Result<RawFrontend, String> {
+        Self::try_connect_with(socket, data_len, file_len, false)
+    }
+
+    /// [`RawFrontend::try_connect`]; with `protocol`, also negotiates the protocol features
+    /// (CONFIGURE_MEM_SLOTS, REPLY_ACK) and enables the ring, and acks INDIRECT_DESC.
+    pub fn try_connect_with(
+        socket: &Path,
+        data_len: usize,
+        file_len: Option<usize>,
+        protocol: bool,
+    ) -> Result<RawFrontend, String> {
         let size = DATA as usize + data_len;
         // SAFETY: plain syscalls; the descriptor is owned by the File from here on.
         let memfd = unsafe {
@@ -92,13 +104,27 @@ impl RawFrontend {
         if let Some(len) = file_len {
             memfd.set_len(len as u64).unwrap();
         }
-        let frontend = Frontend::connect(socket, 1).map_err(step("connect"))?;
+        let mut frontend = Frontend::connect(socket, 1).map_err(step("connect"))?;
         frontend.set_owner().map_err(step("set_owner"))?;
         let features = frontend.get_features().map_err(step("get_features"))?;
         assert_ne!(features & VIRTIO_F_VERSION_1, 0);
-        frontend
-            .set_features(VIRTIO_F_VERSION_1)
-            .map_err(step("set_features"))?;
+        let want = if protocol {
+            VIRTIO_F_VERSION_1 | (1 << 30) | (1 << 28)
+        } else {
+            VIRTIO_F_VERSION_1
+        };
+        frontend.set_features(want).map_err(step("set_features"))?;
+        if protocol {
+            let pf = frontend
+                .get_protocol_features()
+                .map_err(step("get_protocol_features"))?;
+            frontend
+                .set_protocol_features(
+                    pf & (VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                        | VhostUserProtocolFeatures::REPLY_ACK),
+                )
+                .map_err(step("set_protocol_features"))?;
+        }
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: size as u64,
@@ -138,6 +164,11 @@ impl RawFrontend {
         frontend
             .set_vring_kick(0, &kick)
             .map_err(step("set_vring_kick"))?;
+        if protocol {
+            frontend
+                .set_vring_enable(0, true)
+                .map_err(step("set_vring_enable"))?;
+        }
         // The device answers only requests that want a reply: this one shows it is still
         // there (it hangs up on a memory table it refused).
         frontend.get_features().map_err(step("get_features"))?;
@@ -151,6 +182,83 @@ impl RawFrontend {
             next_desc: 0,
             posted: 0,
         })
+    }
+
+    /// Adds a guest memory region of `len` bytes at `gpa` (ADD_MEM_REG; needs `protocol`),
+    /// backed by a new memfd, which is returned.
+    pub fn add_region(&mut self, gpa: u64, len: usize) -> Result<File, String> {
+        // SAFETY: plain syscall; the descriptor is owned by the File from here on.
+        let memfd = unsafe {
+            let fd = libc::memfd_create(c"twinpath-extra".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            File::from_raw_fd(fd)
+        };
+        memfd.set_len(len as u64).unwrap();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: len as u64,
+            userspace_addr: 0x6000_0000_0000 + gpa,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        };
+        self.frontend
+            .add_mem_region(&region)
+            .map_err(step("add_mem_region"))?;
+        Ok(memfd)
+    }
+
+    /// Writes raw bytes into guest memory at `gpa`.
+    pub fn write_bytes(&self, gpa: u64, data: &[u8]) {
+        assert!(gpa as usize + data.len() <= self.size);
+        // SAFETY: inside our mapping (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(gpa as usize), data.len())
+        }
+    }
+
+    /// Posts a request of type `req_type` at `sector` with `segs` (header and status
+    /// added), status byte at `status`.
+    pub fn post(&mut self, req_type: u32, sector: u64, segs: &[Seg], status: u64) -> u16 {
+        let n = self.posted;
+        let header = HEADERS + u64::from(n % QUEUE_SIZE) * 16;
+        self.write_at(header, req_type.to_le());
+        self.write_at(header + 4, 0u32);
+        self.write_at(header + 8, sector.to_le());
+        let head = self.desc(header, 16, F_NEXT);
+        for s in segs {
+            let flags = F_NEXT | if s.write { F_WRITE } else { 0 };
+            self.desc(s.addr, s.len, flags);
+        }
+        self.desc(status, 1, F_WRITE);
+        self.publish(head)
+    }
+
+    /// Makes the chain at `head` available to the device; returns the request's number.
+    fn publish(&mut self, head: u16) -> u16 {
+        let n = self.posted;
+        let slot = AVAIL + 4 + u64::from(n % QUEUE_SIZE) * 2;
+        self.write_at(slot, head.to_le());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.posted = n.wrapping_add(1);
+        self.write_at(AVAIL + 2, self.posted.to_le());
+        n
+    }
+
+    /// Posts a request whose whole chain is one indirect descriptor pointing at the table of
+    /// `count` descriptors at guest address `table` (which the caller filled in).
+    pub fn post_indirect(&mut self, table: u64, count: u32) -> u16 {
+        let head = self.desc(table, count * 16, 4 /* VRING_DESC_F_INDIRECT */);
+        self.publish(head)
+    }
+
+    /// Guest address of request `n`'s status byte, as [`RawFrontend::read`] places it.
+    pub fn status_addr(&self, n: u16) -> u64 {
+        STATUS + u64::from(n % QUEUE_SIZE)
+    }
+
+    /// Guest address of header slot `n`.
+    pub fn header_addr(&self, n: u16) -> u64 {
+        HEADERS + u64::from(n % QUEUE_SIZE) * 16
     }
 
     /// The guest memory's file: what a hostile frontend can truncate under the device.
@@ -201,23 +309,7 @@ impl RawFrontend {
     /// [`RawFrontend::read`] with the status byte at guest address `status` (which this
     /// frontend does not touch: it may lie outside its memory).
     pub fn read_with_status(&mut self, sector: u64, segs: &[Seg], status: u64) -> u16 {
-        let n = self.posted;
-        let header = HEADERS + u64::from(n % QUEUE_SIZE) * 16;
-        self.write_at(header, VIRTIO_BLK_T_IN.to_le());
-        self.write_at(header + 4, 0u32);
-        self.write_at(header + 8, sector.to_le());
-        let head = self.desc(header, 16, F_NEXT);
-        for s in segs {
-            let flags = F_NEXT | if s.write { F_WRITE } else { 0 };
-            self.desc(s.addr, s.len, flags);
-        }
-        self.desc(status, 1, F_WRITE);
-        let slot = AVAIL + 4 + u64::from(n % QUEUE_SIZE) * 2;
-        self.write_at(slot, head.to_le());
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.posted = n.wrapping_add(1);
-        self.write_at(AVAIL + 2, self.posted.to_le());
-        n
+        self.post(VIRTIO_BLK_T_IN, sector, segs, status)
     }
 
     pub fn kick(&self) {

@@ -51,6 +51,35 @@ fn two_disks(disk_dir: &Path, shm: &Path) -> (Daemon, std::path::PathBuf, std::p
     (Daemon::start(shm, &cfg), vsock, osock)
 }
 
+/// Shrinks `fe`'s memory to its rings and points a read's data and status past the new end;
+/// waits until the daemon has closed that connection, alive.
+fn shrink_and_touch(fe: &mut RawFrontend, daemon: &mut Daemon) {
+    fe.memfd().set_len(DATA).unwrap();
+    let past_the_end = Seg {
+        addr: DATA,
+        len: 4096,
+        write: true,
+    };
+    fe.read_with_status(0, &[past_the_end], DATA + 8192);
+    fe.kick();
+    daemon.wait_for_log("shrank guest memory", Duration::from_secs(10));
+    assert!(daemon.is_running(), "the daemon died:\n{}", daemon.log());
+}
+
+/// A daemon serving `victim` and `other`, both on tmpfs.
+fn two_tmpfs_disks(shm: &Path) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
+    let (victim, other) = (shm.join("victim.img"), shm.join("other.img"));
+    make_image(&victim, 16 * MIB);
+    make_image(&other, 16 * MIB);
+    let (vsock, osock) = (shm.join("victim.sock"), shm.join("other.sock"));
+    let cfg = format!(
+        "disks:\n{}{}",
+        file_disk_yaml("victim", &vsock, &victim, ""),
+        file_disk_yaml("other", &osock, &other, "")
+    );
+    (Daemon::start(shm, &cfg), vsock, osock)
+}
+
 #[test]
 fn huge_aliased_misaligned_reads_cost_bounded_memory_and_other_disks_keep_serving() {
     let disk_dir = tempfile::Builder::new()
@@ -122,19 +151,7 @@ fn huge_aliased_misaligned_reads_cost_bounded_memory_and_other_disks_keep_servin
 #[test]
 fn a_frontend_shrinking_its_memory_loses_its_connection_not_the_daemon() {
     let shm = scratch();
-    let (victim, other) = (shm.path().join("victim.img"), shm.path().join("other.img"));
-    make_image(&victim, 16 * MIB);
-    make_image(&other, 16 * MIB);
-    let (vsock, osock) = (
-        shm.path().join("victim.sock"),
-        shm.path().join("other.sock"),
-    );
-    let cfg = format!(
-        "disks:\n{}{}",
-        file_disk_yaml("victim", &vsock, &victim, ""),
-        file_disk_yaml("other", &osock, &other, "")
-    );
-    let mut daemon = Daemon::start(shm.path(), &cfg);
+    let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
 
     // A memory table whose region reaches past the end of its file is refused outright.
     let refused = RawFrontend::try_connect(&vsock, MIB as usize, Some(DATA as usize));
@@ -156,19 +173,7 @@ fn a_frontend_shrinking_its_memory_loses_its_connection_not_the_daemon() {
     assert_eq!(fe.status(first), 0);
 
     // Everything from the data area on goes away under the device.
-    fe.memfd().set_len(DATA).unwrap();
-    fe.read_with_status(
-        0,
-        &[Seg {
-            addr: DATA,
-            len: 4096,
-            write: true,
-        }],
-        DATA + 8192,
-    );
-    fe.kick();
-    daemon.wait_for_log("shrank guest memory", Duration::from_secs(10));
-    assert!(daemon.is_running(), "the daemon died:\n{}", daemon.log());
+    shrink_and_touch(&mut fe, &mut daemon);
     let t = Instant::now();
     while fe.alive() {
         assert!(
@@ -188,4 +193,127 @@ fn a_frontend_shrinking_its_memory_loses_its_connection_not_the_daemon() {
         assert_eq!(c.read(0, 4096, 4096).unwrap(), block);
     }
     assert!(daemon.stop().success());
+}
+
+/// (Review of 8e52547.) The SIGBUS watch held 256 mappings and evicted the oldest: a frontend
+/// with 256 more regions (ADD_MEM_REG) pushed its first one out, shrank it, and the daemon died
+/// of SIGBUS as before. Now a connection's mappings stay watched until it ends, and a table
+/// that would need more is refused.
+#[test]
+fn a_frontend_with_hundreds_of_regions_still_cannot_kill_the_daemon() {
+    let shm = scratch();
+    let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
+    let mut fe = RawFrontend::try_connect_with(&vsock, MIB as usize, None, true).unwrap();
+    let mut extra = Vec::new();
+    for i in 0..256 {
+        extra.push(fe.add_region(0x1_0000_0000 + i * 0x10000, 4096).unwrap());
+    }
+    assert!(fe.alive(), "{}", daemon.log());
+    shrink_and_touch(&mut fe, &mut daemon);
+    drop((fe, extra));
+    let mut c = Client::connect(&osock, &ClientOptions::default()).unwrap();
+    c.write(0, 0, &pattern(1, 4096)).unwrap();
+    assert!(daemon.stop().success());
+}
+
+/// (Review of 8e52547.) A frontend that goes away while a large bounced write of it is still
+/// running: its request was dropped, its write went on, and the next frontend of the disk,
+/// served at once, had its acknowledged and flushed write overwritten a second later. Now the
+/// next frontend is taken only once the gone one's work has landed.
+#[test]
+fn an_abandoned_write_lands_before_the_next_frontend_is_served() {
+    let disk_dir = tempfile::Builder::new()
+        .prefix("twinpath-hostile-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let shm = scratch();
+    let (mut daemon, vsock, _osock) = two_disks(disk_dir.path(), shm.path());
+    let mut fe = RawFrontend::connect(&vsock, 64 * MIB as usize);
+    fe.fill(DATA, 64 * MIB as usize, 0xaa);
+    let seg = Seg {
+        addr: DATA + 1,
+        len: (64 * MIB - 4096) as u32,
+        write: false,
+    };
+    let total = 12 * (64 * MIB - 4096);
+    let status = fe.status_addr(0);
+    fe.post(1, 0, &[seg; 12], status);
+    fe.kick();
+    daemon.wait_for_log("bounce buffer", Duration::from_secs(20));
+    drop(fe);
+    // The next frontend (a restarted QEMU) writes near the end of the gone one's range.
+    let at = total - 64 * 1024;
+    let mut c = Client::connect(&vsock, &ClientOptions::default()).unwrap();
+    let mine = pattern(9, 4096);
+    c.write(0, at, &mine).unwrap();
+    c.flush(0).unwrap();
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            c.read(0, at, 4096).unwrap(),
+            mine,
+            "an acknowledged, flushed write was overwritten after {:?}",
+            watched.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (Review of 2057379.) A driver that did not accept SEG_MAX sent chains of 65,000 one-byte
+/// segments through one indirect table: the segment lists took 476 MiB against a 64 MiB byte
+/// budget. Now a chain longer than SEG_MAX + 2 is refused as it is read.
+#[test]
+fn chains_of_one_byte_segments_are_refused_before_they_cost_memory() {
+    let disk_dir = tempfile::Builder::new()
+        .prefix("twinpath-hostile-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let shm = scratch();
+    let (daemon, vsock, _osock) = two_disks(disk_dir.path(), shm.path());
+    let pid = daemon.pid();
+    let before = rss_anon(pid);
+    let mut fe = RawFrontend::try_connect_with(&vsock, 64 * MIB as usize, None, true).unwrap();
+    // The indirect table: header, 65024 one-byte data descriptors, status.
+    let table = DATA + 32 * MIB;
+    let header = fe.header_addr(255);
+    fe.write_bytes(header, &[0u8; 16]);
+    let status = DATA + 48 * MIB;
+    let ndata = 65024u32;
+    let mut t = Vec::with_capacity((ndata as usize + 2) * 16);
+    let mut d = |addr: u64, len: u32, flags: u16, next: u16| {
+        t.extend_from_slice(&addr.to_le_bytes());
+        t.extend_from_slice(&len.to_le_bytes());
+        t.extend_from_slice(&flags.to_le_bytes());
+        t.extend_from_slice(&next.to_le_bytes());
+    };
+    d(header, 16, 1, 1);
+    for i in 0..ndata {
+        d(DATA + 1 + u64::from(i % 4096), 1, 3, (i + 2) as u16);
+    }
+    d(status, 1, 2, 0);
+    fe.write_bytes(table, &t);
+    let chains = 250;
+    for _ in 0..chains {
+        fe.post_indirect(table, ndata + 2);
+    }
+    fe.kick();
+    let started = Instant::now();
+    let mut peak = before;
+    while fe.used() < chains && started.elapsed() < Duration::from_secs(60) {
+        peak = peak.max(rss_anon(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    peak = peak.max(rss_anon(pid));
+    eprintln!(
+        "{chains} chains of {ndata} one-byte segments answered in {:?}; RssAnon {} -> {} KiB",
+        started.elapsed(),
+        before / 1024,
+        peak / 1024
+    );
+    assert_eq!(fe.used(), chains, "{}", daemon.log());
+    assert!(
+        peak - before < 32 * MIB,
+        "daemon grew by {} MiB",
+        (peak - before) / MIB
+    );
 }

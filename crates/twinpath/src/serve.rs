@@ -246,12 +246,14 @@ async fn reload(
     // backend cannot be opened keeps running on its old one.
     let opened = futures::future::join_all(wanted.values().map(open_disk)).await;
     let mut to_start = Vec::new();
-    // Changed disks whose image the running disk still locks: opened once that one stopped.
+    // Disks whose image a disk that is about to stop still locks (its old self, or a
+    // removed disk renamed): opened once the stopping ones have stopped.
     let mut after_stop = Vec::new();
+    let stopping = !changed.is_empty() || !removed.is_empty();
     for result in opened {
         match result {
             Ok(o) => to_start.push(o),
-            Err((name, _, true)) if changed.contains(&name) => after_stop.push(name),
+            Err((name, _, true)) if stopping => after_stop.push(name),
             Err((name, e, _)) => {
                 tracing::error!("SIGHUP: not serving: {e}");
                 changed.retain(|n| *n != name);
@@ -329,8 +331,12 @@ fn shutdown_disk(server: DiskServer, rt: &tokio::runtime::Handle) -> bool {
         clean = false;
     }
     let backend = server.disk().backend().clone();
+    let working = server.disk().working();
     server.stop();
-    backend.release();
+    // Work still running may write the image: its locks stay until the backend is gone.
+    if working == 0 {
+        backend.release();
+    }
     tracing::info!(disk = %name, "stopped");
     clean
 }

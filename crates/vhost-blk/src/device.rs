@@ -33,7 +33,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config_space::{BlkConfig, WRITEBACK_OFFSET};
-use crate::disk::{Disk, InflightGuard};
+use crate::disk::{Disk, InflightGuard, WorkGuard};
 use crate::lock;
 use crate::request::{
     self, Limits, Request, RequestKind, StatusByte, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
@@ -51,6 +51,11 @@ const SIZE_MAX: u32 = 1 << 20;
 /// SEG_MAX + 2 ring entries per request; 254 fits the common 256-entry ring, and a driver
 /// with a smaller ring either uses indirect descriptors (offered) or splits its requests.
 const SEG_MAX: u32 = 254;
+/// What a write-zeroes request counts against the disk's byte budget: the buffer of zeros a
+/// backend may write it from.
+const WRITE_ZEROES_BUDGET: usize = 1 << 20;
+/// Guest mappings one connection may have watched (vhost-user allows 509 regions at once).
+const MAX_WATCHED: usize = 1024;
 /// How long GET_VRING_BASE waits for accepted requests before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -209,7 +214,10 @@ impl BlkDevice {
         let has = |bit: u32| acked & (1 << bit) != 0;
         Limits {
             size_max: has(VIRTIO_BLK_F_SIZE_MAX).then_some(SIZE_MAX),
-            seg_max: has(VIRTIO_BLK_F_SEG_MAX).then_some(SEG_MAX),
+            // Always: the segment list is memory the byte budget does not count (a chain of
+            // 65,000 one-byte descriptors took 2 MiB before it), and drivers that did not
+            // accept SEG_MAX (firmware) send a header, one buffer and a status.
+            seg_max: Some(SEG_MAX),
             ..self.0.limits
         }
     }
@@ -356,15 +364,23 @@ impl BlkDevice {
     fn run(&self, head: u16, req: Request, mem: Arc<Mem>) -> RequestFuture {
         let guard = InflightGuard::new(self.0.disk.clone());
         let writethrough = !self.0.writeback.load(Ordering::Acquire);
-        let keepalive: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
+        // The buffers keep the mapping alive, and count as work of the disk for as long as
+        // any backend holds them.
+        let keepalive: Arc<dyn std::any::Any + Send + Sync> =
+            Arc::new((mem.clone(), WorkGuard::new(self.0.disk.clone())));
         // SAFETY: the parser checked every segment against `mem`, which `keepalive` holds.
         let bufs = unsafe { GuestBuffers::from_raw_parts(req.data.iter().copied(), keepalive) };
         let used_len = req.used_len();
         let started = Instant::now();
         Box::pin(async move {
             let disk = guard.disk();
-            // At most the whole budget: a request larger than it still runs, alone.
-            let want = req.data_len.min(disk.settings.max_inflight_bytes as usize) as u32;
+            // At most the whole budget: a request larger than it still runs, alone. Zeroing
+            // without guest data still holds a buffer of zeros in some backends.
+            let bytes = match req.kind {
+                RequestKind::WriteZeroes { .. } => WRITE_ZEROES_BUDGET,
+                _ => req.data_len,
+            };
+            let want = bytes.min(disk.settings.max_inflight_bytes as usize) as u32;
             let budget = disk.budget.acquire_many(want).await;
             let op = match req.kind {
                 RequestKind::Read { .. } => Op::Read,
@@ -500,7 +516,9 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        let mut watched = Vec::new();
+        // Every mapping this connection had stays watched until it ends: requests of the
+        // earlier table may still use theirs.
+        let mut watched = lock(&self.0.watched);
         for region in mem.memory().iter() {
             let len = region.len() as usize;
             // A region larger than its file faults as soon as the device touches its end.
@@ -518,9 +536,20 @@ impl VhostUserBackend for BlkDevice {
                     )));
                 }
             }
-            watched.push(crate::sigbus::watch(region.as_ptr(), len));
+            if watched.iter().any(|w| w.covers(region.as_ptr(), len)) {
+                continue;
+            }
+            if watched.len() >= MAX_WATCHED {
+                return Err(io::Error::other(format!(
+                    "more than {MAX_WATCHED} guest memory mappings on one connection"
+                )));
+            }
+            let w = crate::sigbus::watch(region.as_ptr(), len).ok_or_else(|| {
+                io::Error::other("too many guest memory mappings in the daemon to watch")
+            })?;
+            watched.push(w);
         }
-        *lock(&self.0.watched) = watched;
+        drop(watched);
         *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use twinpath_core::stats::{IoSnapshot, IoStats};
 use twinpath_core::{BlockBackend, CacheMode, DiskInfo};
@@ -32,6 +33,10 @@ pub struct Disk {
     pub(crate) info: DiskInfo,
     pub(crate) serial: [u8; ID_LEN],
     inflight: AtomicUsize,
+    /// Requests whose guest buffers a backend still holds: with the request itself, or
+    /// after it was abandoned (a bounce or a submitted operation that goes on when its
+    /// connection ends).
+    working: AtomicUsize,
     pub(crate) draining: AtomicBool,
     rejected: AtomicU64,
     failed: AtomicU64,
@@ -59,6 +64,7 @@ impl Disk {
             info,
             serial,
             inflight: AtomicUsize::new(0),
+            working: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             rejected: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -100,6 +106,22 @@ impl Disk {
     /// Requests accepted from a guest and not yet completed, across all connections.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Requests whose guest buffers a backend still holds, abandoned ones among them.
+    pub fn working(&self) -> usize {
+        self.working.load(Ordering::Acquire)
+    }
+
+    /// Waits until no backend holds guest buffers of this disk any more, or `timeout`;
+    /// returns how many still do. Until then the image may still be written for a request
+    /// of a frontend that is gone.
+    pub fn wait_for_work(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        while self.working() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.working()
     }
 
     /// Stop taking new requests from the queues; in-flight ones still complete.
@@ -162,5 +184,23 @@ impl InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Held with a request's guest buffers (their keep-alive): counts the request in
+/// [`Disk::working`] until the last copy of its buffers is gone, which may be after the
+/// request itself was dropped.
+pub(crate) struct WorkGuard(Arc<Disk>);
+
+impl WorkGuard {
+    pub(crate) fn new(disk: Arc<Disk>) -> Self {
+        disk.working.fetch_add(1, Ordering::AcqRel);
+        WorkGuard(disk)
+    }
+}
+
+impl Drop for WorkGuard {
+    fn drop(&mut self) {
+        self.0.working.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -35,8 +35,8 @@ pub struct Limits {
     /// The largest descriptor, where the driver accepted VIRTIO_BLK_F_SIZE_MAX (a driver
     /// that did not, firmware among them, may send one buffer of a whole transfer).
     pub size_max: Option<u32>,
-    /// The most data descriptors per request, where the driver accepted
-    /// VIRTIO_BLK_F_SEG_MAX (the header and the status take two more).
+    /// The most data descriptors per request (the header and the status take two more);
+    /// `None`: no limit.
     pub seg_max: Option<u32>,
 }
 
@@ -186,9 +186,21 @@ pub fn parse<M: GuestMemoryBackend>(
     // The first breach of the negotiated limits or of the address space; refused once the
     // status byte is known.
     let mut breach: Option<String> = None;
-    let mut count = 0u32;
-    for d in descs {
-        count += 1;
+    for (index, d) in descs.into_iter().enumerate() {
+        // Stop reading a chain that is too long already: its segment list is memory.
+        if limits
+            .seg_max
+            .is_some_and(|max| index as u64 >= u64::from(max) + 2)
+        {
+            return Err(reject(
+                None,
+                STATUS_IOERR,
+                format!(
+                    "more than {} descriptors (SEG_MAX, plus header and status)",
+                    limits.seg_max.unwrap_or_default().saturating_add(2)
+                ),
+            ));
+        }
         let len = d.len() as usize;
         if breach.is_none() {
             if d.addr().0.checked_add(u64::from(d.len())).is_none() {
@@ -254,14 +266,6 @@ pub fn parse<M: GuestMemoryBackend>(
     let fail = |code: u8, reason: String| reject(Some(status), code, reason);
     if let Some(breach) = breach {
         return Err(fail(STATUS_IOERR, breach));
-    }
-    if let Some(max) = limits.seg_max {
-        if count > max.saturating_add(2) {
-            return Err(fail(
-                STATUS_IOERR,
-                format!("{count} descriptors (SEG_MAX {max}, plus header and status)"),
-            ));
-        }
     }
     if misordered {
         return Err(fail(
@@ -713,7 +717,7 @@ mod tests {
             w(STATUS, 1),
         ];
         let e = rejected(&m, three, &l);
-        assert!(e.status.is_some() && e.reason.contains("SEG_MAX"), "{e:?}");
+        assert!(e.reason.contains("SEG_MAX"), "{e:?}");
     }
 
     #[test]

@@ -71,7 +71,9 @@ impl DiskServer {
         while self.disk.inflight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
-        self.disk.inflight()
+        // And the work of requests whose connection ended before they did.
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.disk.inflight().max(self.disk.wait_for_work(left))
     }
 
     /// Disconnects the frontend, stops the thread and removes the socket.
@@ -176,6 +178,17 @@ fn serve_one(disk: &Arc<Disk>, listener: &mut Listener, state: &State) -> io::Re
     drop(daemon);
     let abandoned = device.inflight();
     device.abandon();
+    // A request dropped here may still have a write on its way to the image (a bounce, a
+    // submitted operation): the next frontend is not accepted before it lands, or it could
+    // overwrite what that frontend writes and flushes.
+    while disk.wait_for_work(Duration::from_secs(10)) > 0 && !state.stopping.load(Ordering::Acquire)
+    {
+        tracing::warn!(
+            disk = %disk.name(),
+            working = disk.working(),
+            "waiting for the backend work of a gone frontend before taking the next one"
+        );
+    }
     match result {
         Ok(()) => tracing::info!(disk = %disk.name(), abandoned, "frontend disconnected"),
         Err(e) => tracing::warn!(disk = %disk.name(), abandoned, "frontend connection ended: {e}"),

@@ -13,9 +13,9 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
-/// Mappings watched at once; registering more evicts the oldest (a frontend reconnecting
-/// often leaves slots of mappings long gone).
-const SLOTS: usize = 256;
+/// Mappings watched at once, over all connections; a memory table that would need more is
+/// refused (never is a watched mapping dropped from the table while it may be used).
+const SLOTS: usize = 4096;
 
 struct Slot {
     /// `[start, end)` of the mapping; `start == 0`: free.
@@ -31,8 +31,6 @@ static WATCHED: [Slot; SLOTS] = [const {
         poisoned: AtomicBool::new(false),
     }
 }; SLOTS];
-/// Where the next registration goes when no slot is free.
-static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// Registrations change slots under this; the handler only reads atomics.
 static REGISTERING: Mutex<()> = Mutex::new(());
 static PAGE: AtomicUsize = AtomicUsize::new(4096);
@@ -40,17 +38,34 @@ static INSTALL: Once = Once::new();
 /// The SIGBUS action before ours, for faults that are not in guest memory.
 static mut PREVIOUS: Option<libc::sigaction> = None;
 
-/// A watched guest mapping; `poisoned` once the frontend shrank memory under it.
-#[derive(Debug, Clone, Copy)]
+/// A watched guest mapping; `poisoned` once the frontend shrank memory under it. Dropping
+/// it frees its slot: only when nothing will touch the mapping any more.
+#[derive(Debug)]
 pub struct Watched {
     slot: usize,
     start: usize,
+    end: usize,
 }
 
 impl Watched {
     pub fn poisoned(&self) -> bool {
         let s = &WATCHED[self.slot];
         s.start.load(Ordering::Acquire) == self.start && s.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Whether this watches exactly `[start, start + len)`.
+    pub fn covers(&self, start: *const u8, len: usize) -> bool {
+        (self.start, self.end) == (start as usize, start as usize + len)
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let _one = crate::lock(&REGISTERING);
+        let s = &WATCHED[self.slot];
+        if s.start.load(Ordering::Acquire) == self.start {
+            s.start.store(0, Ordering::Release);
+        }
     }
 }
 
@@ -83,12 +98,13 @@ fn install() {
     });
 }
 
-/// Watches the mapping `[start, start + len)` of guest memory.
-pub fn watch(start: *const u8, len: usize) -> Watched {
+/// Watches the mapping `[start, start + len)` of guest memory; `None` when the table is full.
+pub fn watch(start: *const u8, len: usize) -> Option<Watched> {
     install();
     let (start, end) = (start as usize, start as usize + len);
     let _one = crate::lock(&REGISTERING);
-    // A slot overlapping the new mapping belongs to a mapping gone (its addresses are reused).
+    // A slot overlapping the new mapping belongs to a mapping gone (its addresses are reused:
+    // the kernel maps nothing over a live mapping).
     for s in &WATCHED {
         let (s0, s1) = (
             s.start.load(Ordering::Acquire),
@@ -100,15 +116,14 @@ pub fn watch(start: *const u8, len: usize) -> Watched {
     }
     let slot = WATCHED
         .iter()
-        .position(|s| s.start.load(Ordering::Acquire) == 0)
-        .unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS);
+        .position(|s| s.start.load(Ordering::Acquire) == 0)?;
     let s = &WATCHED[slot];
     // Free while it is filled in: the handler never sees half a slot.
     s.start.store(0, Ordering::Release);
     s.poisoned.store(false, Ordering::Release);
     s.end.store(end, Ordering::Release);
     s.start.store(start, Ordering::Release);
-    Watched { slot, start }
+    Some(Watched { slot, start, end })
 }
 
 extern "C" fn on_sigbus(
@@ -189,7 +204,7 @@ mod tests {
         };
         assert_ne!(p, libc::MAP_FAILED);
         let p = p.cast::<u8>();
-        let w = watch(p, len);
+        let w = watch(p, len).unwrap();
         // SAFETY: inside the mapping.
         unsafe { p.add(3 * 4096).write_volatile(7) };
         assert!(!w.poisoned());

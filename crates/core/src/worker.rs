@@ -23,6 +23,9 @@ pub trait Source: Send + Sync {
     fn flush(&self);
     /// Operations submitted and not yet reaped: completions the worker will find itself.
     fn in_flight(&self) -> usize;
+    /// The worker is ending and nobody else reaps this source: waits for the operations in
+    /// flight and takes them off, so that what they hold (guest buffers) is let go.
+    fn finish(&self);
 }
 
 struct Worker {
@@ -30,6 +33,14 @@ struct Worker {
     notify: RawFd,
     // Shared with the loops in `reap` and `flush`, so a source may add another while they run.
     sources: Rc<Vec<Arc<dyn Source>>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        for s in self.sources.iter() {
+            s.finish();
+        }
+    }
 }
 
 thread_local! {
@@ -97,7 +108,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Default)]
-    struct Counts(AtomicUsize, AtomicUsize);
+    struct Counts(AtomicUsize, AtomicUsize, AtomicUsize);
 
     impl Source for Counts {
         fn reap(&self) {
@@ -108,6 +119,9 @@ mod tests {
         }
         fn in_flight(&self) -> usize {
             3
+        }
+        fn finish(&self) {
+            self.2.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -134,6 +148,7 @@ mod tests {
                 1,
                 "a new worker drops old sources"
             );
+            assert_eq!(counts.2.load(Ordering::SeqCst), 1, "finished as they go");
             assert_eq!(Arc::strong_count(&counts), 1);
         })
         .join()

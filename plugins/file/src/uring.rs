@@ -196,6 +196,19 @@ impl twinpath_core::worker::Source for Ring {
     fn in_flight(&self) -> usize {
         self.lock().ops.len()
     }
+
+    fn finish(&self) {
+        let mut st = self.lock();
+        st.reap();
+        // Done slots wait for futures that observe them; the others for the kernel.
+        while st.ops.iter().any(|(_, s)| !matches!(s, Slot::Done(_))) {
+            if let Err(e) = st.uring.submit_and_wait(1) {
+                tracing::error!("io_uring wait at worker exit failed: {e}");
+                break;
+            }
+            st.reap();
+        }
+    }
 }
 
 impl Drop for Ring {

@@ -34,24 +34,18 @@ struct PrPreempt {
 
 /// `_IOW('p', nr, size)` as the kernel encodes it on this architecture.
 const fn iow(nr: u64, size: usize) -> libc::c_ulong {
-    #[cfg(any(
+    const WRITE: u64 = if cfg!(any(
         target_arch = "powerpc",
         target_arch = "powerpc64",
         target_arch = "mips",
         target_arch = "mips64",
         target_arch = "sparc",
         target_arch = "sparc64"
-    ))]
-    const WRITE: u64 = 4 << 29;
-    #[cfg(not(any(
-        target_arch = "powerpc",
-        target_arch = "powerpc64",
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "sparc",
-        target_arch = "sparc64"
-    )))]
-    const WRITE: u64 = 1 << 30;
+    )) {
+        4 << 29
+    } else {
+        1 << 30
+    };
     (WRITE | ((size as u64) << 16) | ((b'p' as u64) << 8) | nr) as libc::c_ulong
 }
 

@@ -1,17 +1,23 @@
 //! The userspace iSCSI initiator (`twinpath-iscsi`, libiscsi) against tgtd on loopback,
 //! exporting a loop device: what it writes is on the device, what is on the device it reads,
-//! many tasks at once, CHAP, clear errors, and a target restart in the middle of I/O.
+//! many tasks at once, CHAP, clear errors, a target restart in the middle of I/O, and
+//! nothing of a request sent after its permit was withdrawn.
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use futures::executor::block_on;
 use futures::future::join_all;
-use twinpath_core::GuestBuffers;
+use twinpath_core::{GuestBuffers, Permit};
 use twinpath_filemap::read_direct;
 use twinpath_iscsi::{IscsiUrl, Session};
 use twinpath_tests::iscsi::{Tgtd, CHAP_PASSWORD};
 use twinpath_tests::lun::{Fs, LoopLun};
+use twinpath_tests::relay::LatencyRelay;
 use twinpath_tests::{pattern, scratch};
 
 const MIB: u64 = 1 << 20;
@@ -147,34 +153,48 @@ fn chap_logins_and_errors_say_what_went_wrong() {
 }
 
 #[test]
-fn io_survives_a_target_restart() {
+fn a_target_restart_fails_the_requests_on_its_connection_and_the_session_logs_in_again() {
     let lun = raw_lun();
     let dir = scratch();
     let mut tgt = Tgtd::start(lun.device(), false, dir.path());
     let s = Session::connect(&IscsiUrl::parse(&tgt.url()).unwrap(), None, INITIATOR).unwrap();
     let data = pattern(21, 65536);
     write(&s, 0, data.clone()).unwrap();
-    // Requests issued while the target is down complete once it is back (libiscsi
-    // reconnects and sends them again), well inside the task timeout.
+    // Requests on the connection the restart cut fail (nothing of theirs is sent again
+    // later), each within a second; once the target is back, the session logs in again.
     let restarted = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
             let mut results = Vec::new();
             let mut i = 0u64;
             while !restarted.load(std::sync::atomic::Ordering::SeqCst) {
-                results.push(read(&s, (i % 16) * 65536, 4096).map(|_| ()));
+                let started = std::time::Instant::now();
+                let r = read(&s, (i % 16) * 65536, 4096).map(|_| ());
+                results.push((r, started.elapsed()));
                 i += 1;
             }
             results
         });
         std::thread::sleep(std::time::Duration::from_millis(50));
         tgt.restart();
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        let back = std::time::Instant::now();
+        while read(&s, 0, 4096).is_err() {
+            assert!(
+                back.elapsed() < std::time::Duration::from_secs(5),
+                "no login again 5s after the target came back\n{}",
+                tgt.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         restarted.store(true, std::sync::atomic::Ordering::SeqCst);
         let results = reader.join().unwrap();
-        let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
         assert!(results.len() > 10, "{} reads", results.len());
-        assert!(failed.is_empty(), "{failed:?}\n{}", tgt.log());
+        let slow: Vec<_> = results
+            .iter()
+            .filter(|(_, took)| *took > std::time::Duration::from_secs(1))
+            .collect();
+        assert!(slow.is_empty(), "{slow:?}");
+        assert!(results.last().is_some_and(|(r, _)| r.is_ok()));
     });
     assert_eq!(read(&s, 0, 65536).unwrap(), data);
     write(&s, MIB, pattern(22, 4096)).unwrap();
@@ -256,4 +276,99 @@ fn persistent_reservations_fence_a_host_until_it_registers_again() {
     let _ = write(&host, 4096, pattern(3, 4096));
     write(&host, 4096, pattern(3, 4096)).unwrap();
     assert_eq!(read(&host, 0, 4096).unwrap(), pattern(1, 4096));
+}
+
+/// Allows while its flag is up.
+struct Flag(AtomicBool);
+
+impl Permit for Flag {
+    fn allows(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Allows its first `n` checks, then nothing.
+struct Checks(AtomicUsize);
+
+impl Permit for Checks {
+    fn allows(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+fn write_under(
+    s: &Session,
+    offset: u64,
+    data: Vec<u8>,
+    permit: Arc<dyn Permit>,
+) -> Result<(), String> {
+    let (bufs, _keep) = GuestBuffers::from_vec(data);
+    block_on(s.write_under(offset, &bufs, permit)).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_write_whose_permit_goes_after_it_was_queued_sends_nothing() {
+    let lun = raw_lun();
+    let dir = scratch();
+    let tgt = Tgtd::start(lun.device(), false, dir.path());
+    let s = Session::connect(&IscsiUrl::parse(&tgt.url()).unwrap(), None, INITIATOR).unwrap();
+    let old = pattern(41, 4 * MIB as usize);
+    write(&s, 0, old.clone()).unwrap();
+    // Allowed when it is queued, refused when its command would leave: what a process
+    // stopped in between (SIGSTOP, a paused VM) finds when it resumes.
+    let e = write_under(
+        &s,
+        0,
+        pattern(42, 4 * MIB as usize),
+        Arc::new(Checks(AtomicUsize::new(1))),
+    )
+    .unwrap_err();
+    assert!(e.contains("permit"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        read_direct(&device(&lun), 0, 4 * MIB as usize).unwrap() == old,
+        "a write sent after its permit went"
+    );
+    // The session logged in again and works.
+    write(&s, MIB, pattern(43, 4096)).unwrap();
+    assert_eq!(read(&s, MIB, 4096).unwrap(), pattern(43, 4096));
+}
+
+#[test]
+fn the_data_a_target_asks_for_after_the_permit_went_is_never_sent() {
+    let lun = raw_lun();
+    let dir = scratch();
+    let tgt = Tgtd::start(lun.device(), false, dir.path());
+    let url = IscsiUrl::parse(&tgt.url()).unwrap();
+    // 150 ms each way: the target's request for the data (R2T) comes 300 ms after the
+    // command left, and the permit goes in between.
+    let relay = LatencyRelay::start(url.portal.parse().unwrap(), Duration::from_millis(150));
+    let relayed =
+        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let s = Session::connect(&relayed, None, INITIATOR).unwrap();
+    let old = pattern(51, 4 * MIB as usize);
+    write(&s, 0, old.clone()).unwrap();
+    let permit = Arc::new(Flag(AtomicBool::new(true)));
+    let e = std::thread::scope(|scope| {
+        let w = scope.spawn(|| write_under(&s, 0, pattern(52, 4 * MIB as usize), permit.clone()));
+        std::thread::sleep(Duration::from_millis(100));
+        permit.0.store(false, Ordering::SeqCst);
+        w.join().unwrap().unwrap_err()
+    });
+    assert!(e.contains("permit"), "{e}");
+    std::thread::sleep(Duration::from_millis(600));
+    let now = read_direct(&device(&lun), 0, 4 * MIB as usize).unwrap();
+    // At most the data that went with the command (the first burst) may have landed, and
+    // tgtd writes nothing of a command whose data is not all there.
+    let landed = now
+        .chunks(4096)
+        .zip(old.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        landed, 0,
+        "4 KiB blocks of the write that landed after its permit went"
+    );
 }

@@ -8,6 +8,15 @@ use crate::buffers::GuestBuffers;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::PathStats;
 
+/// Whether an operation may still go to the device: a shared LUN's grant, which a recall, a
+/// lapsed lease or a lost connection withdraws. Asked by whoever hands the operation to the
+/// device, as late as it can: a path that holds operations in this process before they leave
+/// (an iSCSI session's queue) asks again before every byte it sends, so a host frozen in
+/// between sends nothing after it resumes.
+pub trait Permit: Send + Sync {
+    fn allows(&self) -> bool;
+}
+
 /// Static facts about an open backend, read once when the device starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskInfo {

@@ -21,7 +21,7 @@ mod size;
 pub mod stats;
 pub mod worker;
 
-pub use backend::{BlockBackend, DiskInfo};
+pub use backend::{BlockBackend, DiskInfo, Permit};
 pub use buffers::{GuestBuffers, IoVecs};
 pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig, SocketAccess};
 pub use error::{Error, ErrorKind, Result};

@@ -121,7 +121,7 @@ api! {
         passwd: *const c_char,
     ) -> c_int;
     fn iscsi_set_timeout(iscsi: *mut IscsiContext, timeout: c_int) -> c_int;
-    fn iscsi_set_no_ua_on_reconnect(iscsi: *mut IscsiContext, state: c_int) -> ();
+    fn iscsi_set_noautoreconnect(iscsi: *mut IscsiContext, state: c_int) -> ();
     fn iscsi_full_connect_sync(iscsi: *mut IscsiContext, portal: *const c_char, lun: c_int) -> c_int;
     fn iscsi_get_fd(iscsi: *mut IscsiContext) -> c_int;
     fn iscsi_which_events(iscsi: *mut IscsiContext) -> c_int;

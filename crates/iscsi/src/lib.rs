@@ -5,23 +5,25 @@
 //! requests from any thread go to it over a channel (an eventfd wakes it), it turns them into
 //! SCSI tasks (READ(16)/WRITE(16) straight from and into the caller's iovecs, SYNCHRONIZE
 //! CACHE(16)), polls the connection and completes each request's future from the task's
-//! callback. Many tasks are outstanding at once; libiscsi reconnects and resends them after
-//! the target comes back. A request not answered within [`TASK_TIMEOUT`] fails (libiscsi
-//! keeps tasks forever while it reconnects); its buffers stay alive until libiscsi lets go
-//! of the task.
+//! callback. Many tasks are outstanding at once. Reads and writes may carry a [`Permit`] (a
+//! shared LUN's grant): once it is withdrawn, nothing more of theirs leaves the process
+//! (`serve` and the [`gate`] say how). A connection that fails, or on which a task waits
+//! longer than [`TASK_TIMEOUT`], is closed with every task on it (they fail, and nothing of
+//! theirs is sent later), and the service thread logs in again, once a second until it can.
 
 mod ffi;
+mod gate;
 mod url;
 
-use std::collections::VecDeque;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
-use twinpath_core::{Error, ErrorKind, GuestBuffers, Result};
+use twinpath_core::{Error, ErrorKind, GuestBuffers, Permit, Result};
 
+use gate::Gate;
 pub use url::{IscsiUrl, DEFAULT_PORT};
 
 /// How long a task may wait for the target (also across a reconnect) before it fails.
@@ -33,6 +35,9 @@ enum Cmd {
         write: bool,
         lba: u64,
         bufs: GuestBuffers,
+        /// Asked before the command is queued and, while the task lives, before every turn
+        /// of the connection (see [`serve`]).
+        permit: Option<Arc<dyn Permit>>,
         done: oneshot::Sender<Result<()>>,
     },
     Flush {
@@ -97,6 +102,51 @@ impl Drop for Context {
     }
 }
 
+/// What a login needs, kept by the service thread to log in again after it dropped a
+/// connection.
+struct Login {
+    url: IscsiUrl,
+    initiator: CString,
+    target: CString,
+    portal: CString,
+    chap: Option<(CString, CString)>,
+}
+
+impl Login {
+    /// A new context, logged in to the LUN. Blocks.
+    fn connect(&self) -> std::result::Result<Context, String> {
+        // SAFETY: a NUL-terminated name; a null return is checked.
+        let raw = unsafe { (lib().iscsi_create_context)(self.initiator.as_ptr()) };
+        if raw.is_null() {
+            return Err("cannot create an iSCSI context".into());
+        }
+        let ctx = Context(raw);
+        // SAFETY (these calls): the context is live and the strings outlive the calls.
+        unsafe {
+            (lib().iscsi_set_targetname)(ctx.0, self.target.as_ptr());
+            (lib().iscsi_set_session_type)(ctx.0, ffi::ISCSI_SESSION_NORMAL);
+            (lib().iscsi_set_header_digest)(ctx.0, ffi::ISCSI_HEADER_DIGEST_NONE_CRC32C);
+            // For the login; `Link` takes over for tasks.
+            (lib().iscsi_set_timeout)(ctx.0, TASK_TIMEOUT.as_secs() as c_int);
+        }
+        if let Some((user, password)) = &self.chap {
+            // SAFETY: as above.
+            if unsafe {
+                (lib().iscsi_set_initiator_username_pwd)(ctx.0, user.as_ptr(), password.as_ptr())
+            } != 0
+            {
+                return Err(format!("CHAP: {}", ctx.error()));
+            }
+        }
+        let lun = c_int::from(self.url.lun);
+        // SAFETY: as above.
+        if unsafe { (lib().iscsi_full_connect_sync)(ctx.0, self.portal.as_ptr(), lun) } != 0 {
+            return Err(format!("login failed: {}", ctx.error()));
+        }
+        Ok(ctx)
+    }
+}
+
 /// libiscsi, which [`Session::connect`] loaded before any context or task existed.
 fn lib() -> &'static ffi::Api {
     ffi::api().expect("libiscsi is loaded before any context exists")
@@ -112,55 +162,25 @@ impl Session {
     pub fn connect(url: &IscsiUrl, password: Option<&str>, initiator: &str) -> Result<Session> {
         let what = |e: String| Error::new(ErrorKind::Io, format!("{url}: {e}"));
         ffi::api().map_err(|e| Error::new(ErrorKind::Unsupported, format!("{url}: {e}")))?;
-        let initiator = c_string("initiator name", initiator)?;
-        // SAFETY: a NUL-terminated name; a null return is checked.
-        let raw = unsafe { (lib().iscsi_create_context)(initiator.as_ptr()) };
-        if raw.is_null() {
-            return Err(what("cannot create an iSCSI context".into()));
-        }
-        let ctx = Context(raw);
-        let target = c_string("target", &url.target)?;
-        let portal = c_string("portal", &url.portal)?;
-        // SAFETY (these calls): the context is live and the strings outlive the calls.
-        unsafe {
-            (lib().iscsi_set_targetname)(ctx.0, target.as_ptr());
-            (lib().iscsi_set_session_type)(ctx.0, ffi::ISCSI_SESSION_NORMAL);
-            (lib().iscsi_set_header_digest)(ctx.0, ffi::ISCSI_HEADER_DIGEST_NONE_CRC32C);
-            (lib().iscsi_set_timeout)(ctx.0, TASK_TIMEOUT.as_secs() as c_int);
-            // A restarted target reports a bus reset (UNIT ATTENTION) to the first command
-            // after the reconnect; let libiscsi take it, not a guest's I/O.
-            (lib().iscsi_set_no_ua_on_reconnect)(ctx.0, 1);
-        }
-        match (&url.user, password) {
-            (Some(user), Some(password)) => {
-                let user = c_string("user", user)?;
-                let password = c_string("password", password)?;
-                // SAFETY: as above.
-                if unsafe {
-                    (lib().iscsi_set_initiator_username_pwd)(
-                        ctx.0,
-                        user.as_ptr(),
-                        password.as_ptr(),
-                    )
-                } != 0
-                {
-                    return Err(what(format!("CHAP: {}", ctx.error())));
+        let login = Login {
+            url: url.clone(),
+            initiator: c_string("initiator name", initiator)?,
+            target: c_string("target", &url.target)?,
+            portal: c_string("portal", &url.portal)?,
+            chap: match (&url.user, password) {
+                (Some(user), Some(password)) => {
+                    Some((c_string("user", user)?, c_string("password", password)?))
                 }
-            }
-            (Some(_), None) => {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("{url}: the URL names a CHAP user but no password was given"),
-                ))
-            }
-            (None, _) => {}
-        }
-        // SAFETY: as above.
-        if unsafe { (lib().iscsi_full_connect_sync)(ctx.0, portal.as_ptr(), c_int::from(url.lun)) }
-            != 0
-        {
-            return Err(what(format!("login failed: {}", ctx.error())));
-        }
+                (Some(_), None) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("{url}: the URL names a CHAP user but no password was given"),
+                    ))
+                }
+                (None, _) => None,
+            },
+        };
+        let ctx = login.connect().map_err(what)?;
         let (capacity, block_size) = read_capacity(&ctx, url.lun).map_err(what)?;
         // SAFETY: eventfd returns a new descriptor we own, or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -171,10 +191,10 @@ impl Session {
         let wake = std::sync::Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let (commands, rx) = mpsc::channel();
         let service = {
-            let (wake, lun, name) = (wake.clone(), url.lun, url.to_string());
+            let wake = wake.clone();
             std::thread::Builder::new()
                 .name("iscsi".into())
-                .spawn(move || serve(ctx, lun, block_size, rx, &wake, &name))
+                .spawn(move || serve(ctx, &login, block_size, rx, &wake))
                 .map_err(|e| Error::io("spawn the iSCSI service thread", e))?
         };
         tracing::info!(lun = %url, capacity, block_size, "iSCSI session up");
@@ -212,7 +232,13 @@ impl Session {
         Ok(())
     }
 
-    async fn io(&self, write: bool, offset: u64, bufs: &GuestBuffers) -> Result<()> {
+    async fn io(
+        &self,
+        write: bool,
+        offset: u64,
+        bufs: &GuestBuffers,
+        permit: Option<Arc<dyn Permit>>,
+    ) -> Result<()> {
         let bs = u64::from(self.block_size);
         let len = bufs.len() as u64;
         if !offset.is_multiple_of(bs)
@@ -235,6 +261,7 @@ impl Session {
             // The service thread keeps the memory alive until the target is done with it,
             // even if this future is dropped first.
             bufs: bufs.slice(0, bufs.len()),
+            permit,
             done,
         })?;
         let what = if write { "write" } else { "read" };
@@ -245,11 +272,33 @@ impl Session {
     }
 
     pub async fn read(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
-        self.io(false, offset, bufs).await
+        self.io(false, offset, bufs, None).await
     }
 
     pub async fn write(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
-        self.io(true, offset, bufs).await
+        self.io(true, offset, bufs, None).await
+    }
+
+    /// A read that goes out only while `permit` allows it: withdrawn before the command
+    /// leaves this process, the read fails and nothing is sent (see [`serve`]).
+    pub async fn read_under(
+        &self,
+        offset: u64,
+        bufs: &GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> Result<()> {
+        self.io(false, offset, bufs, Some(permit)).await
+    }
+
+    /// A write whose command and data go out only while `permit` allows it: withdrawn
+    /// before all of it left this process, the write fails and no byte more is sent.
+    pub async fn write_under(
+        &self,
+        offset: u64,
+        bufs: &GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> Result<()> {
+        self.io(true, offset, bufs, Some(permit)).await
     }
 
     /// SYNCHRONIZE CACHE(16) of the whole LUN.
@@ -442,10 +491,7 @@ extern "C" fn on_done(
             "RESERVATION CONFLICT: this host is not registered on the LUN (fenced)",
         )),
         ffi::SCSI_STATUS_CANCELLED => Err(Error::new(ErrorKind::Io, "cancelled")),
-        ffi::SCSI_STATUS_TIMEOUT => Err(Error::new(
-            ErrorKind::Timeout,
-            format!("no answer from the target in {TASK_TIMEOUT:?}"),
-        )),
+        ffi::SCSI_STATUS_TIMEOUT => Err(timed_out()),
         _ => Err(Error::new(
             ErrorKind::Io,
             format!("SCSI status {status:#x}: {}", error_of(iscsi)),
@@ -458,91 +504,253 @@ extern "C" fn on_done(
     finish(&pending.done, result);
 }
 
+/// How often the service thread tries to log in again after it dropped a connection.
+const RELOGIN_EVERY: Duration = Duration::from_secs(1);
+
+/// A task libiscsi holds, as the service thread watches it.
+struct Outstanding {
+    /// When it fails unanswered.
+    due: Instant,
+    /// Its result slot, gone once libiscsi let go of the task.
+    slot: Weak<Slot>,
+    permit: Option<Arc<dyn Permit>>,
+}
+
+impl Outstanding {
+    fn withdrawn(&self) -> bool {
+        self.permit.as_ref().is_some_and(|p| !p.allows())
+    }
+}
+
+/// A logged-in connection. The context goes first (its tasks' callbacks run), then the gate
+/// (the connection closes).
+struct Link {
+    ctx: Context,
+    gate: Gate,
+}
+
+impl Link {
+    fn up(login: &Login) -> std::result::Result<Link, String> {
+        let ctx = login.connect()?;
+        // A new session gets a UNIT ATTENTION (power on, reset) on its first command: let
+        // this one take it, not a guest's I/O.
+        let _ = read_capacity(&ctx, login.url.lun);
+        Link::adopt(ctx)
+    }
+
+    /// The connection of `ctx`, just logged in, with no task yet.
+    fn adopt(ctx: Context) -> std::result::Result<Link, String> {
+        // SAFETY (these calls): the context is live and logged in.
+        unsafe {
+            // A connection that fails takes its tasks with it (`serve` logs in anew): a
+            // reconnect inside libiscsi would send them again, past the gate.
+            (lib().iscsi_set_noautoreconnect)(ctx.0, 1);
+            // Overdue tasks are `serve`'s to end, with their connection.
+            (lib().iscsi_set_timeout)(ctx.0, 0);
+        }
+        // SAFETY: as above.
+        let fd = unsafe { (lib().iscsi_get_fd)(ctx.0) };
+        let gate = Gate::install(fd).map_err(|e| format!("iSCSI connection gate: {e}"))?;
+        Ok(Link { ctx, gate })
+    }
+}
+
 /// The service thread: runs commands and the connection until the session is dropped.
+///
+/// Everything a task sends (its command, and the data the target asks for with R2T) may
+/// leave long after the task was queued: the socket may be full, the target may ask for data
+/// late, the process may have been stopped in between. So libiscsi's bytes wait in the
+/// [`Gate`], and right before each write to the target the permits of all live tasks are
+/// asked again; if one was withdrawn, no byte more goes out on this connection: it is closed
+/// with every task on it (the target discards commands whose data never came) and a new one
+/// is logged in. A task unanswered for [`TASK_TIMEOUT`] ends its connection the same way,
+/// so nothing of a request that failed can reach the target later.
 fn serve(
     ctx: Context,
-    lun: u16,
+    login: &Login,
     block_size: u32,
     commands: mpsc::Receiver<Cmd>,
     wake: &OwnedFd,
-    name: &str,
 ) {
-    let lun = c_int::from(lun);
-    // Requests in the order they were issued, so the oldest deadline is in front.
-    let mut waiting: VecDeque<(Instant, Weak<Slot>)> = VecDeque::new();
+    let name = login.url.to_string();
+    let lun = c_int::from(login.url.lun);
+    let mut link = None;
+    let mut first = Some(ctx);
+    let mut tasks: Vec<Outstanding> = Vec::new();
+    // Flushes and reservation commands that came while no connection was up: they wait for
+    // the next one (a flush after a target restart must reach the target), at most
+    // TASK_TIMEOUT. Reads and writes fail at once instead; their callers have another path.
+    let mut parked: Vec<(Instant, Cmd)> = Vec::new();
+    let mut login_at = Instant::now();
     loop {
-        // Answered requests leave the front (answers come about in order), overdue ones fail.
-        while waiting
-            .front()
-            .is_some_and(|(at, done)| done.strong_count() == 0 || *at <= Instant::now())
-        {
-            let (_, done) = waiting.pop_front().expect("front exists");
-            if let Some(done) = done.upgrade() {
-                finish(
-                    &done,
-                    Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!("no answer from the target in {TASK_TIMEOUT:?}"),
-                    )),
-                );
+        tasks.retain(|t| t.slot.strong_count() > 0);
+        let now = Instant::now();
+        if link.is_some() && tasks.iter().any(|t| t.due <= now) {
+            tracing::warn!(lun = name, "no answer from the target in {TASK_TIMEOUT:?}");
+            drop_connection(&mut link, &mut tasks, &timed_out());
+        }
+        if link.is_none() && now >= login_at {
+            let up = match first.take() {
+                Some(ctx) => Link::adopt(ctx),
+                None => Link::up(login),
+            };
+            match up {
+                Ok(l) => {
+                    for (_, cmd) in parked.drain(..) {
+                        tasks.extend(issue(&l.ctx, lun, block_size, cmd));
+                    }
+                    link = Some(l);
+                }
+                Err(e) => {
+                    tracing::warn!(lun = name, "logging in again: {e}");
+                    login_at = now + RELOGIN_EVERY;
+                }
             }
         }
-        // SAFETY: the context is live; these only read its state.
-        let (fd, events) = unsafe {
-            (
-                (lib().iscsi_get_fd)(ctx.0),
-                (lib().iscsi_which_events)(ctx.0),
-            )
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: events as i16,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // A timeout, so libiscsi gets to scan for timed-out tasks and reconnect while idle.
-        // SAFETY: two valid pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 250) };
+        while parked.first().is_some_and(|(due, _)| *due <= now) {
+            parked.remove(0).1.fail(timed_out());
+        }
+        let mut fds = [pollfd(-1, 0); 4];
+        if let Some(l) = &link {
+            // SAFETY: the context is live; these only read its state.
+            let (fd, events) = unsafe {
+                (
+                    (lib().iscsi_get_fd)(l.ctx.0),
+                    (lib().iscsi_which_events)(l.ctx.0),
+                )
+            };
+            fds[0] = pollfd(fd, events as i16);
+            [fds[1], fds[2]] = l.gate.interest();
+        }
+        fds[3] = pollfd(wake.as_raw_fd(), libc::POLLIN);
+        // A timeout, so that overdue tasks and logins again are seen to while idle.
+        // SAFETY: four valid pollfds (poll skips the negative ones).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 4, 250) };
         if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
             tracing::error!(lun = name, "poll: {}", std::io::Error::last_os_error());
+            let closed = Error::new(ErrorKind::Io, "the iSCSI service thread stopped");
+            drop_connection(&mut link, &mut tasks, &closed);
             return;
         }
-        if fds[1].revents != 0 {
+        if fds[3].revents != 0 {
             let mut count = [0u8; 8];
             // SAFETY: reads 8 bytes from our eventfd into `count`.
             unsafe { libc::read(wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
             loop {
                 match commands.try_recv() {
-                    Ok(cmd) => {
-                        let done = issue(&ctx, lun, block_size, cmd);
-                        waiting.push_back((Instant::now() + TASK_TIMEOUT, done));
-                    }
+                    Ok(cmd) => match &link {
+                        Some(l) => tasks.extend(issue(&l.ctx, lun, block_size, cmd)),
+                        None if matches!(cmd, Cmd::Io { .. }) => cmd.fail(Error::new(
+                            ErrorKind::Io,
+                            "not logged in (the connection was closed; logging in again)",
+                        )),
+                        None => parked.push((Instant::now() + TASK_TIMEOUT, cmd)),
+                    },
                     Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => return,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        // Parked commands fail as they are dropped (session closed).
+                        let closed = Error::new(ErrorKind::Io, "session closed");
+                        drop_connection(&mut link, &mut tasks, &closed);
+                        return;
+                    }
                 }
             }
         }
-        // SAFETY: the context is live; callbacks run inside and only touch their Pending.
-        if unsafe { (lib().iscsi_service)(ctx.0, c_int::from(fds[0].revents)) } < 0 {
-            tracing::warn!(lun = name, "iSCSI connection: {}", ctx.error());
+        let Some(l) = &mut link else { continue };
+        // The target's bytes to libiscsi, libiscsi's turn (both ways: its socket is local and
+        // never blocks long), and what it wrote into the gate.
+        let moved = l.gate.pump().map_err(|e| e.to_string()).and_then(|()| {
+            let both = c_int::from(libc::POLLIN | libc::POLLOUT);
+            // SAFETY: the context is live; callbacks run inside and only touch their Pending.
+            match unsafe { (lib().iscsi_service)(l.ctx.0, both) } {
+                0.. => l.gate.pump().map_err(|e| e.to_string()),
+                _ => Err(l.ctx.error()),
+            }
+        });
+        let sent = match moved {
+            Ok(()) if !l.gate.holds_outbound() => Ok(()),
+            Ok(()) if tasks.iter().any(Outstanding::withdrawn) => {
+                tracing::warn!(
+                    lun = name,
+                    "a task's permit was withdrawn before all of it was sent: closing the \
+                     connection with every task on it, so that nothing more of it goes out"
+                );
+                let why = Error::new(ErrorKind::Timeout, "the permit was withdrawn");
+                drop_connection(&mut link, &mut tasks, &why);
+                login_at = Instant::now();
+                continue;
+            }
+            Ok(()) => l.gate.send().map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(lun = name, "iSCSI connection: {e}; logging in again");
+            let why = Error::new(ErrorKind::Io, format!("iSCSI connection: {e}"));
+            drop_connection(&mut link, &mut tasks, &why);
         }
     }
 }
 
-/// Starts the task for `cmd`; returns its result slot for the deadline.
-fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Weak<Slot> {
+fn pollfd(fd: c_int, events: i16) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+/// Closes the connection with every task on it: their requests fail with `why`, then
+/// libiscsi lets go of the tasks (their callbacks run, and find the requests answered).
+fn drop_connection(link: &mut Option<Link>, tasks: &mut Vec<Outstanding>, why: &Error) {
+    for t in tasks.drain(..) {
+        if let Some(slot) = t.slot.upgrade() {
+            finish(&slot, Err(Error::new(why.kind(), why.to_string())));
+        }
+    }
+    *link = None;
+}
+
+fn timed_out() -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("no answer from the target in {TASK_TIMEOUT:?}"),
+    )
+}
+
+impl Cmd {
+    /// Fails the request without sending anything.
+    fn fail(self, e: Error) {
+        let done = match self {
+            Cmd::Io { done, .. }
+            | Cmd::Flush { done }
+            | Cmd::PrOut { done, .. }
+            | Cmd::ReadKeys { done, .. } => done,
+        };
+        let _ = done.send(Err(e));
+    }
+}
+
+/// Starts the task for `cmd` (unless its permit was withdrawn already) and returns it to
+/// watch.
+fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Option<Outstanding> {
+    let permit = match &cmd {
+        Cmd::Io { permit, .. } => permit.clone(),
+        _ => None,
+    };
+    if permit.as_ref().is_some_and(|p| !p.allows()) {
+        cmd.fail(Error::new(
+            ErrorKind::Timeout,
+            "the permit was withdrawn before the command went out",
+        ));
+        return None;
+    }
     let (pending, task) = match cmd {
         Cmd::Io {
             write,
             lba,
             bufs,
             done,
+            ..
         } => {
             let len = bufs.len() as u32;
             let pending = Pending::new(Some(bufs), done);
@@ -665,37 +873,13 @@ fn issue(ctx: &Context, lun: c_int, block_size: u32, cmd: Cmd) -> Weak<Slot> {
                 format!("cannot queue the task: {}", ctx.error()),
             )),
         );
-        return Weak::new();
+        return None;
     }
-    // SAFETY: libiscsi holds `pending` until the callback, which runs only inside
-    // iscsi_service on this thread, so it is still alive here.
-    Arc::downgrade(unsafe { &(*pending).done })
-}
-
-/// The LUN as a block backend: how the san plugin's direct path reads and writes it.
-#[async_trait::async_trait]
-impl twinpath_core::BlockBackend for Session {
-    fn info(&self) -> twinpath_core::DiskInfo {
-        twinpath_core::DiskInfo {
-            capacity: self.capacity,
-            block_size: self.block_size,
-            read_only: false,
-            volatile_cache: true,
-            discard: false,
-            write_zeroes: false,
-            serial: None,
-        }
-    }
-
-    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        Session::read(self, offset, &bufs).await
-    }
-
-    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        Session::write(self, offset, &bufs).await
-    }
-
-    async fn flush(&self) -> Result<()> {
-        Session::flush(self).await
-    }
+    Some(Outstanding {
+        due: Instant::now() + TASK_TIMEOUT,
+        // SAFETY: libiscsi holds `pending` until the callback, which runs only inside
+        // iscsi_service on this thread, so it is still alive here.
+        slot: Arc::downgrade(unsafe { &(*pending).done }),
+        permit,
+    })
 }

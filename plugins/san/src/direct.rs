@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::sync::mpsc;
 use twinpath_core::stats::{Op, PathStats};
-use twinpath_core::{lock, BlockBackend, Error, ErrorKind, GuestBuffers, Result};
+use twinpath_core::{lock, Error, ErrorKind, GuestBuffers, Permit, Result};
 use twinpath_filemap::{Grant, Piece};
 use twinpath_mapproto::{clock, MapClient, ProtoError, Reply, Request};
 use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
@@ -30,7 +30,7 @@ use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
 use crate::link::{Event, Member};
 use crate::state::{DirectState, Lookup, Recalled, Ticket, Window, RETRY_AFTER, WINDOW};
 use crate::throttle::{Admission, Throttle};
-use crate::volume::Volume;
+use crate::volume::{LunIo, Volume};
 
 /// Device pieces larger than this go through the pipeline engine in sections of this size.
 const DEVICE_SECTION: usize = 1 << 20;
@@ -50,7 +50,7 @@ fn device_pipeline() -> Pipeline {
 pub struct LunDevice {
     pub volume: Arc<dyn Volume>,
     /// Device I/O on it.
-    pub io: Arc<dyn BlockBackend>,
+    pub io: Arc<dyn LunIo>,
 }
 
 /// What happened to a request offered to the direct path.
@@ -71,7 +71,7 @@ pub struct Direct {
     path: String,
     volume: Arc<dyn Volume>,
     device_size: u64,
-    lun: Arc<dyn BlockBackend>,
+    lun: Arc<dyn LunIo>,
     state: Mutex<DirectState>,
     /// One map request at a time.
     fetching: tokio::sync::Mutex<()>,
@@ -344,6 +344,9 @@ impl Direct {
         while win.inflight() > 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // Whatever may still hold its permit (an iSCSI task that gave up waiting for the
+        // target) sends nothing more under a lease that is going back.
+        win.end();
         if win.connection_lost() {
             lock(&self.state).retired(win.lease);
             return;
@@ -443,6 +446,8 @@ impl Direct {
             self.device_dirty.store(true, Ordering::Release);
         }
         let (lun, ticket) = (&self.lun, &ticket);
+        let permit: Arc<dyn Permit> = Arc::new(GrantPermit(ticket.window()));
+        let permit = &permit;
         let device_op = move |physical: u64, part: GuestBuffers| async move {
             // The last moment before the device: a host that was frozen, or could not
             // renew, or was recalled, issues nothing more under the grant.
@@ -450,9 +455,9 @@ impl Direct {
                 return Err(Error::new(ErrorKind::Timeout, LEASE_RAN_OUT));
             }
             if write {
-                lun.write(physical, part).await
+                lun.write(physical, part, permit.clone()).await
             } else {
-                lun.read(physical, part).await
+                lun.read(physical, part, permit.clone()).await
             }
         };
         let one = |(physical, part): (u64, GuestBuffers)| async move {
@@ -557,6 +562,15 @@ impl Direct {
             }
         }
         Ok(())
+    }
+}
+
+/// A grant as the LUN asks it, on the executor's clock.
+struct GrantPermit(Arc<Window>);
+
+impl Permit for GrantPermit {
+    fn allows(&self) -> bool {
+        self.0.usable(clock::now())
     }
 }
 

@@ -72,6 +72,11 @@ impl Window {
         self.deadline.fetch_min(nanos(deadline), Ordering::AcqRel);
     }
 
+    /// Its lease goes back: no I/O under it from now on.
+    pub fn end(&self) {
+        self.recalled(Duration::ZERO);
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
     }
@@ -126,6 +131,11 @@ impl Ticket {
     /// Whether device I/O may be issued for it at `now`; asked before every device operation.
     pub fn usable(&self, now: Duration) -> bool {
         self.win.usable(now)
+    }
+
+    /// The grant it is counted against.
+    pub fn window(&self) -> Arc<Window> {
+        self.win.clone()
     }
 
     /// Whether `[physical, physical + len)` lies in what the grant allows this ticket.

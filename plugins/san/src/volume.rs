@@ -8,7 +8,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use twinpath_core::{BlockBackend, GuestBuffers};
+use async_trait::async_trait;
+use twinpath_core::{BlockBackend, GuestBuffers, Permit, Result as IoResult};
 use twinpath_filemap::pr::PrError;
 use twinpath_filemap::read_direct;
 use twinpath_iscsi::{IscsiUrl, Session};
@@ -24,12 +25,52 @@ pub trait Volume: Send + Sync {
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
 
     /// What reads and writes it at the physical offsets the guard let through.
-    fn io(&self, read_only: bool) -> Result<Arc<dyn BlockBackend>, String>;
+    fn io(&self, read_only: bool) -> Result<Arc<dyn LunIo>, String>;
 
     /// Registers this host's persistent reservation `key` (replacing any it had), so that it
     /// may write while the map server holds a Registrants Only reservation; `Ok(false)` where
     /// the device has no persistent reservations. Blocks.
     fn register(&self, key: u64) -> Result<bool, String>;
+}
+
+/// Direct I/O on the LUN, under the grant's permit. The executor asks the permit right
+/// before each operation; a LUN that keeps operations in this process before they reach the
+/// wire asks it again at the last moment, so a host frozen in between sends nothing.
+#[async_trait]
+pub trait LunIo: Send + Sync {
+    async fn read(
+        &self,
+        physical: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> IoResult<()>;
+    async fn write(
+        &self,
+        physical: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> IoResult<()>;
+    async fn flush(&self) -> IoResult<()>;
+}
+
+/// A block device's I/O reaches the kernel within the same turn of the thread that issued it
+/// (io_uring, or a blocking call), and the kernel carries it out even while this process is
+/// stopped: the executor's check just before is as late as a check gets here.
+struct Kernel(Arc<dyn BlockBackend>);
+
+#[async_trait]
+impl LunIo for Kernel {
+    async fn read(&self, physical: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> IoResult<()> {
+        self.0.read(physical, bufs).await
+    }
+
+    async fn write(&self, physical: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> IoResult<()> {
+        self.0.write(physical, bufs).await
+    }
+
+    async fn flush(&self) -> IoResult<()> {
+        self.0.flush().await
+    }
 }
 
 /// A block device of this host, read with O_DIRECT (its page cache would be stale: the
@@ -70,13 +111,11 @@ impl Volume for BlockDevice {
         read_direct(&self.file, offset, len).map_err(|e| format!("{}: {e}", self.describe()))
     }
 
-    fn io(&self, read_only: bool) -> Result<Arc<dyn BlockBackend>, String> {
-        twinpath_plugin_file::open_direct(
-            &self.path,
-            read_only,
-            twinpath_plugin_file::EngineKind::Auto,
-        )
-        .map_err(|e| e.to_string())
+    fn io(&self, read_only: bool) -> Result<Arc<dyn LunIo>, String> {
+        let engine = twinpath_plugin_file::EngineKind::Auto;
+        let device = twinpath_plugin_file::open_direct(&self.path, read_only, engine)
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Kernel(device)))
     }
 
     fn register(&self, key: u64) -> Result<bool, String> {
@@ -147,14 +186,43 @@ impl Volume for IscsiLun {
         Ok(data[from..from + len].to_vec())
     }
 
-    fn io(&self, _read_only: bool) -> Result<Arc<dyn BlockBackend>, String> {
-        Ok(self.0.clone())
+    fn io(&self, _read_only: bool) -> Result<Arc<dyn LunIo>, String> {
+        Ok(Arc::new(Iscsi(self.0.clone())))
     }
 
     fn register(&self, key: u64) -> Result<bool, String> {
         futures::executor::block_on(self.0.pr_register(key))
             .map(|()| true)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// The session queues commands and the data the target asks for in this process: it asks
+/// the permit again before any of it leaves.
+struct Iscsi(Arc<Session>);
+
+#[async_trait]
+impl LunIo for Iscsi {
+    async fn read(
+        &self,
+        physical: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> IoResult<()> {
+        self.0.read_under(physical, &bufs, permit).await
+    }
+
+    async fn write(
+        &self,
+        physical: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> IoResult<()> {
+        self.0.write_under(physical, &bufs, permit).await
+    }
+
+    async fn flush(&self) -> IoResult<()> {
+        self.0.flush().await
     }
 }
 

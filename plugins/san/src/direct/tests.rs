@@ -15,7 +15,6 @@ use std::sync::atomic::AtomicUsize;
 use async_trait::async_trait;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use twinpath_core::DiskInfo;
 use twinpath_filemap::{Access, Span, SpanKind};
 use twinpath_mapproto::{Frame, HostKeys, Key, MapGrant, VolumeIdentity};
 
@@ -338,23 +337,28 @@ impl MemLun {
 }
 
 #[async_trait]
-impl BlockBackend for MemLun {
-    fn info(&self) -> DiskInfo {
-        DiskInfo::new(LUN)
-    }
-
-    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+impl LunIo for MemLun {
+    async fn read(&self, offset: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> Result<()> {
         self.device(offset, &bufs, false).await;
         Ok(())
     }
 
-    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+    async fn write(&self, offset: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> Result<()> {
         self.device(offset, &bufs, true).await;
         Ok(())
     }
 
     async fn flush(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// The checker's own writes ask no grant: it is the one judging them.
+struct Always;
+
+impl Permit for Always {
+    fn allows(&self) -> bool {
+        true
     }
 }
 
@@ -373,7 +377,7 @@ impl Volume for MemVolume {
         Ok(lock(&self.0.book).data[offset as usize..offset as usize + len].to_vec())
     }
 
-    fn io(&self, _read_only: bool) -> Result<Arc<dyn BlockBackend>, String> {
+    fn io(&self, _read_only: bool) -> Result<Arc<dyn LunIo>, String> {
         Ok(self.0.clone())
     }
 
@@ -657,7 +661,10 @@ async fn the_checker_flags_a_write_under_a_returned_lease_while_another_lives() 
         b.leases.remove(&100);
     }
     let (bufs, _mem) = GuestBuffers::from_vec(vec![0xab; 65536]);
-    rig.lun.write(BASE + FILE, bufs).await.unwrap();
+    rig.lun
+        .write(BASE + FILE, bufs, Arc::new(Always))
+        .await
+        .unwrap();
     let v = rig.violations();
     assert!(v.first().is_some_and(|v| v.contains("under none")), "{v:?}");
 }

@@ -89,52 +89,60 @@ struct Writer {
     thread: std::thread::JoinHandle<Result<Written, String>>,
 }
 
-/// What a [`Writer`] wrote: each 64 KiB piece's offset, and the index of its content in the
+/// What a [`Writer`] wrote: each piece's offset, and the index of its content in the
 /// writer's buffer (the last write there).
 #[derive(Default)]
 struct Written {
     count: u64,
+    piece: usize,
     last: std::collections::HashMap<u64, usize>,
 }
 
 impl Written {
     /// `image` with these writes laid over it.
     fn apply(&self, image: &mut [u8]) {
-        let data = pattern(9, 32 * PIECE);
+        let piece = self.piece;
+        let data = pattern(9, self.last.values().max().map_or(0, |i| i + 1) * piece);
         for (&at, &i) in &self.last {
-            image[at as usize..at as usize + PIECE].copy_from_slice(&data[i * PIECE..][..PIECE]);
+            image[at as usize..at as usize + piece].copy_from_slice(&data[i * piece..][..piece]);
         }
     }
 }
 
-const PIECE: usize = 65536;
-
 impl Writer {
-    /// Writes over `[from, from + span)`.
+    /// Writes over `[from, from + span)`, 32 requests of 64 KiB at a time.
     fn start(host: &Host, from: u64, span: u64) -> Writer {
+        Writer::with(host, from, span, 65536, 32)
+    }
+
+    /// Writes over `[from, from + span)`, `batch` requests of `piece` bytes at a time.
+    fn with(host: &Host, from: u64, span: u64, piece: usize, batch: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let mut c = host.client();
         let thread = std::thread::spawn({
             let stop = stop.clone();
             move || {
-                let data = pattern(9, 32 * PIECE);
+                let data = pattern(9, batch as usize * piece);
                 c.buffer()[..data.len()].copy_from_slice(&data);
                 let mut n = 0u64;
-                let mut written = Written::default();
+                let mut written = Written {
+                    piece,
+                    ..Written::default()
+                };
                 while !stop.load(Ordering::Relaxed) {
-                    let reqs: Vec<Req> = (0..32)
+                    let reqs: Vec<Req> = (0..batch)
                         .map(|i| Req {
                             op: Op::Write,
-                            offset: from + ((n + i) * 7919 * PIECE as u64) % span,
-                            len: PIECE,
-                            buf_offset: i as usize * PIECE,
+                            offset: from + ((n + i) * 7919 * piece as u64) % span,
+                            len: piece,
+                            buf_offset: i as usize * piece,
                         })
                         .collect();
                     for (i, r) in c.batch(0, &reqs).unwrap().into_iter().enumerate() {
                         r.map_err(|e| format!("guest write {}: {e}", n + i as u64))?;
                         written.last.insert(reqs[i].offset, i);
                     }
-                    n += 32;
+                    n += batch;
                 }
                 c.flush(0).map_err(|e| format!("guest flush: {e}"))?;
                 written.count = n;
@@ -238,11 +246,21 @@ fn a_host_frozen_past_its_lease_time_never_writes_freed_blocks_over_iscsi() {
     frozen_host(Lun::Iscsi);
 }
 
+#[test]
+fn a_host_frozen_amid_many_small_direct_writes_never_writes_freed_blocks() {
+    frozen_host_writing(Lun::Device, 4096, 128);
+}
+
 fn frozen_host(lun: Lun) {
+    frozen_host_writing(lun, 65536, 32);
+}
+
+/// `batch` guest writes of `piece` bytes at a time, the host stopped among them.
+fn frozen_host_writing(lun: Lun, piece: usize, batch: u64) {
     let fs = FileServer::start(512 * MIB, Fs::Xfs, true, "lease_time: 2s\n");
     let img = image(&fs);
     let host = Host::start_on(&fs, lun, "vm.raw", &fs.map_addr.clone(), "map_timeout: 1s");
-    let writer = Writer::start(&host, 64 * MIB, 24 * MIB);
+    let writer = Writer::with(&host, 64 * MIB, 24 * MIB, piece, batch);
     wait_for_direct_writes(&host);
 
     // Frozen while writing; meanwhile the image is truncated and its blocks reused.

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
-use twinpath_core::{Error, ErrorKind, GuestBuffers, Result};
+use twinpath_core::{Error, ErrorKind, GuestBuffers, Permit, Result};
 
-use crate::uring::Rings;
+use crate::uring::{Rings, WITHDRAWN};
 
 // <linux/fs.h> ioctls the libc crate does not define.
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -170,25 +170,50 @@ impl Engine {
             .map_err(|e| io::Error::other(format!("{op} thread failed: {e}")))?
     }
 
-    pub(crate) async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+    /// Reads into `bufs` at `offset`; under a `permit`, each system call that moves bytes is
+    /// made only while it allows it (see [`Permit`]).
+    pub(crate) async fn read(
+        &self,
+        offset: u64,
+        bufs: GuestBuffers,
+        permit: Option<Arc<dyn Permit>>,
+    ) -> Result<()> {
         let len = bufs.len() as u64;
-        self.transfer(offset, bufs, false)
+        self.transfer(offset, bufs, false, permit)
             .await
             .map_err(|e| Error::io(self.context("read", offset, len), e))
     }
 
-    pub(crate) async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+    /// Writes `bufs` at `offset`, under `permit` as [`Engine::read`].
+    pub(crate) async fn write(
+        &self,
+        offset: u64,
+        bufs: GuestBuffers,
+        permit: Option<Arc<dyn Permit>>,
+    ) -> Result<()> {
         let len = bufs.len() as u64;
-        self.transfer(offset, bufs, true)
+        self.transfer(offset, bufs, true, permit)
             .await
             .map_err(|e| Error::io(self.context("write", offset, len), e))
     }
 
-    async fn transfer(&self, offset: u64, bufs: GuestBuffers, write: bool) -> io::Result<()> {
+    async fn transfer(
+        &self,
+        offset: u64,
+        bufs: GuestBuffers,
+        write: bool,
+        permit: Option<Arc<dyn Permit>>,
+    ) -> io::Result<()> {
         let (direct, align) = (self.direct, self.block_size as usize);
         let mut done = 0;
+        let how = Transfer {
+            direct,
+            align,
+            write,
+            permit,
+        };
         match &self.submit {
-            Submit::Inline => transfer_all(&self.file, &bufs, offset, 0, direct, align, write),
+            Submit::Inline => transfer_all(&self.file, &bufs, offset, 0, &how),
             Submit::Uring(rings) => {
                 let mut bufs = bufs;
                 let fd = types::Fd(self.file.as_raw_fd());
@@ -212,7 +237,9 @@ impl Engine {
                     // SAFETY: the entry points at heap iovecs owned by `bufs` or `tail` and at
                     // the guest memory `bufs` holds; both travel with the operation until the
                     // kernel is done, and moving them does not move their heap data.
-                    let ((b, _tail), res) = unsafe { rings.submit(entry, (bufs, tail)) }?.await;
+                    let keep = (bufs, tail);
+                    let permit = how.permit.clone();
+                    let ((b, _tail), res) = unsafe { rings.submit(entry, keep, permit) }?.await;
                     bufs = b;
                     match res {
                         n if n > 0 => done += n as usize,
@@ -228,13 +255,14 @@ impl Engine {
                         }
                         e if direct && -e == libc::EINVAL => {
                             // O_DIRECT needs aligned memory; a guest may hand us unaligned buffers.
-                            let file = self.file.clone();
+                            let (file, how) = (self.file.clone(), how.clone());
                             return self
                                 .blocking("bounce", move || {
-                                    bounce(&file, &bufs, offset, done, align, write)
+                                    bounce(&file, &bufs, offset, done, &how)
                                 })
                                 .await;
                         }
+                        WITHDRAWN => return Err(withdrawn()),
                         e => return Err(io::Error::from_raw_os_error(-e)),
                     }
                 }
@@ -250,6 +278,7 @@ impl Engine {
                     no_nowait_reads
                 };
                 if !unsupported.load(Ordering::Relaxed) {
+                    allowed(how.permit.as_deref())?;
                     match rw_nowait(&self.file, &bufs, offset, write) {
                         Ok(n) if n == bufs.len() => return Ok(()),
                         Ok(n) => done = n,
@@ -260,9 +289,9 @@ impl Engine {
                         Err(e) => return Err(e),
                     }
                 }
-                let file = self.file.clone();
+                let (file, how) = (self.file.clone(), how.clone());
                 self.blocking("transfer", move || {
-                    transfer_all(&file, &bufs, offset, done, direct, align, write)
+                    transfer_all(&file, &bufs, offset, done, &how)
                 })
                 .await
             }
@@ -281,7 +310,7 @@ impl Engine {
         }
         if let (Submit::Uring(rings), Some(entry)) = (&self.submit, entry) {
             // SAFETY: the entry carries no pointers.
-            let ((), res) = unsafe { rings.submit(entry, ()) }?.await;
+            let ((), res) = unsafe { rings.submit(entry, (), None) }?.await;
             return if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
@@ -409,9 +438,16 @@ fn rw_nowait(file: &File, bufs: &GuestBuffers, offset: u64, write: bool) -> io::
     }
 }
 
-fn rw_blocking(file: &File, iov: &[libc::iovec], offset: u64, write: bool) -> io::Result<usize> {
+fn rw_blocking(
+    file: &File,
+    iov: &[libc::iovec],
+    offset: u64,
+    write: bool,
+    permit: Option<&dyn Permit>,
+) -> io::Result<usize> {
     let iovcnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
     loop {
+        allowed(permit)?;
         // SAFETY: as in `rw_nowait`.
         let n = unsafe {
             if write {
@@ -440,6 +476,27 @@ fn rw_blocking(file: &File, iov: &[libc::iovec], offset: u64, write: bool) -> io
     }
 }
 
+/// How a transfer moves its bytes.
+#[derive(Clone)]
+struct Transfer {
+    direct: bool,
+    align: usize,
+    write: bool,
+    /// Asked before every system call that moves bytes.
+    permit: Option<Arc<dyn Permit>>,
+}
+
+fn allowed(permit: Option<&dyn Permit>) -> io::Result<()> {
+    match permit {
+        Some(p) if !p.allows() => Err(withdrawn()),
+        _ => Ok(()),
+    }
+}
+
+fn withdrawn() -> io::Error {
+    io::Error::other("its permit was withdrawn before it reached the device")
+}
+
 /// Transfers the rest of `bufs` from byte `done` on. A read past the end of the file reads
 /// zeros (the image shrank under us, or its size is not a multiple of the block size).
 fn transfer_all(
@@ -447,17 +504,22 @@ fn transfer_all(
     bufs: &GuestBuffers,
     offset: u64,
     mut done: usize,
-    direct: bool,
-    align: usize,
-    write: bool,
+    how: &Transfer,
 ) -> io::Result<()> {
     let len = bufs.len();
+    let write = how.write;
     while done < len {
         let iov = bufs.iovecs_range(done, len - done);
-        let n = match rw_blocking(file, &iov, offset + done as u64, write) {
+        let n = match rw_blocking(
+            file,
+            &iov,
+            offset + done as u64,
+            write,
+            how.permit.as_deref(),
+        ) {
             // O_DIRECT needs aligned memory; a guest may hand us unaligned buffers.
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                return bounce(file, bufs, offset, done, align, write);
+            Err(e) if how.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                return bounce(file, bufs, offset, done, how);
             }
             r => r?,
         };
@@ -525,9 +587,9 @@ fn bounce(
     bufs: &GuestBuffers,
     offset: u64,
     done: usize,
-    align: usize,
-    write: bool,
+    how: &Transfer,
 ) -> io::Result<()> {
+    let (align, write) = (how.align, how.write);
     let len = bufs.len() - done;
     tracing::debug!(
         offset,
@@ -548,7 +610,8 @@ fn bounce(
             // SAFETY: `moved < piece <= layout.size()`, so the pointer stays in the buffer.
             iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(moved) }.cast();
             iov.iov_len = piece - moved;
-            match rw_blocking(file, &[iov], offset + (at + moved) as u64, write)? {
+            let to = offset + (at + moved) as u64;
+            match rw_blocking(file, &[iov], to, write, how.permit.as_deref())? {
                 0 if write => {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -579,7 +642,7 @@ fn write_zeros(file: &File, offset: u64, len: u64, align: usize) -> io::Result<(
     let mut done = 0u64;
     while done < len {
         let n = ((len - done) as usize).min(chunk);
-        let written = rw_blocking(file, &[buf.iovec(n)], offset + done, true)?;
+        let written = rw_blocking(file, &[buf.iovec(n)], offset + done, true, None)?;
         if written == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -616,5 +679,77 @@ fn range_ioctl(file: &File, request: libc::c_ulong, offset: u64, len: u64) -> io
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::pin::pin;
+    use std::sync::atomic::AtomicBool;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    struct Flag(AtomicBool);
+
+    impl Permit for Flag {
+        fn allows(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A write under a permit, queued on a worker's ring (polled once, as a queue worker
+    /// polls a request), then the worker's flush after `between` ran: what the file holds.
+    fn write_on_a_worker(between: impl FnOnce(&Flag)) -> (Result<()>, Vec<u8>) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _guard = runtime.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lun");
+        std::fs::write(&path, vec![1u8; 65536]).unwrap();
+        let file = Arc::new(File::options().read(true).write(true).open(&path).unwrap());
+        let engine = Engine::new(
+            file,
+            FileKind::Regular,
+            false,
+            path.clone(),
+            512,
+            EngineKind::Uring,
+        )
+        .unwrap();
+        // SAFETY: eventfd returns a new descriptor, owned here.
+        let notify = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) };
+        twinpath_core::worker::enter(7, notify.as_raw_fd());
+        let permit = Arc::new(Flag(AtomicBool::new(true)));
+        let (bufs, _data) = GuestBuffers::from_vec(vec![2u8; 4096]);
+        let mut write = pin!(engine.write(0, bufs, Some(permit.clone())));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(write.as_mut().poll(&mut cx).is_pending());
+        between(&permit);
+        twinpath_core::worker::flush();
+        let result = loop {
+            twinpath_core::worker::reap();
+            if let Poll::Ready(r) = write.as_mut().poll(&mut cx) {
+                break r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        (result, std::fs::read(&path).unwrap()[..4096].to_vec())
+    }
+
+    #[test]
+    fn a_worker_stopped_between_queueing_and_flushing_submits_nothing_whose_permit_went() {
+        let (result, on_disk) = write_on_a_worker(|p| p.0.store(false, Ordering::SeqCst));
+        let e = result.unwrap_err().to_string();
+        assert!(e.contains("permit was withdrawn"), "{e}");
+        assert_eq!(on_disk, vec![1u8; 4096], "the write reached the file");
+    }
+
+    #[test]
+    fn a_worker_flush_submits_what_its_permits_still_allow() {
+        let (result, on_disk) = write_on_a_worker(|_| {});
+        result.unwrap();
+        assert_eq!(on_disk, vec![2u8; 4096]);
     }
 }

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, ByteSize, DiskContext, DiskInfo, Error, ErrorKind,
-    GuestBuffers, OptionError, Plugin, Result,
+    GuestBuffers, OptionError, Permit, Plugin, Result,
 };
 
 pub use crate::io::EngineKind;
@@ -134,7 +134,7 @@ pub fn open_direct(
     path: &std::path::Path,
     read_only: bool,
     engine: EngineKind,
-) -> Result<Arc<dyn BlockBackend>> {
+) -> Result<DirectDevice> {
     let spec = FileSpec {
         path: path.to_path_buf(),
         direct: true,
@@ -144,7 +144,36 @@ pub fn open_direct(
         // A shared LUN: every san disk of the host opens it, by design.
         lock: false,
     };
-    Ok(Arc::new(FileBackend::open(&spec)?))
+    Ok(DirectDevice(FileBackend::open(&spec)?))
+}
+
+/// A device opened by [`open_direct`]. Its reads and writes go under a permit, asked right
+/// before the system call that hands them to the kernel (on a queue worker, at the worker's
+/// flush, which may come after the worker was stopped and resumed).
+pub struct DirectDevice(FileBackend);
+
+impl DirectDevice {
+    pub async fn read(
+        &self,
+        offset: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> Result<()> {
+        self.0.engine.read(offset, bufs, Some(permit)).await
+    }
+
+    pub async fn write(
+        &self,
+        offset: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> Result<()> {
+        self.0.engine.write(offset, bufs, Some(permit)).await
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        self.0.engine.flush().await
+    }
 }
 
 struct FileBackend {
@@ -278,11 +307,11 @@ impl BlockBackend for FileBackend {
     }
 
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.engine.read(offset, bufs).await
+        self.engine.read(offset, bufs, None).await
     }
 
     async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.engine.write(offset, bufs).await
+        self.engine.write(offset, bufs, None).await
     }
 
     async fn flush(&self) -> Result<()> {

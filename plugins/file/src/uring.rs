@@ -22,6 +22,7 @@ use io_uring::{squeue, IoUring};
 use slab::Slab;
 use thread_local::ThreadLocal;
 use tokio::io::unix::AsyncFd;
+use twinpath_core::Permit;
 
 /// Ring size: a queue never has more requests in flight than its 1024 descriptors.
 const RING_ENTRIES: u32 = 1024;
@@ -40,7 +41,20 @@ struct State {
     ops: Slab<Slot>,
     /// Whether completions wait for this ring's thread to ask for them (`DEFER_TASKRUN`).
     deferred: bool,
+    /// A worker's operations under a permit, until its flush asks the permits again: a
+    /// worker stopped between queueing them and its flush must not submit them when it
+    /// resumes if their grants went meanwhile.
+    held: Vec<Held>,
 }
+
+struct Held {
+    entry: squeue::Entry,
+    key: usize,
+    permit: Arc<dyn Permit>,
+}
+
+/// The result of an operation whose permit was withdrawn before it was submitted.
+pub(crate) const WITHDRAWN: i32 = -libc::ECANCELED;
 
 impl State {
     /// Submits what is queued and runs the completions the kernel deferred to this thread.
@@ -59,24 +73,57 @@ impl State {
     }
 
     fn reap(&mut self) {
-        let State { uring, ops, .. } = self;
-        for cqe in uring.completion() {
-            let key = cqe.user_data() as usize;
-            match ops.get_mut(key) {
-                Some(Slot::Waiting(waker)) => {
-                    let waker = waker.take();
-                    ops[key] = Slot::Done(cqe.result());
-                    if let Some(w) = waker {
-                        w.wake();
-                    }
-                }
-                Some(Slot::Orphaned(_)) => {
-                    ops.remove(key);
-                }
-                Some(Slot::Done(_)) | None => {
-                    tracing::error!(key, "io_uring completion for an unknown operation");
+        let done: Vec<(usize, i32)> = self
+            .uring
+            .completion()
+            .map(|cqe| (cqe.user_data() as usize, cqe.result()))
+            .collect();
+        for (key, res) in done {
+            self.complete(key, res);
+        }
+    }
+
+    fn complete(&mut self, key: usize, res: i32) {
+        match self.ops.get_mut(key) {
+            Some(Slot::Waiting(waker)) => {
+                let waker = waker.take();
+                self.ops[key] = Slot::Done(res);
+                if let Some(w) = waker {
+                    w.wake();
                 }
             }
+            Some(Slot::Orphaned(_)) => {
+                self.ops.remove(key);
+            }
+            Some(Slot::Done(_)) | None => {
+                tracing::error!(key, "io_uring completion for an unknown operation");
+            }
+        }
+    }
+
+    /// Queues the held operations whose permits still allow them; the others end as
+    /// [`WITHDRAWN`] without reaching the kernel.
+    fn release_held(&mut self) {
+        for h in std::mem::take(&mut self.held) {
+            if !h.permit.allows() {
+                self.complete(h.key, WITHDRAWN);
+                continue;
+            }
+            // SAFETY: the entry's pointers are kept by its slot (see `Rings::submit`).
+            while unsafe { self.uring.submission().push(&h.entry) }.is_err() {
+                if let Err(e) = self.uring.submit() {
+                    tracing::error!("io_uring submit failed: {e}");
+                    self.complete(h.key, -e.raw_os_error().unwrap_or(libc::EIO));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Ends the held operations unsubmitted (the worker goes away).
+    fn cancel_held(&mut self) {
+        for h in std::mem::take(&mut self.held) {
+            self.complete(h.key, WITHDRAWN);
         }
     }
 }
@@ -120,6 +167,7 @@ impl Ring {
                     uring,
                     ops: Slab::new(),
                     deferred,
+                    held: Vec::new(),
                 }),
                 reaper: None,
             });
@@ -165,6 +213,7 @@ impl Ring {
                     uring,
                     ops: Slab::new(),
                     deferred: false,
+                    held: Vec::new(),
                 }),
                 reaper: Some(reaper),
             }
@@ -187,6 +236,7 @@ impl twinpath_core::worker::Source for Ring {
 
     fn flush(&self) {
         let mut st = self.lock();
+        st.release_held();
         if !st.uring.submission().is_empty() {
             st.enter();
             st.reap();
@@ -199,6 +249,7 @@ impl twinpath_core::worker::Source for Ring {
 
     fn finish(&self) {
         let mut st = self.lock();
+        st.cancel_held();
         st.reap();
         // Done slots wait for futures that observe them; the others for the kernel.
         while st.ops.iter().any(|(_, s)| !matches!(s, Slot::Done(_))) {
@@ -221,6 +272,7 @@ impl Drop for Ring {
         // (A worker's thread has exited by now unless it drops the ring itself, and a thread
         // exiting waits for its I/O, so this waits only on the thread that submitted.)
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        st.cancel_held();
         st.reap();
         while !st.ops.is_empty() {
             if let Err(e) = st.uring.submit_and_wait(1) {
@@ -256,6 +308,8 @@ impl Rings {
 
     /// Submits `entry` and resolves to its result (`-errno` on failure). `keep` is whatever
     /// the entry points into (iovecs, buffers); it is handed back once the kernel is done.
+    /// Under a `permit`, the entry reaches the kernel only while the permit allows it, asked
+    /// right before the system call that submits it; otherwise it resolves to [`WITHDRAWN`].
     ///
     /// # Safety
     /// Every pointer in `entry` must point into `keep` (or be otherwise valid until the
@@ -264,6 +318,7 @@ impl Rings {
         &self,
         entry: squeue::Entry,
         keep: K,
+        permit: Option<Arc<dyn Permit>>,
     ) -> io::Result<Op<K>> {
         let ring = match Ring::of_worker()? {
             Some(ring) => ring,
@@ -273,17 +328,25 @@ impl Rings {
             let mut st = ring.lock();
             let key = st.ops.insert(Slot::Waiting(None));
             let entry = entry.user_data(key as u64);
-            // SAFETY: the caller guarantees the entry's pointers stay valid (held in `keep`).
-            while unsafe { st.uring.submission().push(&entry) }.is_err() {
-                st.uring.submit()?;
-            }
-            // A worker's entries wait for its flush, to go to the kernel in one call.
-            if ring.reaper.is_some() {
-                if let Err(e) = st.uring.submit() {
-                    st.ops.remove(key);
-                    return Err(e);
+            match permit {
+                // A worker's entries wait for its flush, to go to the kernel in one call;
+                // those under a permit wait apart, for the flush to ask it again.
+                Some(permit) if ring.reaper.is_none() => st.held.push(Held { entry, key, permit }),
+                Some(permit) if !permit.allows() => st.complete(key, WITHDRAWN),
+                _ => {
+                    // SAFETY: the caller guarantees the entry's pointers stay valid (held
+                    // in `keep`).
+                    while unsafe { st.uring.submission().push(&entry) }.is_err() {
+                        st.uring.submit()?;
+                    }
+                    if ring.reaper.is_some() {
+                        if let Err(e) = st.uring.submit() {
+                            st.ops.remove(key);
+                            return Err(e);
+                        }
+                        st.reap();
+                    }
                 }
-                st.reap();
             }
             key
         };

@@ -446,7 +446,7 @@ impl Direct {
             self.device_dirty.store(true, Ordering::Release);
         }
         let (lun, ticket) = (&self.lun, &ticket);
-        let permit: Arc<dyn Permit> = Arc::new(GrantPermit(ticket.window()));
+        let permit: Arc<dyn Permit> = ticket.window();
         let permit = &permit;
         let device_op = move |physical: u64, part: GuestBuffers| async move {
             // The last moment before the device: a host that was frozen, or could not
@@ -565,12 +565,10 @@ impl Direct {
     }
 }
 
-/// A grant as the LUN asks it, on the executor's clock.
-struct GrantPermit(Arc<Window>);
-
-impl Permit for GrantPermit {
+/// A grant as the LUN asks it, on the executor's clock (the state machine keeps none).
+impl Permit for Window {
     fn allows(&self) -> bool {
-        self.0.usable(clock::now())
+        self.usable(clock::now())
     }
 }
 

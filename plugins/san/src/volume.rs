@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use twinpath_core::{BlockBackend, GuestBuffers, Permit, Result as IoResult};
+use twinpath_core::{GuestBuffers, Permit, Result as IoResult};
 use twinpath_filemap::pr::PrError;
 use twinpath_filemap::read_direct;
 use twinpath_iscsi::{IscsiUrl, Session};
@@ -33,9 +33,10 @@ pub trait Volume: Send + Sync {
     fn register(&self, key: u64) -> Result<bool, String>;
 }
 
-/// Direct I/O on the LUN, under the grant's permit. The executor asks the permit right
-/// before each operation; a LUN that keeps operations in this process before they reach the
-/// wire asks it again at the last moment, so a host frozen in between sends nothing.
+/// Direct I/O on the LUN, under the grant's permit. The executor asks the permit before each
+/// operation, and the LUN again right before the system call that lets the operation out
+/// of this process: one stopped in between (SIGSTOP, a paused process, a throttled cgroup)
+/// sends nothing of it when it resumes, if the grant went meanwhile.
 #[async_trait]
 pub trait LunIo: Send + Sync {
     async fn read(
@@ -53,19 +54,29 @@ pub trait LunIo: Send + Sync {
     async fn flush(&self) -> IoResult<()>;
 }
 
-/// A block device's I/O reaches the kernel within the same turn of the thread that issued it
-/// (io_uring, or a blocking call), and the kernel carries it out even while this process is
-/// stopped: the executor's check just before is as late as a check gets here.
-struct Kernel(Arc<dyn BlockBackend>);
+/// A block device's I/O goes to the kernel right after the engine asked the permit: at once
+/// off the queue workers, at the worker's flush on them (the kernel then carries it out even
+/// while this process is stopped).
+struct Kernel(twinpath_plugin_file::DirectDevice);
 
 #[async_trait]
 impl LunIo for Kernel {
-    async fn read(&self, physical: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> IoResult<()> {
-        self.0.read(physical, bufs).await
+    async fn read(
+        &self,
+        physical: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> IoResult<()> {
+        self.0.read(physical, bufs, permit).await
     }
 
-    async fn write(&self, physical: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> IoResult<()> {
-        self.0.write(physical, bufs).await
+    async fn write(
+        &self,
+        physical: u64,
+        bufs: GuestBuffers,
+        permit: Arc<dyn Permit>,
+    ) -> IoResult<()> {
+        self.0.write(physical, bufs, permit).await
     }
 
     async fn flush(&self) -> IoResult<()> {

@@ -45,4 +45,7 @@ cargo build --workspace --all-targets
 echo "== tests (unit, integration with real clients, QEMU guest)"
 cargo test --workspace -- --include-ignored
 
+echo "== fuzzing, 60 s per target"
+scripts/fuzz.sh
+
 echo "== all tests passed"

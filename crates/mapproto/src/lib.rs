@@ -51,7 +51,7 @@ mod wire;
 pub use client::{MapClient, Recall, Validity};
 pub use handshake::{accept, connect};
 pub use key::{HostKeys, Key};
-pub use wire::{Conn, ConnReader, ConnWriter};
+pub use wire::{decode, Conn, ConnReader, ConnWriter};
 
 use serde::{Deserialize, Serialize};
 use twinpath_filemap::Span;

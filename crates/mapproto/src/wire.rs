@@ -141,11 +141,17 @@ impl<S: AsyncRead> ConnReader<S> {
                     seq,
                 })?;
         }
-        let mut frame: Frame =
-            serde_json::from_slice(&bytes).map_err(|e| ProtoError::Malformed(e.to_string()))?;
-        bounds::check(&mut frame)?;
-        Ok(frame)
+        decode(&bytes)
     }
+}
+
+/// The frame whose plaintext is `bytes`, checked against the protocol's bounds: what either
+/// side makes of what its peer sent.
+pub fn decode(bytes: &[u8]) -> Result<Frame, ProtoError> {
+    let mut frame: Frame =
+        serde_json::from_slice(bytes).map_err(|e| ProtoError::Malformed(e.to_string()))?;
+    bounds::check(&mut frame)?;
+    Ok(frame)
 }
 
 impl<S: AsyncWrite> ConnWriter<S> {

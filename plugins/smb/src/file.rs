@@ -342,7 +342,7 @@ impl Drop for SmbFile {
 /// The data of a READ reply body (MS-SMB2 2.2.20), left in place: StructureSize (17),
 /// DataOffset (from the start of the 64-byte header), Reserved, DataLength, ... A reply whose
 /// fields point outside the frame or carry more than was asked for is refused.
-fn read_payload(body: Vec<u8>, asked: usize) -> Result<SectionData> {
+pub(crate) fn read_payload(body: Vec<u8>, asked: usize) -> Result<SectionData> {
     const HEADER: usize = 64;
     const FIXED: usize = 16;
     let malformed = |why: &str| Error::new(ErrorKind::Io, format!("malformed read reply: {why}"));

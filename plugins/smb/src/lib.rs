@@ -18,6 +18,17 @@
 mod file;
 mod session;
 
+/// The reply handling the fuzz targets (`fuzz/`) drive; built only with `--cfg fuzzing`.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    /// The data a READ reply body carries for a read of `asked` bytes, or why it is refused.
+    pub fn read_payload(body: Vec<u8>, asked: usize) -> Result<Vec<u8>, String> {
+        crate::file::read_payload(body, asked)
+            .map(|d| d.as_slice().to_vec())
+            .map_err(|e| e.to_string())
+    }
+}
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

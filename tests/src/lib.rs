@@ -133,6 +133,13 @@ impl Daemon {
         }
     }
 
+    /// Kills it with SIGKILL (nothing drained, nothing cleaned up) and reaps it.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

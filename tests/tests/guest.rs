@@ -213,6 +213,76 @@ fn qemu_guest_rides_out_a_daemon_restart() {
     assert!(daemon.stop().success());
 }
 
+/// Boots a guest on `sock` that runs fio with verification while the daemon (started from
+/// `config`) is killed with SIGKILL and started again; QEMU reconnects (`reconnect=1`) and
+/// the requests the killed daemon had taken go to the new one.
+fn fio_verify_across_a_daemon_kill(
+    daemon: Daemon,
+    config: &Path,
+    dir: &Path,
+    sock: &Path,
+    log: &Path,
+) {
+    let guest = std::thread::spawn({
+        let (sock, log) = (sock.to_path_buf(), log.to_path_buf());
+        move || boot(&sock, &log, &["twinpath.nonce=crash", "twinpath.crash=1"])
+    });
+    wait_for_console(log, "crash phase", &guest, Duration::from_secs(300));
+    std::thread::sleep(Duration::from_secs(5));
+    daemon.kill();
+    let second = dir.join("after-kill");
+    std::fs::create_dir(&second).unwrap();
+    let daemon = Daemon::start_with(config, &second);
+    let ok = guest.join().unwrap();
+    let console = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        ok && console.contains("crash phase ok"),
+        "guest failed:\n{console}\n--- daemon after the kill ---\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("frontend connected"),
+        "QEMU reconnected:\n{}",
+        daemon.log()
+    );
+    assert!(daemon.stop().success());
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
+fn qemu_guest_fio_verify_survives_a_file_daemon_killed_and_restarted() {
+    let _one = one_guest();
+    let (disk, daemon) = GuestDisk::serve("crash0", "");
+    let config = disk.dir.path().join("twinpath.yaml");
+    fio_verify_across_a_daemon_kill(daemon, &config, disk.dir.path(), &disk.sock, &disk.log);
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
+fn qemu_guest_fio_verify_survives_an_smb_daemon_killed_and_restarted() {
+    let _one = one_guest();
+    let smb = samba::Samba::start();
+    let dir = scratch();
+    let img = smb.share_dir().join("crash.raw");
+    make_image(&img, 64 << 20);
+    let (sock, log) = (dir.path().join("g.sock"), dir.path().join("guest.log"));
+    let pass = dir.path().join("smb.pass");
+    twinpath_tests::write_secret(&pass, samba::PASSWORD);
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!(
+            "disks:\n  - name: smbcrash\n    socket: {}\n    backend:\n      type: smb\n      server: {}\n      share: {}\n      path: crash.raw\n      user: {}\n      password_file: {}\n",
+            sock.display(),
+            smb.addr(),
+            samba::SHARE,
+            samba::USER,
+            pass.display()
+        ),
+    );
+    let config = dir.path().join("twinpath.yaml");
+    fio_verify_across_a_daemon_kill(daemon, &config, dir.path(), &sock, &log);
+}
+
 /// The guest fio runner end to end, in its short form: a twinpath `file` disk and an `smb`
 /// disk against qemu-storage-daemon on the file disk's image, three jobs from configs/fio
 /// (one of them verifying data), a report and a chart.

@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -198,5 +198,129 @@ impl HalfCutRelay {
         for s in self.servers.lock().unwrap().iter() {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+}
+
+/// A relay towards the target that can stop reading from the host (a target, or a network
+/// path, that is slow to take bytes: the host's TCP send queue fills), with a small receive
+/// buffer so that what the host wrote stays in the host's own kernel.
+pub struct StallRelay {
+    port: u16,
+    paused: Arc<AtomicBool>,
+    /// Bytes the relay read from the host after it was resumed.
+    after_resume: Arc<AtomicUsize>,
+    /// The host's side of every relayed connection.
+    clients: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl StallRelay {
+    /// Listens on a free loopback port and relays each connection to `target`.
+    pub fn start(target: SocketAddr) -> StallRelay {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_reuse_address(true).unwrap();
+        // Inherited by accepted sockets: the host's bytes pile up in the host's send queue.
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        sock.listen(16).unwrap();
+        let l: TcpListener = sock.into();
+        let port = l.local_addr().unwrap().port();
+        let paused = Arc::new(AtomicBool::new(false));
+        let after_resume = Arc::new(AtomicUsize::new(0));
+        let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (p, a) = (paused.clone(), after_resume.clone());
+        let cl = clients.clone();
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(mut client) = client else { continue };
+                cl.lock().unwrap().push(client.try_clone().unwrap());
+                let Ok(mut server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (p, a) = (p.clone(), a.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 4096];
+                    let mut was_paused = false;
+                    loop {
+                        while p.load(Ordering::SeqCst) {
+                            was_paused = true;
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        match client.read(&mut buf) {
+                            Ok(0) | Err(_) => {
+                                // Give the target time to act on what it got, then close.
+                                std::thread::sleep(Duration::from_secs(3));
+                                let _ = server.shutdown(Shutdown::Write);
+                                return;
+                            }
+                            Ok(n) => {
+                                if was_paused {
+                                    a.fetch_add(n, Ordering::SeqCst);
+                                }
+                                if server.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    let mut host_gone = false;
+                    loop {
+                        match s2.read(&mut buf) {
+                            Ok(0) | Err(_) => {
+                                let _ = c2.shutdown(Shutdown::Write);
+                                return;
+                            }
+                            Ok(n) => {
+                                // Keep draining the target even once the host is gone.
+                                if !host_gone && c2.write_all(&buf[..n]).is_err() {
+                                    host_gone = true;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        StallRelay {
+            port,
+            paused,
+            after_resume,
+            clients,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Stops (`true`) or resumes reading from the host.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Bytes read from the host after a pause ended.
+    pub fn read_after_pause(&self) -> usize {
+        self.after_resume.load(Ordering::SeqCst)
+    }
+
+    /// Bytes that already left the host: in the relay's receive queues, unread.
+    pub fn queued(&self) -> usize {
+        use std::os::fd::AsRawFd;
+        self.clients
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let mut n: libc::c_int = 0;
+                // SAFETY: FIONREAD writes an int.
+                unsafe { libc::ioctl(c.as_raw_fd(), libc::FIONREAD, &mut n) };
+                n.max(0) as usize
+            })
+            .sum()
     }
 }

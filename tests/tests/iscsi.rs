@@ -7,8 +7,8 @@ use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
 use futures::future::join_all;
@@ -370,5 +370,202 @@ fn the_data_a_target_asks_for_after_the_permit_went_is_never_sent() {
     assert_eq!(
         landed, 0,
         "4 KiB blocks of the write that landed after its permit went"
+    );
+}
+
+/// One 4 KiB WRITE(16) with its immediate data on the wire.
+const PDU: usize = 48 + 4096;
+
+/// Promise 2: a write whose permit was withdrawn, and which the session failed ("nothing of
+/// it goes out"), must never reach the LUN. The gate checks the permit before its write to
+/// the target socket, but what that write put in the kernel's send queue is not discarded
+/// when the connection is dropped (a plain close keeps sending it): a slow target or path
+/// receives it, and writes it, long after the permit went and the request failed.
+#[test]
+fn bytes_in_the_kernel_send_queue_reach_the_lun_after_the_permit_went() {
+    let lun = raw_lun();
+    let dir = scratch();
+    let tgt = Tgtd::start(lun.device(), false, dir.path());
+    let url = IscsiUrl::parse(&tgt.url()).unwrap();
+    let relay = twinpath_tests::relay::StallRelay::start(url.portal.parse().unwrap());
+    let relayed =
+        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let s = Session::connect(&relayed, None, INITIATOR).unwrap();
+    const N: usize = 256;
+    const SPAN: u64 = 8192;
+    let old = pattern(61, N * SPAN as usize);
+    write(&s, 0, old.clone()).unwrap();
+
+    // The target (or the path to it) stops taking bytes for a while.
+    relay.pause(true);
+    let permit = Arc::new(Flag(AtomicBool::new(true)));
+    let started = Instant::now();
+    let results = std::thread::scope(|scope| {
+        let w = scope.spawn(|| {
+            let bufs: Vec<_> = (0..N)
+                .map(|i| GuestBuffers::from_vec(pattern(1000 + i as u64, 4096)))
+                .collect();
+            let futs = bufs.iter().enumerate().map(|(i, (b, _))| {
+                s.write_under(i as u64 * SPAN, b, permit.clone() as Arc<dyn Permit>)
+            });
+            block_on(join_all(futs))
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect::<Vec<_>>()
+        });
+        // The writes are queued and the gate wrote what the socket took; now the lease
+        // runs out (or is recalled, or returned).
+        std::thread::sleep(Duration::from_millis(500));
+        permit.0.store(false, Ordering::SeqCst);
+        w.join().unwrap()
+    });
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    eprintln!(
+        "{failed} of {N} writes failed after {:?}; first error: {:?}",
+        started.elapsed(),
+        results.iter().find_map(|r| r.as_ref().err())
+    );
+    let changed = |now: &[u8]| {
+        now.chunks(SPAN as usize)
+            .zip(old.chunks(SPAN as usize))
+            .filter(|(a, b)| a != b)
+            .count()
+    };
+    let before = changed(&read_direct(&device(&lun), 0, old.len()).unwrap());
+    assert_eq!(before, 0, "blocks changed while the relay held everything");
+    // Every request failed: the caller (san executor) takes it as not written, the lease
+    // goes back, the blocks may go to another file. Now the path drains.
+    assert_eq!(failed, N, "{results:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    // What already left the host (the far side holds it) may land: the network's share.
+    let gone = relay.queued();
+    let allowed = gone.div_ceil(PDU);
+    relay.pause(false);
+    std::thread::sleep(Duration::from_secs(4));
+    let landed = changed(&read_direct(&device(&lun), 0, old.len()).unwrap());
+    eprintln!(
+        "relay read {} bytes from the host after it resumed ({gone} of them had left the host \
+         before)",
+        relay.read_after_pause(),
+    );
+    assert!(
+        landed <= allowed,
+        "{landed} of {N} writes that failed after their permit went landed on the LUN later \
+         (at most {allowed} had left the host before the failure)"
+    );
+}
+
+/// Promise 4 / the change's claim "reads/writes fail at once while no connection is up": the
+/// relogin after a dropped connection is a blocking libiscsi login (and then a blocking READ
+/// CAPACITY) on the service thread, 10 s each at most; a target or path that accepts TCP and
+/// then says nothing (a partition behind a load balancer, a hung target) holds every request
+/// queued meanwhile for that long, again after each retry. On a san disk that is a guest
+/// request stalled ~10 s instead of going over SMB at once.
+#[test]
+fn a_write_during_a_relogin_to_a_silent_target_fails_at_once() {
+    let lun = raw_lun();
+    let dir = scratch();
+    let tgt = Tgtd::start(lun.device(), false, dir.path());
+    let url = IscsiUrl::parse(&tgt.url()).unwrap();
+    let relay = LatencyRelay::start(url.portal.parse().unwrap(), Duration::ZERO);
+    let relayed =
+        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let s = Arc::new(Session::connect(&relayed, None, INITIATOR).unwrap());
+    write(&s, 0, pattern(71, 4096)).unwrap();
+    relay.cut_silently();
+    // This one is unanswered: it fails at the task timeout and the connection is dropped;
+    // the service thread logs in again through the (silent) path.
+    let t = Instant::now();
+    let first = write(&s, 0, pattern(72, 4096));
+    let first_took = t.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let (tx, rx) = mpsc::channel();
+    {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = write(&s, 8192, pattern(73, 4096));
+            let _ = tx.send((r, t.elapsed()));
+        });
+    }
+    let second = rx.recv_timeout(Duration::from_secs(30));
+    // Unblock the service thread (the relay's ends go away) so the test can end.
+    drop(relay);
+    eprintln!("first write: {first:?} after {first_took:?}");
+    eprintln!("second write: {second:?}");
+    assert!(first.is_err());
+    let (r, took) = second.expect("no answer in 30 s");
+    assert!(
+        r.is_err() && took < Duration::from_secs(2),
+        "a write issued while the session logs in again took {took:?}: {r:?}"
+    );
+}
+
+/// Same hole without any close: the gate asks the permits only while bytes wait in its own
+/// buffer. Once one write put everything in the kernel's send queue, the gate holds nothing,
+/// asks nothing, and the kernel sends the queue whenever the target (or path) takes it,
+/// after the permit went: the writes land, and are even reported done.
+#[test]
+fn the_kernel_send_queue_drains_to_the_target_after_the_permit_went() {
+    let lun = raw_lun();
+    let dir = scratch();
+    let tgt = Tgtd::start(lun.device(), false, dir.path());
+    let url = IscsiUrl::parse(&tgt.url()).unwrap();
+    let relay = twinpath_tests::relay::StallRelay::start(url.portal.parse().unwrap());
+    let relayed =
+        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let s = Session::connect(&relayed, None, INITIATOR).unwrap();
+    const N: usize = 64;
+    const SPAN: u64 = 8192;
+    let old = pattern(81, N * SPAN as usize);
+    write(&s, 0, old.clone()).unwrap();
+
+    relay.pause(true);
+    let permit = Arc::new(Flag(AtomicBool::new(true)));
+    let results = std::thread::scope(|scope| {
+        let w = scope.spawn(|| {
+            let bufs: Vec<_> = (0..N)
+                .map(|i| GuestBuffers::from_vec(pattern(2000 + i as u64, 4096)))
+                .collect();
+            let futs = bufs.iter().enumerate().map(|(i, (b, _))| {
+                s.write_under(i as u64 * SPAN, b, permit.clone() as Arc<dyn Permit>)
+            });
+            block_on(join_all(futs))
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // The lease runs out / is recalled past its deadline: nothing more may go out.
+        permit.0.store(false, Ordering::SeqCst);
+        // The server's margin (a tenth of the lease time, at least 1 s) passes; the blocks
+        // may belong to another file now. Then the target takes bytes again.
+        std::thread::sleep(Duration::from_secs(2));
+        let before = read_direct(&device(&lun), 0, old.len()).unwrap() != old;
+        assert!(!before, "blocks changed while the relay held everything");
+        let gone = relay.queued();
+        relay.pause(false);
+        (w.join().unwrap(), gone)
+    });
+    let (results, gone) = results;
+    let allowed = gone.div_ceil(PDU);
+    std::thread::sleep(Duration::from_millis(500));
+    let now = read_direct(&device(&lun), 0, old.len()).unwrap();
+    let landed = now
+        .chunks(SPAN as usize)
+        .zip(old.chunks(SPAN as usize))
+        .filter(|(a, b)| a != b)
+        .count();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    eprintln!(
+        "relay read {} bytes from the host after the permit went ({gone} had left the host \
+         before); {ok} of {N} writes reported done; first error {:?}",
+        relay.read_after_pause(),
+        results.iter().find_map(|r| r.as_ref().err())
+    );
+    assert!(
+        landed <= allowed && ok <= allowed,
+        "{landed} writes landed and {ok} were reported done after their permit was withdrawn \
+         (at most {allowed} had left the host before)"
     );
 }

@@ -123,6 +123,13 @@ api! {
     fn iscsi_set_timeout(iscsi: *mut IscsiContext, timeout: c_int) -> c_int;
     fn iscsi_set_noautoreconnect(iscsi: *mut IscsiContext, state: c_int) -> ();
     fn iscsi_full_connect_sync(iscsi: *mut IscsiContext, portal: *const c_char, lun: c_int) -> c_int;
+    fn iscsi_full_connect_async(
+        iscsi: *mut IscsiContext,
+        portal: *const c_char,
+        lun: c_int,
+        cb: CommandCb,
+        private: *mut c_void,
+    ) -> c_int;
     fn iscsi_get_fd(iscsi: *mut IscsiContext) -> c_int;
     fn iscsi_which_events(iscsi: *mut IscsiContext) -> c_int;
     fn iscsi_service(iscsi: *mut IscsiContext, revents: c_int) -> c_int;

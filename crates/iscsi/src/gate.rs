@@ -8,12 +8,26 @@
 //! check before the loop. So after login libiscsi's socket is swapped for one end of a
 //! socket pair, and the service thread carries the bytes between the pair and the target:
 //! towards the target only right after a check, in a single write system call.
+//!
+//! The kernel's own send queue is the other place bytes could wait: a target or path that
+//! stops taking them leaves them there, to go out whenever it takes them again. So the gate
+//! keeps it short (`TCP_NOTSENT_LOWAT`, and at most that much per write), the service thread
+//! also asks the permits while the kernel holds unsent bytes, and a gate that goes resets its
+//! connection: what the kernel had not sent is dropped, never sent. Only bytes already on the
+//! network can still arrive.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// How many bytes wait in each direction at most.
 const CAPACITY: usize = 1 << 20;
+
+/// The most the kernel holds unsent for the target after a write (it reports the socket
+/// writable only below it, and a write gives it at most this much).
+const UNSENT: usize = 64 << 10;
+
+/// `SIOCOUTQNSD` (linux/sockios.h): bytes in a TCP socket's send queue not sent yet.
+const SIOCOUTQNSD: libc::c_ulong = 0x894b;
 
 pub(crate) struct Gate {
     /// The connection to the target.
@@ -50,6 +64,12 @@ impl Gate {
         if unsafe { libc::dup3(far.as_raw_fd(), fd, libc::O_CLOEXEC) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        set_option(
+            &target,
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            UNSENT as libc::c_int,
+        )?;
         Ok(Gate {
             target,
             near,
@@ -98,15 +118,66 @@ impl Gate {
         self.inbound.drain(&self.near)
     }
 
-    /// Whether bytes wait to go to the target.
+    /// Whether bytes wait to go to the target, here.
     pub(crate) fn holds_outbound(&self) -> bool {
         !self.outbound.is_empty()
     }
 
-    /// Sends what waits for the target with one write (what the socket does not take waits
-    /// for the next check). Call it only right after the permits allowed it.
+    /// Whether bytes wait to go to the target, here or unsent in the kernel.
+    pub(crate) fn holds_unsent(&self) -> bool {
+        let mut unsent: libc::c_int = 0;
+        // SAFETY: SIOCOUTQNSD writes one int through the pointer.
+        let r = unsafe { libc::ioctl(self.target.as_raw_fd(), SIOCOUTQNSD, &mut unsent) };
+        self.holds_outbound() || r < 0 || unsent > 0
+    }
+
+    /// Sends what waits for the target, at most [`UNSENT`] bytes, with one write (the rest
+    /// waits for the next check). Call it only right after the permits allowed it.
     pub(crate) fn send(&mut self) -> io::Result<()> {
-        self.outbound.write(&self.target).map(|_| ())
+        self.outbound.write(&self.target, UNSENT).map(|_| ())
+    }
+}
+
+impl Drop for Gate {
+    /// The close resets the connection: the kernel drops what it had not sent yet.
+    fn drop(&mut self) {
+        let reset = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: sets a linger struct option on our socket.
+        unsafe {
+            libc::setsockopt(
+                self.target.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::addr_of!(reset).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+    }
+}
+
+fn set_option(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: sets an int option on our socket from a live int.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -173,16 +244,16 @@ impl Bytes {
     /// Writes to `to` until it takes nothing more or this is empty.
     fn drain(&mut self, to: &OwnedFd) -> io::Result<()> {
         while !self.is_empty() {
-            if self.write(to)? == 0 {
+            if self.write(to, CAPACITY)? == 0 {
                 break;
             }
         }
         Ok(())
     }
 
-    /// One write; how much it took (0 if `to` would block).
-    fn write(&mut self, to: &OwnedFd) -> io::Result<usize> {
-        let waiting = &self.data[self.start..self.end];
+    /// One write of at most `most` bytes; how much it took (0 if `to` would block).
+    fn write(&mut self, to: &OwnedFd, most: usize) -> io::Result<usize> {
+        let waiting = &self.data[self.start..self.end.min(self.start + most)];
         let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
         // SAFETY: sends from our buffer; a closed peer gives EPIPE, not SIGPIPE.
         let n = unsafe {

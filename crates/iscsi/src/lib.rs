@@ -17,6 +17,7 @@ mod url;
 
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,43 @@ struct Login {
 impl Login {
     /// A new context, logged in to the LUN. Blocks.
     fn connect(&self) -> std::result::Result<Context, String> {
+        let ctx = self.context()?;
+        let lun = c_int::from(self.url.lun);
+        // SAFETY: the context is live and the portal outlives the call.
+        if unsafe { (lib().iscsi_full_connect_sync)(ctx.0, self.portal.as_ptr(), lun) } != 0 {
+            return Err(format!("login failed: {}", ctx.error()));
+        }
+        Ok(ctx)
+    }
+
+    /// A login under way on a new context, driven by the service thread's poll loop.
+    fn start(&self) -> std::result::Result<Attempt, String> {
+        let ctx = self.context()?;
+        let status = Box::new(AtomicI32::new(LOGIN_PENDING));
+        let lun = c_int::from(self.url.lun);
+        // SAFETY: the context is live, the portal outlives the call, and `status` outlives
+        // the context (an Attempt drops its context first).
+        let r = unsafe {
+            (lib().iscsi_full_connect_async)(
+                ctx.0,
+                self.portal.as_ptr(),
+                lun,
+                on_login,
+                std::ptr::from_ref::<AtomicI32>(&status).cast_mut().cast(),
+            )
+        };
+        if r != 0 {
+            return Err(format!("login failed: {}", ctx.error()));
+        }
+        Ok(Attempt {
+            ctx,
+            status,
+            deadline: Instant::now() + LOGIN_TIMEOUT,
+        })
+    }
+
+    /// A new context with the session's settings, not connected.
+    fn context(&self) -> std::result::Result<Context, String> {
         // SAFETY: a NUL-terminated name; a null return is checked.
         let raw = unsafe { (lib().iscsi_create_context)(self.initiator.as_ptr()) };
         if raw.is_null() {
@@ -138,13 +176,31 @@ impl Login {
                 return Err(format!("CHAP: {}", ctx.error()));
             }
         }
-        let lun = c_int::from(self.url.lun);
-        // SAFETY: as above.
-        if unsafe { (lib().iscsi_full_connect_sync)(ctx.0, self.portal.as_ptr(), lun) } != 0 {
-            return Err(format!("login failed: {}", ctx.error()));
-        }
         Ok(ctx)
     }
+}
+
+/// How long a login again may take before it is given up (and tried again a second later).
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The status of a login whose callback has not run.
+const LOGIN_PENDING: i32 = i32::MIN;
+
+/// A login again under way. The context goes first: its callback may still run as it goes.
+struct Attempt {
+    ctx: Context,
+    status: Box<AtomicI32>,
+    deadline: Instant,
+}
+
+extern "C" fn on_login(
+    _iscsi: *mut ffi::IscsiContext,
+    status: c_int,
+    _data: *mut c_void,
+    private: *mut c_void,
+) {
+    // SAFETY: `private` is the Attempt's status, which outlives its context.
+    unsafe { &*private.cast::<AtomicI32>() }.store(status, Ordering::Release);
 }
 
 /// libiscsi, which [`Session::connect`] loaded before any context or task existed.
@@ -523,21 +579,13 @@ impl Outstanding {
 }
 
 /// A logged-in connection. The context goes first (its tasks' callbacks run), then the gate
-/// (the connection closes).
+/// (the connection is reset).
 struct Link {
     ctx: Context,
     gate: Gate,
 }
 
 impl Link {
-    fn up(login: &Login) -> std::result::Result<Link, String> {
-        let ctx = login.connect()?;
-        // A new session gets a UNIT ATTENTION (power on, reset) on its first command: let
-        // this one take it, not a guest's I/O.
-        let _ = read_capacity(&ctx, login.url.lun);
-        Link::adopt(ctx)
-    }
-
     /// The connection of `ctx`, just logged in, with no task yet.
     fn adopt(ctx: Context) -> std::result::Result<Link, String> {
         // SAFETY (these calls): the context is live and logged in.
@@ -555,16 +603,27 @@ impl Link {
     }
 }
 
+/// Where the service thread's connection is.
+enum Connection {
+    Up(Link),
+    /// Logging in again, without blocking the thread: reads and writes fail meanwhile.
+    LoggingIn(Attempt),
+    /// Down; the next login starts then.
+    Down(Instant),
+}
+
 /// The service thread: runs commands and the connection until the session is dropped.
 ///
 /// Everything a task sends (its command, and the data the target asks for with R2T) may
 /// leave long after the task was queued: the socket may be full, the target may ask for data
 /// late, the process may have been stopped in between. So libiscsi's bytes wait in the
-/// [`Gate`], and right before each write to the target the permits of all live tasks are
-/// asked again; if one was withdrawn, no byte more goes out on this connection: it is closed
-/// with every task on it (the target discards commands whose data never came) and a new one
-/// is logged in. A task unanswered for [`TASK_TIMEOUT`] ends its connection the same way,
-/// so nothing of a request that failed can reach the target later.
+/// [`Gate`], and right before each write to the target, and on every turn while the kernel
+/// still holds unsent bytes, the permits of all live tasks are asked again; if one was
+/// withdrawn, no byte more goes out on this connection: it is reset with every task on it
+/// (the target discards commands whose data never came) and a new one is logged in. A task
+/// unanswered for [`TASK_TIMEOUT`] ends its connection the same way, so nothing of a
+/// request that failed can reach the target later. Logins again run inside this loop, so
+/// that requests fail at once meanwhile instead of waiting for a silent target.
 fn serve(
     ctx: Context,
     login: &Login,
@@ -574,62 +633,89 @@ fn serve(
 ) {
     let name = login.url.to_string();
     let lun = c_int::from(login.url.lun);
-    let mut link = None;
-    let mut first = Some(ctx);
+    let mut conn = match Link::adopt(ctx) {
+        Ok(l) => Connection::Up(l),
+        Err(e) => {
+            tracing::warn!(lun = name, "{e}");
+            Connection::Down(Instant::now())
+        }
+    };
     let mut tasks: Vec<Outstanding> = Vec::new();
     // Flushes and reservation commands that came while no connection was up: they wait for
     // the next one (a flush after a target restart must reach the target), at most
     // TASK_TIMEOUT. Reads and writes fail at once instead; their callers have another path.
     let mut parked: Vec<(Instant, Cmd)> = Vec::new();
-    let mut login_at = Instant::now();
     loop {
         tasks.retain(|t| t.slot.strong_count() > 0);
         let now = Instant::now();
-        if link.is_some() && tasks.iter().any(|t| t.due <= now) {
+        if matches!(conn, Connection::Up(_)) && tasks.iter().any(|t| t.due <= now) {
             tracing::warn!(lun = name, "no answer from the target in {TASK_TIMEOUT:?}");
-            drop_connection(&mut link, &mut tasks, &timed_out());
-        }
-        if link.is_none() && now >= login_at {
-            let up = match first.take() {
-                Some(ctx) => Link::adopt(ctx),
-                None => Link::up(login),
-            };
-            match up {
-                Ok(l) => {
-                    for (_, cmd) in parked.drain(..) {
-                        tasks.extend(issue(&l.ctx, lun, block_size, cmd));
-                    }
-                    link = Some(l);
-                }
-                Err(e) => {
-                    tracing::warn!(lun = name, "logging in again: {e}");
-                    login_at = now + RELOGIN_EVERY;
-                }
-            }
+            close(&mut conn, &mut tasks, &timed_out(), now + RELOGIN_EVERY);
         }
         while parked.first().is_some_and(|(due, _)| *due <= now) {
             parked.remove(0).1.fail(timed_out());
         }
+        conn = match conn {
+            Connection::Down(at) if now >= at => match login.start() {
+                Ok(attempt) => Connection::LoggingIn(attempt),
+                Err(e) => {
+                    tracing::warn!(lun = name, "logging in again: {e}");
+                    Connection::Down(now + RELOGIN_EVERY)
+                }
+            },
+            Connection::LoggingIn(attempt) => match attempt.status.load(Ordering::Acquire) {
+                LOGIN_PENDING if now < attempt.deadline => Connection::LoggingIn(attempt),
+                ffi::SCSI_STATUS_GOOD => match Link::adopt(attempt.ctx) {
+                    Ok(l) => {
+                        tracing::info!(lun = name, "logged in again");
+                        for (_, cmd) in parked.drain(..) {
+                            tasks.extend(issue(&l.ctx, lun, block_size, cmd));
+                        }
+                        Connection::Up(l)
+                    }
+                    Err(e) => {
+                        tracing::warn!(lun = name, "{e}");
+                        Connection::Down(now + RELOGIN_EVERY)
+                    }
+                },
+                status => {
+                    let why = match status {
+                        LOGIN_PENDING => format!("no login in {LOGIN_TIMEOUT:?}"),
+                        _ => attempt.ctx.error(),
+                    };
+                    tracing::warn!(lun = name, "logging in again: {why}");
+                    Connection::Down(now + RELOGIN_EVERY)
+                }
+            },
+            other => other,
+        };
         let mut fds = [pollfd(-1, 0); 4];
-        if let Some(l) = &link {
+        let ctx = match &conn {
+            Connection::Up(l) => {
+                [fds[1], fds[2]] = l.gate.interest();
+                Some(&l.ctx)
+            }
+            Connection::LoggingIn(a) => Some(&a.ctx),
+            Connection::Down(_) => None,
+        };
+        if let Some(ctx) = ctx {
             // SAFETY: the context is live; these only read its state.
             let (fd, events) = unsafe {
                 (
-                    (lib().iscsi_get_fd)(l.ctx.0),
-                    (lib().iscsi_which_events)(l.ctx.0),
+                    (lib().iscsi_get_fd)(ctx.0),
+                    (lib().iscsi_which_events)(ctx.0),
                 )
             };
             fds[0] = pollfd(fd, events as i16);
-            [fds[1], fds[2]] = l.gate.interest();
         }
         fds[3] = pollfd(wake.as_raw_fd(), libc::POLLIN);
-        // A timeout, so that overdue tasks and logins again are seen to while idle.
+        // A timeout, so that overdue tasks, permits and logins are seen to while idle.
         // SAFETY: four valid pollfds (poll skips the negative ones).
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 4, 250) };
         if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
             tracing::error!(lun = name, "poll: {}", std::io::Error::last_os_error());
             let closed = Error::new(ErrorKind::Io, "the iSCSI service thread stopped");
-            drop_connection(&mut link, &mut tasks, &closed);
+            close(&mut conn, &mut tasks, &closed, Instant::now());
             return;
         }
         if fds[3].revents != 0 {
@@ -638,57 +724,73 @@ fn serve(
             unsafe { libc::read(wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
             loop {
                 match commands.try_recv() {
-                    Ok(cmd) => match &link {
-                        Some(l) => tasks.extend(issue(&l.ctx, lun, block_size, cmd)),
-                        None if matches!(cmd, Cmd::Io { .. }) => cmd.fail(Error::new(
+                    Ok(cmd) => match &conn {
+                        Connection::Up(l) => tasks.extend(issue(&l.ctx, lun, block_size, cmd)),
+                        _ if matches!(cmd, Cmd::Io { .. }) => cmd.fail(Error::new(
                             ErrorKind::Io,
                             "not logged in (the connection was closed; logging in again)",
                         )),
-                        None => parked.push((Instant::now() + TASK_TIMEOUT, cmd)),
+                        _ => parked.push((Instant::now() + TASK_TIMEOUT, cmd)),
                     },
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         // Parked commands fail as they are dropped (session closed).
                         let closed = Error::new(ErrorKind::Io, "session closed");
-                        drop_connection(&mut link, &mut tasks, &closed);
+                        close(&mut conn, &mut tasks, &closed, Instant::now());
                         return;
                     }
                 }
             }
         }
-        let Some(l) = &mut link else { continue };
-        // The target's bytes to libiscsi, libiscsi's turn (both ways: its socket is local and
-        // never blocks long), and what it wrote into the gate.
-        let moved = l.gate.pump().map_err(|e| e.to_string()).and_then(|()| {
-            let both = c_int::from(libc::POLLIN | libc::POLLOUT);
-            // SAFETY: the context is live; callbacks run inside and only touch their Pending.
-            match unsafe { (lib().iscsi_service)(l.ctx.0, both) } {
-                0.. => l.gate.pump().map_err(|e| e.to_string()),
-                _ => Err(l.ctx.error()),
+        match &mut conn {
+            Connection::Up(l) => {
+                if let Err(e) = turn(l, &tasks) {
+                    let retry = match e.kind() {
+                        ErrorKind::Timeout => {
+                            tracing::warn!(
+                                lun = name,
+                                "a task's permit was withdrawn before all of it was sent: \
+                                 resetting the connection with every task on it, so that \
+                                 nothing more of it goes out"
+                            );
+                            Instant::now()
+                        }
+                        _ => {
+                            tracing::warn!(lun = name, "{e}; logging in again");
+                            Instant::now() + RELOGIN_EVERY
+                        }
+                    };
+                    close(&mut conn, &mut tasks, &e, retry);
+                }
             }
-        });
-        let sent = match moved {
-            Ok(()) if !l.gate.holds_outbound() => Ok(()),
-            Ok(()) if tasks.iter().any(Outstanding::withdrawn) => {
-                tracing::warn!(
-                    lun = name,
-                    "a task's permit was withdrawn before all of it was sent: closing the \
-                     connection with every task on it, so that nothing more of it goes out"
-                );
-                let why = Error::new(ErrorKind::Timeout, "the permit was withdrawn");
-                drop_connection(&mut link, &mut tasks, &why);
-                login_at = Instant::now();
-                continue;
+            Connection::LoggingIn(a) => {
+                // SAFETY: the context is live; the login's callback runs inside.
+                unsafe { (lib().iscsi_service)(a.ctx.0, c_int::from(fds[0].revents)) };
             }
-            Ok(()) => l.gate.send().map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
-            tracing::warn!(lun = name, "iSCSI connection: {e}; logging in again");
-            let why = Error::new(ErrorKind::Io, format!("iSCSI connection: {e}"));
-            drop_connection(&mut link, &mut tasks, &why);
+            Connection::Down(_) => {}
         }
     }
+}
+
+/// One turn of a logged-in connection: the target's bytes to libiscsi, libiscsi's turn (both
+/// ways: its socket is local and never blocks long), what it wrote into the gate, then the
+/// permits and at most one write to the target.
+fn turn(l: &mut Link, tasks: &[Outstanding]) -> Result<()> {
+    let broken = |e: String| Error::new(ErrorKind::Io, format!("iSCSI connection: {e}"));
+    l.gate.pump().map_err(|e| broken(e.to_string()))?;
+    let both = c_int::from(libc::POLLIN | libc::POLLOUT);
+    // SAFETY: the context is live; callbacks run inside and only touch their Pending.
+    if unsafe { (lib().iscsi_service)(l.ctx.0, both) } < 0 {
+        return Err(broken(l.ctx.error()));
+    }
+    l.gate.pump().map_err(|e| broken(e.to_string()))?;
+    if l.gate.holds_unsent() && tasks.iter().any(Outstanding::withdrawn) {
+        return Err(Error::new(ErrorKind::Timeout, "the permit was withdrawn"));
+    }
+    if l.gate.holds_outbound() {
+        l.gate.send().map_err(|e| broken(e.to_string()))?;
+    }
+    Ok(())
 }
 
 fn pollfd(fd: c_int, events: i16) -> libc::pollfd {
@@ -700,14 +802,15 @@ fn pollfd(fd: c_int, events: i16) -> libc::pollfd {
 }
 
 /// Closes the connection with every task on it: their requests fail with `why`, then
-/// libiscsi lets go of the tasks (their callbacks run, and find the requests answered).
-fn drop_connection(link: &mut Option<Link>, tasks: &mut Vec<Outstanding>, why: &Error) {
+/// libiscsi lets go of the tasks (their callbacks run, and find the requests answered), and
+/// the connection is reset. The next login starts at `retry`.
+fn close(conn: &mut Connection, tasks: &mut Vec<Outstanding>, why: &Error, retry: Instant) {
     for t in tasks.drain(..) {
         if let Some(slot) = t.slot.upgrade() {
             finish(&slot, Err(Error::new(why.kind(), why.to_string())));
         }
     }
-    *link = None;
+    *conn = Connection::Down(retry);
 }
 
 fn timed_out() -> Error {

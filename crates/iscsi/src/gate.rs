@@ -24,7 +24,7 @@ const CAPACITY: usize = 1 << 20;
 
 /// The most the kernel holds unsent for the target after a write (it reports the socket
 /// writable only below it, and a write gives it at most this much).
-const UNSENT: usize = 64 << 10;
+const UNSENT: usize = 256 << 10;
 
 /// `SIOCOUTQNSD` (linux/sockios.h): bytes in a TCP socket's send queue not sent yet.
 const SIOCOUTQNSD: libc::c_ulong = 0x894b;
@@ -58,6 +58,12 @@ impl Gate {
         }
         // SAFETY: both were just made and are owned by nobody else.
         let (far, near) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        // Room for a whole large write each way, so that one turn moves it.
+        for fd in [&far, &near] {
+            for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+                set_option(fd, libc::SOL_SOCKET, option, CAPACITY as libc::c_int)?;
+            }
+        }
         // libiscsi's descriptor number now names the pair's far end (non-blocking, as
         // libiscsi wants); the connection lives on in `target`.
         // SAFETY: `fd` is libiscsi's open descriptor and `far` a valid one.

@@ -317,3 +317,57 @@ fn chains_of_one_byte_segments_are_refused_before_they_cost_memory() {
         (peak - before) / MIB
     );
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Found by fuzzing the device (fuzz/fuzz_targets/device.rs): every connection leaked an
+/// eventfd (vhost-user-backend registers the worker's exit eventfd with its epoll and never
+/// closes it), so a frontend reconnecting in a loop ran the daemon out of descriptors, and
+/// every disk with it. Connections that hang up at once, and ones that set up memory and a
+/// queue and read, must leave the daemon with the descriptors it had.
+#[test]
+fn a_frontend_reconnecting_in_a_loop_leaves_the_daemon_no_descriptors_behind() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
+    let pid = daemon.pid();
+    // One full connection first: later ones find their disk as it stays.
+    drop(RawFrontend::connect(&vsock, MIB as usize));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = open_fds(pid);
+    for _ in 0..300 {
+        drop(std::os::unix::net::UnixStream::connect(&vsock).unwrap());
+    }
+    for _ in 0..20 {
+        let mut fe = RawFrontend::connect(&vsock, MIB as usize);
+        let seg = Seg {
+            addr: DATA,
+            len: 4096,
+            write: true,
+        };
+        let n = fe.read(0, &[seg]);
+        fe.kick();
+        assert!(
+            fe.wait_used(1, Duration::from_secs(5)),
+            "a read was not answered"
+        );
+        assert_eq!(fe.status(n), 0);
+    }
+    // The last connections end asynchronously: give the daemon a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_fds(pid) > before + 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = open_fds(pid);
+    assert!(
+        after <= before + 4,
+        "the daemon held {before} descriptors before 320 connections and {after} after"
+    );
+    assert!(daemon.is_running());
+    let mut other = Client::connect(&osock, &ClientOptions::default()).unwrap();
+    other.write(0, 0, &pattern(3, 4096)).unwrap();
+    assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(3, 4096));
+}

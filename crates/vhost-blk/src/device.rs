@@ -122,6 +122,9 @@ struct Inner {
     watched: Mutex<Vec<Watched>>,
     /// Ends this connection (set once it is up).
     hang_up: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// The exit eventfds handed to vhost-user-backend, which registers them with its epoll
+    /// by `into_raw_fd` and never closes them (0.24): closed by [`BlkDevice::release`].
+    exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
 /// The device state of one frontend connection.
@@ -156,6 +159,7 @@ impl BlkDevice {
             queues,
             watched: Mutex::default(),
             hang_up: Mutex::default(),
+            exit_fds: Mutex::default(),
         })))
     }
 
@@ -173,6 +177,18 @@ impl BlkDevice {
     /// How to end this connection, for a frontend that breaks the rules.
     pub fn set_hang_up(&self, handle: Option<vhost_user_backend::ShutdownHandle>) {
         *lock(&self.0.hang_up) = handle;
+    }
+
+    /// Frees what the connection's vhost-user daemon leaves behind, once it is dropped (its
+    /// worker threads joined, their epoll closed): without this every connection leaked an
+    /// eventfd, and a frontend reconnecting in a loop ran the whole daemon out of descriptors.
+    pub fn release(&self) {
+        *lock(&self.0.hang_up) = None;
+        for fd in lock(&self.0.exit_fds).drain(..) {
+            // SAFETY: an eventfd this device made for the daemon, which only registered it
+            // with the epoll it has closed by now; nobody else holds this number.
+            unsafe { libc::close(fd) };
+        }
     }
 
     /// Ends the connection if its frontend shrank guest memory under the device (the
@@ -559,7 +575,10 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock(&self.0.exit_fds).push(std::os::fd::AsRawFd::as_raw_fd(&consumer));
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -176,6 +176,7 @@ fn serve_one(disk: &Arc<Disk>, listener: &mut Listener, state: &State) -> io::Re
     };
     lock(&state.connection).take();
     drop(daemon);
+    device.release();
     let abandoned = device.inflight();
     device.abandon();
     // A request dropped here may still have a write on its way to the image (a bounce, a

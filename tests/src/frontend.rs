@@ -80,6 +80,22 @@ impl RawFrontend {
         file_len: Option<usize>,
         protocol: bool,
     ) -> Result<RawFrontend, String> {
+        Self::try_connect_features(socket, data_len, file_len, protocol, 0)
+    }
+
+    /// [`RawFrontend::connect`] that also acks VIRTIO_RING_F_EVENT_IDX (the device then
+    /// looks for more chains after it re-arms notifications).
+    pub fn connect_event_idx(socket: &Path, data_len: usize) -> RawFrontend {
+        Self::try_connect_features(socket, data_len, None, false, 1 << 29).unwrap()
+    }
+
+    fn try_connect_features(
+        socket: &Path,
+        data_len: usize,
+        file_len: Option<usize>,
+        protocol: bool,
+        extra_features: u64,
+    ) -> Result<RawFrontend, String> {
         let size = DATA as usize + data_len;
         // SAFETY: plain syscalls; the descriptor is owned by the File from here on.
         let memfd = unsafe {
@@ -113,7 +129,9 @@ impl RawFrontend {
         } else {
             VIRTIO_F_VERSION_1
         };
-        frontend.set_features(want).map_err(step("set_features"))?;
+        frontend
+            .set_features(want | (features & extra_features))
+            .map_err(step("set_features"))?;
         if protocol {
             let pf = frontend
                 .get_protocol_features()
@@ -231,6 +249,18 @@ impl RawFrontend {
         }
         self.desc(status, 1, F_WRITE);
         self.publish(head)
+    }
+
+    /// Makes available a "chain" whose head is outside the descriptor table: what a broken
+    /// or hostile driver can put in the available ring.
+    pub fn post_bad_head(&mut self) -> u16 {
+        self.publish(QUEUE_SIZE + 7)
+    }
+
+    /// Sets the available ring's index further ahead than the ring has entries.
+    pub fn post_bad_avail_index(&mut self) {
+        let idx = self.posted.wrapping_add(QUEUE_SIZE + 10);
+        self.write_at(AVAIL + 2, idx.to_le());
     }
 
     /// Makes the chain at `head` available to the device; returns the request's number.

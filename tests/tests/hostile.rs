@@ -371,3 +371,67 @@ fn a_frontend_reconnecting_in_a_loop_leaves_the_daemon_no_descriptors_behind() {
     other.write(0, 0, &pattern(3, 4096)).unwrap();
     assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(3, 4096));
 }
+
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Found by fuzzing the device: an available ring whose index runs further ahead than the
+/// ring has entries, with EVENT_IDX, made the queue's worker go round forever (nothing could
+/// be popped, yet the ring said there was more): a CPU taken from the other disks, and a
+/// connection that could never end (its worker was never free to see the exit), so the disk
+/// took no other frontend. Now the queue stalls until the driver resets it, and nothing
+/// spins. A head outside the descriptor table, the other broken entry, is checked too.
+#[test]
+fn a_broken_available_ring_spins_no_worker_and_blocks_no_reconnect() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
+    let pid = daemon.pid();
+    let seg = Seg {
+        addr: DATA,
+        len: 4096,
+        write: true,
+    };
+    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
+    let first = fe.read(0, &[seg]);
+    fe.kick();
+    assert!(fe.wait_used(1, Duration::from_secs(5)));
+    assert_eq!(fe.status(first), 0);
+    fe.post_bad_head();
+    fe.kick();
+    std::thread::sleep(Duration::from_millis(100));
+    fe.post_bad_avail_index();
+    fe.kick();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    // 100 ticks a second: a spinning worker would use about 200.
+    assert!(
+        used < 50,
+        "the daemon used {used} ticks in 2 s with the broken ring queued"
+    );
+    let mut other = Client::connect(&osock, &ClientOptions::default()).unwrap();
+    other.write(0, 0, &pattern(4, 4096)).unwrap();
+    assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(4, 4096));
+    // The broken frontend goes; the next one is served.
+    drop(fe);
+    let mut next = RawFrontend::connect(&vsock, MIB as usize);
+    let n = next.read(0, &[seg]);
+    next.kick();
+    assert!(
+        next.wait_used(1, Duration::from_secs(10)),
+        "the next frontend was not served:\n{}",
+        daemon.log()
+    );
+    assert_eq!(next.status(n), 0);
+    assert!(daemon.is_running());
+}

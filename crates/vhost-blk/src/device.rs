@@ -266,6 +266,7 @@ impl BlkDevice {
         let mut inflight = lock(&queue.inflight);
         loop {
             let popping = pop && !self.0.disk.is_draining();
+            let mut broken = false;
             if popping {
                 if event_idx {
                     vring.disable_notification().map_err(io::Error::other)?;
@@ -275,7 +276,16 @@ impl BlkDevice {
                         .get_mut()
                         .get_queue_mut()
                         .pop_descriptor_chain(mem.clone());
-                    let Some(chain) = chain else { break };
+                    let Some(chain) = chain else {
+                        // Nothing popped although the ring is not empty: it names a
+                        // descriptor outside the table.
+                        let state = vring.get_ref();
+                        let q = state.get_queue();
+                        broken = q
+                            .avail_idx(&*mem, Ordering::Acquire)
+                            .is_ok_and(|idx| idx.0 != q.next_avail());
+                        break;
+                    };
                     let head = chain.head_index();
                     match request::parse(&*mem, chain, &limits) {
                         Ok(req) => inflight.push(self.run(head, req, mem.clone())),
@@ -309,6 +319,15 @@ impl BlkDevice {
             }
             // New chains may have arrived between the last pop and re-enabling notifications.
             if !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+            // Going round again for a ring that names a descriptor outside the table would
+            // spin this worker (and its CPU) forever; the queue stays stuck until the driver
+            // resets it.
+            if broken {
+                self.0
+                    .disk
+                    .note_rejected("the available ring names a descriptor outside the table");
                 break;
             }
         }

@@ -277,13 +277,14 @@ impl BlkDevice {
                         .get_queue_mut()
                         .pop_descriptor_chain(mem.clone());
                     let Some(chain) = chain else {
-                        // Nothing popped although the ring is not empty: it names a
-                        // descriptor outside the table.
+                        // An index further ahead than the ring has entries: nothing will ever
+                        // pop, yet the ring never looks empty. (A queue not ready yet, after
+                        // a reconnect, also pops nothing for a while: that one resolves.)
                         let state = vring.get_ref();
                         let q = state.get_queue();
                         broken = q
                             .avail_idx(&*mem, Ordering::Acquire)
-                            .is_ok_and(|idx| idx.0 != q.next_avail());
+                            .is_ok_and(|idx| idx.0.wrapping_sub(q.next_avail()) > q.size());
                         break;
                     };
                     let head = chain.head_index();
@@ -321,13 +322,12 @@ impl BlkDevice {
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
-            // Going round again for a ring that names a descriptor outside the table would
-            // spin this worker (and its CPU) forever; the queue stays stuck until the driver
-            // resets it.
+            // Going round again for such a ring would spin this worker (and its CPU)
+            // forever; the queue stays stuck until the driver resets it.
             if broken {
                 self.0
                     .disk
-                    .note_rejected("the available ring names a descriptor outside the table");
+                    .note_rejected("the available ring's index runs ahead of its entries");
                 break;
             }
         }

@@ -135,13 +135,17 @@ fn qemu_guest_writes_reads_and_verifies_a_file_disk() {
     verify_in_guest(daemon, &disk.sock, &disk.log, &disk.img, "tp-guest0");
 }
 
-#[test]
-#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
-fn qemu_guest_writes_reads_and_verifies_an_smb_disk() {
-    let _one = one_guest();
-    let smb = samba::Samba::start();
+/// A 64 MiB `smb` disk `name` (extra disk keys in `extra`) on `smb`'s share for a guest,
+/// served by a fresh daemon: (its directory, the image on the share, socket, console log,
+/// the daemon).
+fn smb_guest_disk(
+    smb: &samba::Samba,
+    name: &str,
+    extra: &str,
+) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, Daemon) {
     let dir = scratch();
-    let img = smb.share_dir().join("guest.raw");
+    let image = format!("{name}.raw");
+    let img = smb.share_dir().join(&image);
     make_image(&img, 64 << 20);
     let (sock, log) = (dir.path().join("g.sock"), dir.path().join("guest.log"));
     let pass = dir.path().join("smb.pass");
@@ -149,7 +153,7 @@ fn qemu_guest_writes_reads_and_verifies_an_smb_disk() {
     let daemon = Daemon::start(
         dir.path(),
         &format!(
-            "disks:\n  - name: smbguest\n    socket: {}\n    serial: tp-smb0\n    backend:\n      type: smb\n      server: {}\n      share: {}\n      path: guest.raw\n      user: {}\n      password_file: {}\n",
+            "disks:\n  - name: {name}\n    socket: {}\n{extra}    backend:\n      type: smb\n      server: {}\n      share: {}\n      path: {image}\n      user: {}\n      password_file: {}\n",
             sock.display(),
             smb.addr(),
             samba::SHARE,
@@ -157,6 +161,15 @@ fn qemu_guest_writes_reads_and_verifies_an_smb_disk() {
             pass.display()
         ),
     );
+    (dir, img, sock, log, daemon)
+}
+
+#[test]
+#[ignore = "boots a QEMU guest; scripts/test.sh runs it"]
+fn qemu_guest_writes_reads_and_verifies_an_smb_disk() {
+    let _one = one_guest();
+    let smb = samba::Samba::start();
+    let (_dir, img, sock, log, daemon) = smb_guest_disk(&smb, "smbguest", "    serial: tp-smb0\n");
     verify_in_guest(daemon, &sock, &log, &img, "tp-smb0");
 }
 
@@ -262,23 +275,7 @@ fn qemu_guest_fio_verify_survives_a_file_daemon_killed_and_restarted() {
 fn qemu_guest_fio_verify_survives_an_smb_daemon_killed_and_restarted() {
     let _one = one_guest();
     let smb = samba::Samba::start();
-    let dir = scratch();
-    let img = smb.share_dir().join("crash.raw");
-    make_image(&img, 64 << 20);
-    let (sock, log) = (dir.path().join("g.sock"), dir.path().join("guest.log"));
-    let pass = dir.path().join("smb.pass");
-    twinpath_tests::write_secret(&pass, samba::PASSWORD);
-    let daemon = Daemon::start(
-        dir.path(),
-        &format!(
-            "disks:\n  - name: smbcrash\n    socket: {}\n    backend:\n      type: smb\n      server: {}\n      share: {}\n      path: crash.raw\n      user: {}\n      password_file: {}\n",
-            sock.display(),
-            smb.addr(),
-            samba::SHARE,
-            samba::USER,
-            pass.display()
-        ),
-    );
+    let (dir, _img, sock, log, daemon) = smb_guest_disk(&smb, "smbcrash", "");
     let config = dir.path().join("twinpath.yaml");
     fio_verify_across_a_daemon_kill(daemon, &config, dir.path(), &sock, &log);
 }

@@ -345,8 +345,7 @@ fn the_data_a_target_asks_for_after_the_permit_went_is_never_sent() {
     // 150 ms each way: the target's request for the data (R2T) comes 300 ms after the
     // command left, and the permit goes in between.
     let relay = LatencyRelay::start(url.portal.parse().unwrap(), Duration::from_millis(150));
-    let relayed =
-        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let relayed = via(&tgt, relay.addr());
     let s = Session::connect(&relayed, None, INITIATOR).unwrap();
     let old = pattern(51, 4 * MIB as usize);
     write(&s, 0, old.clone()).unwrap();
@@ -373,6 +372,33 @@ fn the_data_a_target_asks_for_after_the_permit_went_is_never_sent() {
     );
 }
 
+/// The target's LUN, reached through `relay`.
+fn via(tgt: &Tgtd, relay: std::net::SocketAddr) -> IscsiUrl {
+    let url = IscsiUrl::parse(&tgt.url()).unwrap();
+    IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.to_string())).unwrap()
+}
+
+/// `n` 4 KiB writes under `permit`, every `span` bytes from 0, all at once; their results.
+fn writes_under(
+    s: &Session,
+    n: usize,
+    span: u64,
+    seed: u64,
+    permit: Arc<Flag>,
+) -> Vec<Result<(), String>> {
+    let bufs: Vec<_> = (0..n)
+        .map(|i| GuestBuffers::from_vec(pattern(seed + i as u64, 4096)))
+        .collect();
+    let futs = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, (b, _))| s.write_under(i as u64 * span, b, permit.clone() as Arc<dyn Permit>));
+    block_on(join_all(futs))
+        .into_iter()
+        .map(|r| r.map_err(|e| e.to_string()))
+        .collect()
+}
+
 /// One 4 KiB WRITE(16) with its immediate data on the wire.
 const PDU: usize = 48 + 4096;
 
@@ -388,8 +414,7 @@ fn bytes_in_the_kernel_send_queue_reach_the_lun_after_the_permit_went() {
     let tgt = Tgtd::start(lun.device(), false, dir.path());
     let url = IscsiUrl::parse(&tgt.url()).unwrap();
     let relay = twinpath_tests::relay::StallRelay::start(url.portal.parse().unwrap());
-    let relayed =
-        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let relayed = via(&tgt, relay.addr());
     let s = Session::connect(&relayed, None, INITIATOR).unwrap();
     const N: usize = 256;
     const SPAN: u64 = 8192;
@@ -401,18 +426,7 @@ fn bytes_in_the_kernel_send_queue_reach_the_lun_after_the_permit_went() {
     let permit = Arc::new(Flag(AtomicBool::new(true)));
     let started = Instant::now();
     let results = std::thread::scope(|scope| {
-        let w = scope.spawn(|| {
-            let bufs: Vec<_> = (0..N)
-                .map(|i| GuestBuffers::from_vec(pattern(1000 + i as u64, 4096)))
-                .collect();
-            let futs = bufs.iter().enumerate().map(|(i, (b, _))| {
-                s.write_under(i as u64 * SPAN, b, permit.clone() as Arc<dyn Permit>)
-            });
-            block_on(join_all(futs))
-                .into_iter()
-                .map(|r| r.map_err(|e| e.to_string()))
-                .collect::<Vec<_>>()
-        });
+        let w = scope.spawn(|| writes_under(&s, N, SPAN, 1000, permit.clone()));
         // The writes are queued and the gate wrote what the socket took; now the lease
         // runs out (or is recalled, or returned).
         std::thread::sleep(Duration::from_millis(500));
@@ -468,8 +482,7 @@ fn a_write_during_a_relogin_to_a_silent_target_fails_at_once() {
     let tgt = Tgtd::start(lun.device(), false, dir.path());
     let url = IscsiUrl::parse(&tgt.url()).unwrap();
     let relay = LatencyRelay::start(url.portal.parse().unwrap(), Duration::ZERO);
-    let relayed =
-        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let relayed = via(&tgt, relay.addr());
     let s = Arc::new(Session::connect(&relayed, None, INITIATOR).unwrap());
     write(&s, 0, pattern(71, 4096)).unwrap();
     relay.cut_silently();
@@ -512,8 +525,7 @@ fn the_kernel_send_queue_drains_to_the_target_after_the_permit_went() {
     let tgt = Tgtd::start(lun.device(), false, dir.path());
     let url = IscsiUrl::parse(&tgt.url()).unwrap();
     let relay = twinpath_tests::relay::StallRelay::start(url.portal.parse().unwrap());
-    let relayed =
-        IscsiUrl::parse(&tgt.url().replace(&url.portal, &relay.addr().to_string())).unwrap();
+    let relayed = via(&tgt, relay.addr());
     let s = Session::connect(&relayed, None, INITIATOR).unwrap();
     const N: usize = 64;
     const SPAN: u64 = 8192;
@@ -523,18 +535,7 @@ fn the_kernel_send_queue_drains_to_the_target_after_the_permit_went() {
     relay.pause(true);
     let permit = Arc::new(Flag(AtomicBool::new(true)));
     let results = std::thread::scope(|scope| {
-        let w = scope.spawn(|| {
-            let bufs: Vec<_> = (0..N)
-                .map(|i| GuestBuffers::from_vec(pattern(2000 + i as u64, 4096)))
-                .collect();
-            let futs = bufs.iter().enumerate().map(|(i, (b, _))| {
-                s.write_under(i as u64 * SPAN, b, permit.clone() as Arc<dyn Permit>)
-            });
-            block_on(join_all(futs))
-                .into_iter()
-                .map(|r| r.map_err(|e| e.to_string()))
-                .collect::<Vec<_>>()
-        });
+        let w = scope.spawn(|| writes_under(&s, N, SPAN, 2000, permit.clone()));
         std::thread::sleep(Duration::from_millis(500));
         // The lease runs out / is recalled past its deadline: nothing more may go out.
         permit.0.store(false, Ordering::SeqCst);

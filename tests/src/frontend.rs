@@ -225,6 +225,35 @@ impl RawFrontend {
         Ok(memfd)
     }
 
+    /// Sends a new memory table like the first but over a fresh memfd only `file_len` bytes
+    /// long: a table the device must refuse before anything of it is read (the rings lie in
+    /// it). Returns the memfd, which must live until the device has answered.
+    pub fn replace_memory_with_short_file(&mut self, file_len: usize) -> Result<File, String> {
+        // SAFETY: plain syscall; the descriptor is owned by the File from here on.
+        let memfd = unsafe {
+            let fd = libc::memfd_create(c"twinpath-short".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            File::from_raw_fd(fd)
+        };
+        memfd.set_len(file_len as u64).unwrap();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: self.size as u64,
+            userspace_addr: self.base as u64,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        };
+        self.frontend
+            .set_mem_table(&[region])
+            .map_err(step("set_mem_table"))?;
+        Ok(memfd)
+    }
+
+    /// The queue's kick, for a thread that kicks while this one sends messages.
+    pub fn kicker(&self) -> EventFd {
+        self.kick.try_clone().unwrap()
+    }
+
     /// Writes raw bytes into guest memory at `gpa`.
     pub fn write_bytes(&self, gpa: u64, data: &[u8]) {
         assert!(gpa as usize + data.len() <= self.size);

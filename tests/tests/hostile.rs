@@ -435,3 +435,63 @@ fn a_broken_available_ring_spins_no_worker_and_blocks_no_reconnect() {
     assert_eq!(next.status(n), 0);
     assert!(daemon.is_running());
 }
+
+/// (Fuzzing, device target.) vhost-user-backend puts a new memory table in place for the
+/// queues before the device may refuse it: a table whose region lies past the end of its
+/// file was refused, yet a queue worker woken by a kick in between read the ring from it and
+/// the daemon died of SIGBUS. Queues now read only tables the device has checked.
+#[test]
+fn a_memory_table_the_device_refuses_is_never_read_by_a_queue() {
+    let shm = scratch();
+    let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
+    let seg = Seg {
+        addr: DATA,
+        len: 4096,
+        write: true,
+    };
+    for round in 0..40 {
+        let mut fe = match RawFrontend::try_connect(&vsock, MIB as usize, None) {
+            Ok(fe) => fe,
+            Err(e) => panic!(
+                "round {round}: {e}; daemon running: {}\n{}",
+                daemon.is_running(),
+                daemon.log()
+            ),
+        };
+        let n = fe.read(0, &[seg]);
+        fe.kick();
+        assert!(fe.wait_used(1, Duration::from_secs(10)), "{}", daemon.log());
+        assert_eq!(fe.status(n), 0);
+        let kick = fe.kicker();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kicking = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = kick.write(1);
+                    std::thread::yield_now();
+                }
+            }
+        });
+        // Only the first page (the descriptor table) is in the file; the rings are past it.
+        let short = fe.replace_memory_with_short_file(4096);
+        let t = Instant::now();
+        while fe.alive() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        kicking.join().unwrap();
+        assert!(
+            daemon.is_running(),
+            "the daemon died in round {round}:\n{}",
+            daemon.log()
+        );
+        assert!(!fe.alive(), "a refused memory table kept its connection");
+        drop((fe, short));
+    }
+    daemon.wait_for_log("past the end of its file", Duration::from_secs(1));
+    let mut c = Client::connect(&osock, &ClientOptions::default()).unwrap();
+    c.write(0, 0, &pattern(2, 4096)).unwrap();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(2, 4096));
+    assert!(daemon.stop().success());
+}

@@ -116,7 +116,10 @@ struct Inner {
     acked_features: AtomicU64,
     event_idx: AtomicBool,
     writeback: AtomicBool,
-    mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
+    /// The last memory table this device checked. Queues read guest memory only through it,
+    /// never through the table vhost-user-backend holds: that one is put in place before
+    /// [`VhostUserBackend::update_memory`] may refuse it.
+    mem: RwLock<Option<Arc<Mem>>>,
     queues: Vec<Queue>,
     /// The guest mappings of this connection, watched for a frontend shrinking them.
     watched: Mutex<Vec<Watched>>,
@@ -206,6 +209,44 @@ impl BlkDevice {
         }
     }
 
+    /// Checks a new memory table before any queue may read it: every region lies within its
+    /// file, and every mapping is watched for the frontend shrinking it later. Mappings stay
+    /// watched until the connection ends: requests of an earlier table may still use theirs.
+    fn check_memory(&self, table: &Mem) -> io::Result<()> {
+        let mut watched = lock(&self.0.watched);
+        for region in table.iter() {
+            let len = region.len() as usize;
+            // A region larger than its file faults as soon as the device touches its end.
+            if let Some(f) = region.file_offset() {
+                let size = f.file().metadata()?.len();
+                if f.start()
+                    .checked_add(len as u64)
+                    .is_none_or(|end| end > size)
+                {
+                    return Err(io::Error::other(format!(
+                        "guest memory region at {:#x} of {len} bytes lies past the end of its \
+                         file ({size} bytes from offset {})",
+                        region.start_addr().0,
+                        f.start()
+                    )));
+                }
+            }
+            if watched.iter().any(|w| w.covers(region.as_ptr(), len)) {
+                continue;
+            }
+            if watched.len() >= MAX_WATCHED {
+                return Err(io::Error::other(format!(
+                    "more than {MAX_WATCHED} guest memory mappings on one connection"
+                )));
+            }
+            let w = crate::sigbus::watch(region.as_ptr(), len).ok_or_else(|| {
+                io::Error::other("too many guest memory mappings in the daemon to watch")
+            })?;
+            watched.push(w);
+        }
+        Ok(())
+    }
+
     /// Requests of this connection still running.
     pub fn inflight(&self) -> usize {
         self.0.queues.iter().map(|q| lock(&q.inflight).len()).sum()
@@ -220,8 +261,7 @@ impl BlkDevice {
     }
 
     fn memory(&self) -> Option<Arc<Mem>> {
-        let guard = self.0.mem.read().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map(|m| m.memory().into_inner())
+        self.0.mem.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The disk's limits with the segment limits this connection's driver accepted.
@@ -269,7 +309,11 @@ impl BlkDevice {
             let mut broken = false;
             if popping {
                 if event_idx {
-                    vring.disable_notification().map_err(io::Error::other)?;
+                    vring
+                        .get_mut()
+                        .get_queue_mut()
+                        .disable_notification(&*mem)
+                        .map_err(io::Error::other)?;
                 }
                 loop {
                     let chain = vring
@@ -319,7 +363,12 @@ impl BlkDevice {
                 break;
             }
             // New chains may have arrived between the last pop and re-enabling notifications.
-            if !vring.enable_notification().map_err(io::Error::other)? {
+            let more = vring
+                .get_mut()
+                .get_queue_mut()
+                .enable_notification(&*mem)
+                .map_err(io::Error::other)?;
+            if !more {
                 break;
             }
             // Going round again for such a ring would spin this worker (and its CPU)
@@ -337,14 +386,19 @@ impl BlkDevice {
         if used.is_empty() {
             return Ok(());
         }
-        for (head, len) in used {
-            if let Err(e) = vring.add_used(head, len) {
-                self.0
-                    .disk
-                    .note_rejected(&format!("cannot add used entry {head}: {e}"));
+        let notify = {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            for (head, len) in used {
+                if let Err(e) = q.add_used(&*mem, head, len) {
+                    self.0
+                        .disk
+                        .note_rejected(&format!("cannot add used entry {head}: {e}"));
+                }
             }
-        }
-        if vring.needs_notification().map_err(io::Error::other)? {
+            q.needs_notification(&*mem).map_err(io::Error::other)?
+        };
+        if notify {
             vring.signal_used_queue()?;
         }
         Ok(())
@@ -551,41 +605,15 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        // Every mapping this connection had stays watched until it ends: requests of the
-        // earlier table may still use theirs.
-        let mut watched = lock(&self.0.watched);
-        for region in mem.memory().iter() {
-            let len = region.len() as usize;
-            // A region larger than its file faults as soon as the device touches its end.
-            if let Some(f) = region.file_offset() {
-                let size = f.file().metadata()?.len();
-                if f.start()
-                    .checked_add(len as u64)
-                    .is_none_or(|end| end > size)
-                {
-                    return Err(io::Error::other(format!(
-                        "guest memory region at {:#x} of {len} bytes lies past the end of its \
-                         file ({size} bytes from offset {})",
-                        region.start_addr().0,
-                        f.start()
-                    )));
-                }
-            }
-            if watched.iter().any(|w| w.covers(region.as_ptr(), len)) {
-                continue;
-            }
-            if watched.len() >= MAX_WATCHED {
-                return Err(io::Error::other(format!(
-                    "more than {MAX_WATCHED} guest memory mappings on one connection"
-                )));
-            }
-            let w = crate::sigbus::watch(region.as_ptr(), len).ok_or_else(|| {
-                io::Error::other("too many guest memory mappings in the daemon to watch")
-            })?;
-            watched.push(w);
+        let table = mem.memory().into_inner();
+        if let Err(e) = self.check_memory(&table) {
+            // vhost-user-backend's own accesses (SET_VRING_ADDR reads the used index) go
+            // through its table: give it back the last good one.
+            let good = self.memory().map_or_else(Mem::new, |m| (*m).clone());
+            mem.lock().unwrap_or_else(|e| e.into_inner()).replace(good);
+            return Err(e);
         }
-        drop(watched);
-        *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        *self.0.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(table);
         Ok(())
     }
 

@@ -249,6 +249,26 @@ impl RawFrontend {
         Ok(memfd)
     }
 
+    /// Moves queue 0's available ring to guest address `gpa` (SET_VRING_ADDR on the running
+    /// queue); at 0 the device sees a queue that is not set up.
+    pub fn move_avail_ring(&mut self, gpa: u64) -> Result<(), String> {
+        let at = |g: u64| self.base as u64 + g;
+        self.frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: at(DESC),
+                    used_ring_addr: at(USED),
+                    avail_ring_addr: at(gpa),
+                    log_addr: None,
+                },
+            )
+            .map_err(step("set_vring_addr"))
+    }
+
     /// The queue's kick, for a thread that kicks while this one sends messages.
     pub fn kicker(&self) -> EventFd {
         self.kick.try_clone().unwrap()

@@ -394,7 +394,6 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn a_broken_available_ring_spins_no_worker_and_blocks_no_reconnect() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
-    let pid = daemon.pid();
     let seg = Seg {
         addr: DATA,
         len: 4096,
@@ -410,6 +409,48 @@ fn a_broken_available_ring_spins_no_worker_and_blocks_no_reconnect() {
     std::thread::sleep(Duration::from_millis(100));
     fe.post_bad_avail_index();
     fe.kick();
+    spins_nothing_and_the_disks_serve_on(&mut daemon, fe, &vsock, &osock);
+}
+
+/// (Fuzzing, device target.) A queue the frontend unsets (its available ring at address 0)
+/// while the ring's index still differs from the device's: nothing pops, yet re-arming
+/// notifications kept reporting more, and the worker went round forever; the connection
+/// never ended, so the disk took no other frontend.
+#[test]
+fn a_queue_set_up_again_without_a_ring_spins_no_worker() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
+    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
+    let first = fe.read(
+        0,
+        &[Seg {
+            addr: DATA,
+            len: 4096,
+            write: true,
+        }],
+    );
+    fe.kick();
+    assert!(fe.wait_used(1, Duration::from_secs(5)));
+    assert_eq!(fe.status(first), 0);
+    fe.move_avail_ring(0).unwrap();
+    // A request with a reply: the device has taken the move before the kick.
+    assert!(fe.alive());
+    // The index the device reads there: a few entries ahead.
+    fe.write_bytes(2, &5u16.to_le_bytes());
+    fe.kick();
+    daemon.wait_for_log("cannot be read", Duration::from_secs(5));
+    spins_nothing_and_the_disks_serve_on(&mut daemon, fe, &vsock, &osock);
+}
+
+/// With `fe`'s broken queue kicked: the daemon uses next to no CPU, the other disk serves,
+/// and once `fe` goes the next frontend of its disk is served.
+fn spins_nothing_and_the_disks_serve_on(
+    daemon: &mut Daemon,
+    fe: RawFrontend,
+    vsock: &Path,
+    osock: &Path,
+) {
+    let pid = daemon.pid();
     std::thread::sleep(Duration::from_millis(200));
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
@@ -419,12 +460,16 @@ fn a_broken_available_ring_spins_no_worker_and_blocks_no_reconnect() {
         used < 50,
         "the daemon used {used} ticks in 2 s with the broken ring queued"
     );
-    let mut other = Client::connect(&osock, &ClientOptions::default()).unwrap();
+    let mut other = Client::connect(osock, &ClientOptions::default()).unwrap();
     other.write(0, 0, &pattern(4, 4096)).unwrap();
     assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(4, 4096));
-    // The broken frontend goes; the next one is served.
     drop(fe);
-    let mut next = RawFrontend::connect(&vsock, MIB as usize);
+    let seg = Seg {
+        addr: DATA,
+        len: 4096,
+        write: true,
+    };
+    let mut next = RawFrontend::connect(vsock, MIB as usize);
     let n = next.read(0, &[seg]);
     next.kick();
     assert!(

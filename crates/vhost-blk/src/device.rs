@@ -22,7 +22,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -306,7 +306,10 @@ impl BlkDevice {
         let mut inflight = lock(&queue.inflight);
         loop {
             let popping = pop && !self.0.disk.is_draining();
-            let mut broken = false;
+            // Why the ring cannot be read, if it cannot: the queue is not set up (no available
+            // ring), the ring lies outside guest memory, or its index runs further ahead than
+            // it has entries. Nothing will pop until the frontend sets the queue up again.
+            let mut stuck = None;
             if popping {
                 if event_idx {
                     vring
@@ -316,19 +319,14 @@ impl BlkDevice {
                         .map_err(io::Error::other)?;
                 }
                 loop {
-                    let chain = vring
-                        .get_mut()
-                        .get_queue_mut()
-                        .pop_descriptor_chain(mem.clone());
+                    let chain = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
+                        Ok(mut available) => available.next(),
+                        Err(e) => {
+                            stuck = Some(e);
+                            None
+                        }
+                    };
                     let Some(chain) = chain else {
-                        // An index further ahead than the ring has entries: nothing will ever
-                        // pop, yet the ring never looks empty. (A queue not ready yet, after
-                        // a reconnect, also pops nothing for a while: that one resolves.)
-                        let state = vring.get_ref();
-                        let q = state.get_queue();
-                        broken = q
-                            .avail_idx(&*mem, Ordering::Acquire)
-                            .is_ok_and(|idx| idx.0.wrapping_sub(q.next_avail()) > q.size());
                         break;
                     };
                     let head = chain.head_index();
@@ -371,12 +369,12 @@ impl BlkDevice {
             if !more {
                 break;
             }
-            // Going round again for such a ring would spin this worker (and its CPU)
-            // forever; the queue stays stuck until the driver resets it.
-            if broken {
+            // Going round again for a ring that cannot be read would spin this worker (and
+            // its CPU) forever; the queue waits for the frontend to set it up again and kick.
+            if let Some(e) = stuck {
                 self.0
                     .disk
-                    .note_rejected("the available ring's index runs ahead of its entries");
+                    .note_rejected(&format!("queue {queue_index} cannot be read: {e}"));
                 break;
             }
         }

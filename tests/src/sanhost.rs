@@ -103,10 +103,12 @@ impl Host {
             )
             .replace("}", &format!(", {extra}}}"));
         let metrics = free_port();
+        // The hosts of these tests write one image together or take it over from a frozen
+        // host that still has it open: a cluster coordinating itself, so without share modes.
         let daemon = Daemon::start(
             &dir,
             &format!(
-                "disks:\n  - name: vm\n    socket: {}\n    backend: {backend}\nmetrics:\n  listen: 127.0.0.1:{metrics}\n",
+                "disks:\n  - name: vm\n    socket: {}\n    lock: false\n    backend: {backend}\nmetrics:\n  listen: 127.0.0.1:{metrics}\n",
                 sock.display()
             ),
         );

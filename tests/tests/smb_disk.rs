@@ -470,3 +470,73 @@ fn a_server_that_stops_answering_fails_requests_at_the_timeout() {
     drop(c);
     assert!(daemon.stop().success());
 }
+
+/// Issue 16 item 3: an smb disk opens its image sharing it only with readers, as QEMU's image
+/// locks do, so a writer anywhere else (another daemon on this or another host, smbclient) is
+/// refused by the server, and this disk is refused while another client writes; readers are
+/// welcome. `lock: false` on every disk that shares the image turns it off.
+#[test]
+fn a_second_writer_of_an_smb_image_is_refused_by_the_server() {
+    let smb = Samba::start();
+    let (a, b) = (scratch(), scratch());
+    std::fs::write(
+        smb.share_dir().join("shared.raw"),
+        pattern(4, 4 * MIB as usize),
+    )
+    .unwrap();
+    let (sock_a, sock_b) = (a.path().join("one.sock"), b.path().join("two.sock"));
+    let yaml_a = smb_disk_yaml("one", &sock_a, &smb, "shared.raw", "");
+    let yaml_b = smb_disk_yaml("two", &sock_b, &smb, "shared.raw", "");
+    let daemon_a = Daemon::start(a.path(), &format!("disks:\n{yaml_a}"));
+
+    let local = a.path().join("local.raw");
+    std::fs::write(&local, pattern(9, 4096)).unwrap();
+    let put = smb.smbclient(&format!("put {} shared.raw", local.display()), false);
+    let put_out =
+        String::from_utf8_lossy(&put.stdout).to_string() + &String::from_utf8_lossy(&put.stderr);
+    assert!(
+        put_out.contains("SHARING_VIOLATION"),
+        "smbclient wrote the image a disk holds: {put_out}"
+    );
+    let got = a.path().join("got.raw");
+    let get = smb.smbclient(&format!("get shared.raw {}", got.display()), false);
+    assert!(get.status.success(), "a reader was refused: {get:?}");
+    assert_eq!(std::fs::read(&got).unwrap(), pattern(4, 4 * MIB as usize));
+
+    let refused = |yaml: &str| {
+        let status = spawn_daemon(b.path(), &format!("disks:\n{yaml}"))
+            .wait_exit(std::time::Duration::from_secs(60));
+        let log = std::fs::read_to_string(b.path().join("daemon.log")).unwrap();
+        assert_eq!(status.code(), Some(1), "{log}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("disk `two`"))
+            .unwrap_or_else(|| panic!("no line for the disk:\n{log}"));
+        assert!(
+            line.contains("in use") && line.contains("shared.raw") && line.contains("lock: false"),
+            "{line}"
+        );
+    };
+    refused(&yaml_b);
+    refused(&yaml_b.replace("    backend:", "    read_only: true\n    backend:"));
+
+    // Once the first daemon is gone, the image is free.
+    assert!(daemon_a.stop().success());
+    let daemon_b = Daemon::start(b.path(), &format!("disks:\n{yaml_b}"));
+    let mut c = Client::connect(&sock_b, &ClientOptions::default()).unwrap();
+    c.write(0, 0, &pattern(5, 4096)).unwrap();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(5, 4096));
+    drop(c);
+    assert!(daemon_b.stop().success());
+
+    // Shared on purpose: both served.
+    let off = |yaml: &str| yaml.replace("    backend:", "    lock: false\n    backend:");
+    let daemon_a = Daemon::start(a.path(), &format!("disks:\n{}", off(&yaml_a)));
+    let daemon_b = Daemon::start(b.path(), &format!("disks:\n{}", off(&yaml_b)));
+    for sock in [&sock_a, &sock_b] {
+        let mut c = Client::connect(sock, &ClientOptions::default()).unwrap();
+        assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(5, 4096));
+    }
+    assert!(daemon_a.stop().success());
+    assert!(daemon_b.stop().success());
+}

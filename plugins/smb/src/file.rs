@@ -6,6 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use smb2::client::connection::Frame;
+use smb2::msg::create::{
+    CreateDisposition, CreateRequest, CreateResponse, ImpersonationLevel, ShareAccess,
+};
 use smb2::msg::flush::FlushRequest;
 use smb2::msg::ioctl::IoctlRequest;
 use smb2::msg::query_info::InfoType;
@@ -13,8 +16,9 @@ use smb2::msg::read::ReadRequest;
 use smb2::msg::set_info::SetInfoRequest;
 use smb2::msg::write::{WriteRequest, WriteResponse};
 use smb2::pack::{Pack, ReadCursor, Unpack};
+use smb2::types::flags::{FileAccessMask, FileAttributes};
 use smb2::types::status::NtStatus;
-use smb2::types::{Command, CreditCharge, FileId};
+use smb2::types::{Command, CreditCharge, FileId, OplockLevel};
 use twinpath_core::{lock, Error, ErrorKind, Result};
 use twinpath_pipeline::{SectionData, SectionIo};
 
@@ -26,6 +30,11 @@ const FILE_END_OF_FILE_INFORMATION: u8 = 20;
 const FSCTL_SET_ZERO_DATA: u32 = 0x0009_80c8;
 /// MS-SMB2 2.2.31: the ioctl is an FSCTL.
 const SMB2_0_IOCTL_IS_FSCTL: u32 = 1;
+/// MS-SMB2 2.2.13: the image is a file, never a directory.
+const FILE_NON_DIRECTORY_FILE: u32 = 0x40;
+/// How long an open refused by share modes is tried again: the server may still be closing
+/// the handles of a session that just ended (a daemon killed and restarted, a reconnect).
+const SHARING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) fn smb_error(what: &str, e: smb2::Error) -> Error {
     let kind = match e.kind() {
@@ -65,6 +74,8 @@ pub(crate) struct ImageSpec {
     pub path: String,
     pub read_only: bool,
     pub create_size: Option<u64>,
+    /// Share the image only with readers (the disk's `lock`).
+    pub exclusive: bool,
 }
 
 pub(crate) struct SmbFile {
@@ -95,12 +106,7 @@ async fn open_image(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64)
             "image does not exist (set create_size to create it)",
         ));
     }
-    let opened = if spec.read_only {
-        session.tree.open_file(&mut conn, path).await
-    } else {
-        session.tree.open_file_readwrite(&mut conn, path).await
-    };
-    let (file_id, size) = opened.map_err(|e| smb_error("open", e))?;
+    let (file_id, size) = create(session, spec).await?;
     match (exists, spec.create_size) {
         (false, Some(create)) => {
             let req = SetInfoRequest {
@@ -121,6 +127,80 @@ async fn open_image(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64)
             Ok((file_id, create))
         }
         _ => Ok((file_id, size)),
+    }
+}
+
+/// The CREATE of the image. A disk that locks its image shares it only with readers, as
+/// QEMU's image locks do: a writer anywhere else (another host, daemon or disk) is refused
+/// with STATUS_SHARING_VIOLATION, and so is this open while another client writes.
+fn create_request(spec: &ImageSpec) -> CreateRequest {
+    let mut access = FileAccessMask::FILE_READ_DATA
+        | FileAccessMask::FILE_READ_ATTRIBUTES
+        | FileAccessMask::SYNCHRONIZE;
+    if !spec.read_only {
+        access |= FileAccessMask::FILE_WRITE_DATA | FileAccessMask::FILE_WRITE_ATTRIBUTES;
+    }
+    let share = if spec.exclusive {
+        ShareAccess::FILE_SHARE_READ
+    } else {
+        ShareAccess::FILE_SHARE_READ
+            | ShareAccess::FILE_SHARE_WRITE
+            | ShareAccess::FILE_SHARE_DELETE
+    };
+    CreateRequest {
+        requested_oplock_level: OplockLevel::None,
+        impersonation_level: ImpersonationLevel::Impersonation,
+        desired_access: FileAccessMask::new(access),
+        file_attributes: FileAttributes::NORMAL,
+        share_access: ShareAccess(share),
+        create_disposition: if spec.create_size.is_some() {
+            CreateDisposition::FileOpenIf
+        } else {
+            CreateDisposition::FileOpen
+        },
+        create_options: FILE_NON_DIRECTORY_FILE,
+        name: smb2::name::encode_path(&spec.path),
+        create_contexts: Vec::new(),
+    }
+}
+
+/// Opens the image on `session`, trying again for a while when share modes refuse it.
+async fn create(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64)> {
+    let req = create_request(spec);
+    let deadline = tokio::time::Instant::now() + SHARING_PATIENCE;
+    loop {
+        let frame = session
+            .conn
+            .execute(Command::Create, &req, Some(session.tree.tree_id))
+            .await
+            .map_err(|e| smb_error("open", e))?;
+        match frame.header.status {
+            NtStatus::SUCCESS => {
+                let resp = CreateResponse::unpack(&mut ReadCursor::new(&frame.body))
+                    .map_err(|e| smb_error("open: CREATE reply", e))?;
+                return Ok((resp.file_id, resp.end_of_file));
+            }
+            NtStatus::SHARING_VIOLATION if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            NtStatus::SHARING_VIOLATION => {
+                let what = if spec.read_only {
+                    "another client has it open for writing"
+                } else {
+                    "another client has it open for writing, or does not share it"
+                };
+                return Err(Error::new(
+                    ErrorKind::InUse,
+                    format!(
+                        "open: the image is in use: {what} (the server answered \
+                         STATUS_SHARING_VIOLATION for {}s); disks that share an image on \
+                         purpose need `lock: false`",
+                        SHARING_PATIENCE.as_secs()
+                    ),
+                ));
+            }
+            status => return Err(status_error("open", status)),
+        }
     }
 }
 

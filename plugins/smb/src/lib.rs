@@ -94,6 +94,8 @@ pub struct SmbSpec {
     password_file: Option<PathBuf>,
     create_size: Option<u64>,
     read_only: bool,
+    /// Share the image only with readers (the disk's `lock`).
+    lock: bool,
     pipeline: PipelineConfig,
 }
 
@@ -169,6 +171,7 @@ pub fn parse_spec(
         password_file: o.password_file,
         create_size: o.create_size.map(|s| s.0),
         read_only: disk.read_only,
+        lock: disk.lock,
         pipeline: PipelineConfig {
             section_len: Some(o.section_size.map_or(DEFAULT_SECTION, |s| s.0 as usize)),
             max_in_flight: o.max_in_flight,
@@ -227,6 +230,7 @@ impl SmbSpec {
             path: self.path.clone(),
             read_only: self.read_only,
             create_size: self.create_size,
+            exclusive: self.lock,
         };
         let section_len = self.pipeline.section_len;
         let file = async { SmbFile::open(Server::join(login).await?, image, section_len).await }

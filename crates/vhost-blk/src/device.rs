@@ -108,6 +108,8 @@ struct Queue {
     notify: Arc<QueueWaker>,
     // `notify` as a std Waker, built once rather than per polling round.
     waker: Waker,
+    /// The ring could not be read at the last pass: polling must not go round it.
+    stalled: AtomicBool,
 }
 
 struct Inner {
@@ -130,6 +132,27 @@ struct Inner {
     exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
+/// Why queue `q`'s rings cannot be used in `mem`, if they cannot: virtio-queue's `is_valid`
+/// without its error line per call (a frontend can make this happen at every kick).
+fn unreadable(q: &virtio_queue::Queue, mem: &Mem) -> Option<&'static str> {
+    use vm_memory::{GuestAddress, GuestMemory, Permissions};
+    let size = usize::from(q.size());
+    let fits = |addr: u64, len: usize, access| {
+        GuestMemory::check_range(mem, GuestAddress(addr), len, access)
+    };
+    if !q.ready() || q.avail_ring() == 0 {
+        Some("it is not set up")
+    } else if !fits(q.desc_table(), 16 * size, Permissions::Read) {
+        Some("its descriptor table lies outside guest memory")
+    } else if !fits(q.avail_ring(), 6 + 2 * size, Permissions::Read) {
+        Some("its available ring lies outside guest memory")
+    } else if !fits(q.used_ring(), 6 + 8 * size, Permissions::Write) {
+        Some("its used ring lies outside guest memory")
+    } else {
+        None
+    }
+}
+
 /// The device state of one frontend connection.
 #[derive(Clone)]
 pub struct BlkDevice(Arc<Inner>);
@@ -148,6 +171,7 @@ impl BlkDevice {
                     inflight: Mutex::new(FuturesUnordered::new()),
                     waker: Waker::from(notify.clone()),
                     notify,
+                    stalled: AtomicBool::new(false),
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -304,31 +328,34 @@ impl BlkDevice {
         let event_idx = self.0.event_idx.load(Ordering::Acquire);
         let mut used = Vec::new();
         let mut inflight = lock(&queue.inflight);
+        let mut empty_pass = false;
         loop {
             let popping = pop && !self.0.disk.is_draining();
-            // Why the ring cannot be read, if it cannot: the queue is not set up (no available
-            // ring), the ring lies outside guest memory, or its index runs further ahead than
-            // it has entries. Nothing will pop until the frontend sets the queue up again.
+            // Why the ring cannot be read, if it cannot. Nothing will pop until the frontend
+            // sets the queue up again, so this pass is the last.
             let mut stuck = None;
+            let mut popped = false;
             if popping {
-                if event_idx {
+                stuck = unreadable(vring.get_ref().get_queue(), &mem).map(str::to_owned);
+                if stuck.is_none() && event_idx {
                     vring
                         .get_mut()
                         .get_queue_mut()
                         .disable_notification(&*mem)
                         .map_err(io::Error::other)?;
                 }
-                loop {
+                while stuck.is_none() {
                     let chain = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
                         Ok(mut available) => available.next(),
                         Err(e) => {
-                            stuck = Some(e);
+                            stuck = Some(e.to_string());
                             None
                         }
                     };
                     let Some(chain) = chain else {
                         break;
                     };
+                    popped = true;
                     let head = chain.head_index();
                     match request::parse(&*mem, chain, &limits) {
                         Ok(req) => inflight.push(self.run(head, req, mem.clone())),
@@ -346,6 +373,7 @@ impl BlkDevice {
                         }
                     }
                 }
+                queue.stalled.store(stuck.is_some(), Ordering::Release);
             }
             // Fast backends finish inside the first poll; collect them in this same pass.
             queue.notify.armed.store(false, Ordering::Release);
@@ -360,6 +388,14 @@ impl BlkDevice {
             if !(popping && event_idx) {
                 break;
             }
+            // Going round again for a ring that cannot be read would spin this worker (and
+            // its CPU) forever; the queue waits for the frontend to set it up again and kick.
+            if let Some(reason) = stuck {
+                self.0
+                    .disk
+                    .note_rejected(&format!("queue {queue_index} cannot be read: {reason}"));
+                break;
+            }
             // New chains may have arrived between the last pop and re-enabling notifications.
             let more = vring
                 .get_mut()
@@ -369,14 +405,17 @@ impl BlkDevice {
             if !more {
                 break;
             }
-            // Going round again for a ring that cannot be read would spin this worker (and
-            // its CPU) forever; the queue waits for the frontend to set it up again and kick.
-            if let Some(e) = stuck {
-                self.0
-                    .disk
-                    .note_rejected(&format!("queue {queue_index} cannot be read: {e}"));
+            // A chain that arrived so is popped by the next pass. A second pass in a row that
+            // pops nothing has a ring whose entries cannot be read (whatever the cause).
+            if !popped && empty_pass {
+                queue.stalled.store(true, Ordering::Release);
+                self.0.disk.note_rejected(&format!(
+                    "queue {queue_index} cannot be read: its available index moves but no \
+                     entry pops"
+                ));
                 break;
             }
+            empty_pass = !popped;
         }
         drop(inflight);
 
@@ -426,7 +465,7 @@ impl BlkDevice {
             queue.notify.armed.store(true, Ordering::SeqCst);
             twinpath_core::worker::reap();
             let woken = queue.notify.woken.swap(false, Ordering::SeqCst);
-            let arrived = {
+            let arrived = !queue.stalled.load(Ordering::Acquire) && {
                 let q = vring.get_ref();
                 let q = q.get_queue();
                 q.avail_idx(&*mem, Ordering::Acquire)

@@ -540,3 +540,87 @@ fn a_second_writer_of_an_smb_image_is_refused_by_the_server() {
     assert!(daemon_a.stop().success());
     assert!(daemon_b.stop().success());
 }
+
+/// (Review of 73262f0.) A reload that changes an smb disk replaced it with a disk refused by
+/// the old one's own handle (share modes), which it kept open until the backend was dropped:
+/// the disk was gone after the reload. A stopping disk closes its handle now, and a changed
+/// disk on the same image is opened once the old one has stopped.
+#[test]
+fn a_reload_that_changes_an_smb_disk_keeps_it_served() {
+    let smb = Samba::start();
+    let dir = scratch();
+    std::fs::write(smb.share_dir().join("vm.raw"), pattern(4, 4 * MIB as usize)).unwrap();
+    let sock = dir.path().join("vm.sock");
+    let yaml = smb_disk_yaml("vm", &sock, &smb, "vm.raw", "");
+    let mut daemon = Daemon::start(dir.path(), &format!("disks:\n{yaml}"));
+    {
+        let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+        assert_eq!(
+            c.read(0, 0, 4096).unwrap(),
+            pattern(4, 4 * MIB as usize)[..4096]
+        );
+    }
+    let changed = yaml.replace("    backend:", "    num_queues: 2\n    backend:");
+    let t = std::time::Instant::now();
+    let since = daemon.reload(dir.path(), &format!("disks:\n{changed}"));
+    assert!(since.contains("1 replaced"), "{since}");
+    // No waiting out the server's refusals.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    c.write(0, 0, &pattern(5, 4096)).unwrap();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(5, 4096));
+    drop(c);
+    assert!(daemon.stop().success());
+}
+
+/// (Review of 73262f0.) Share modes keep the image from being renamed or replaced while a disk
+/// holds it, but not its directory: a client renamed the directory away and put another file
+/// at the image's path, and after the next reconnect the disk reopened by path and served the
+/// running guest that file. A reopen must find the same file (index number and volume).
+#[test]
+fn a_reopen_never_serves_another_file_put_at_the_images_path() {
+    let mut smb = Samba::start();
+    let dir = scratch();
+    std::fs::create_dir(smb.share_dir().join("vms")).unwrap();
+    let image = pattern(4, 4 * MIB as usize);
+    std::fs::write(smb.share_dir().join("vms/vm.raw"), &image).unwrap();
+    let sock = dir.path().join("vm.sock");
+    let yaml = smb_disk_yaml("vm", &sock, &smb, "vms/vm.raw", "      timeout: 5\n");
+    let mut daemon = Daemon::start(dir.path(), &format!("disks:\n{yaml}"));
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), image[..4096]);
+
+    let other = dir.path().join("other.raw");
+    let stranger = pattern(66, 4 * MIB as usize);
+    std::fs::write(&other, &stranger).unwrap();
+    let o = smb.smbclient(
+        &format!(
+            "rename vms vms.old; mkdir vms; put {} vms/vm.raw",
+            other.display()
+        ),
+        false,
+    );
+    assert!(o.status.success(), "{o:?}");
+    // The connection drops; the disk reconnects and reopens by path.
+    smb.kill();
+    smb.restart();
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(10) {
+        if let Ok(got) = c.read(0, 0, 4096) {
+            assert_ne!(got[..], stranger[..4096], "the guest reads another file");
+        }
+        let _ = c.write(0, 4096, &pattern(7, 4096));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    daemon.wait_for_log("is another file now", std::time::Duration::from_secs(1));
+    let share = smb.share_dir();
+    assert_eq!(std::fs::read(share.join("vms/vm.raw")).unwrap(), stranger);
+    assert_eq!(std::fs::read(share.join("vms.old/vm.raw")).unwrap(), image);
+    drop(c);
+    // The disk's last flush has no image to go to: an unclean stop, said so.
+    assert!(!daemon.stop().success());
+}

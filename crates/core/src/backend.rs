@@ -87,6 +87,7 @@ pub trait BlockBackend: Send + Sync + 'static {
     }
 
     /// The disk has stopped serving and will issue no more I/O: lets go of what others may
-    /// wait for (image locks) now, not when the last reference to the backend is gone.
-    fn release(&self) {}
+    /// wait for (image locks, an open handle on a server) now, not when the last reference
+    /// to the backend is gone.
+    async fn release(&self) {}
 }

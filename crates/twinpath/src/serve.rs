@@ -31,6 +31,8 @@ pub fn run(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
 struct Running {
     server: DiskServer,
     entry: serde_yaml::Value,
+    /// The image the disk locks, if it locks one.
+    image: Option<String>,
 }
 
 /// An opened backend, not yet on its socket.
@@ -39,6 +41,12 @@ struct Opened {
     socket: PathBuf,
     socket_access: twinpath_core::SocketAccess,
     entry: serde_yaml::Value,
+    image: Option<String>,
+}
+
+/// The image `cfg` locks, if it locks one.
+fn locked_image(cfg: &DiskConfig) -> Option<String> {
+    cfg.backend.image().filter(|_| cfg.lock)
 }
 
 /// Why a disk could not be opened: its name, the message, and whether its image is in use
@@ -67,6 +75,7 @@ async fn open_disk(cfg: &DiskConfig) -> Result<Opened, OpenError> {
         socket: cfg.socket.clone(),
         socket_access: cfg.socket_access,
         entry: cfg.entry.clone(),
+        image: locked_image(cfg),
     })
 }
 
@@ -84,6 +93,7 @@ fn start_disk(opened: Opened) -> Option<Running> {
             Some(Running {
                 server,
                 entry: opened.entry,
+                image: opened.image,
             })
         }
         Err(e) => {
@@ -242,13 +252,23 @@ async fn reload(
             None => removed.push(name.clone()),
         }
     }
+    // Disks whose image a disk that is about to stop still locks (its old self, or a
+    // removed disk renamed): opened once the stopping ones have stopped. Known ones are not
+    // even tried before (an SMB server refuses them only after a while); others show up as
+    // refused opens.
+    let held: std::collections::BTreeSet<&String> = changed
+        .iter()
+        .chain(&removed)
+        .filter_map(|n| running[n].image.as_ref())
+        .collect();
+    let (later, open_now): (Vec<&DiskConfig>, Vec<&DiskConfig>) = wanted
+        .values()
+        .partition(|d| locked_image(d).is_some_and(|i| held.contains(&i)));
+    let mut after_stop: Vec<String> = later.iter().map(|d| d.name.clone()).collect();
     // Open the new and changed disks before anything stops, so a changed disk whose new
     // backend cannot be opened keeps running on its old one.
-    let opened = futures::future::join_all(wanted.values().map(open_disk)).await;
+    let opened = futures::future::join_all(open_now.into_iter().map(open_disk)).await;
     let mut to_start = Vec::new();
-    // Disks whose image a disk that is about to stop still locks (its old self, or a
-    // removed disk renamed): opened once the stopping ones have stopped.
-    let mut after_stop = Vec::new();
     let stopping = !changed.is_empty() || !removed.is_empty();
     for result in opened {
         match result {
@@ -335,7 +355,7 @@ fn shutdown_disk(server: DiskServer, rt: &tokio::runtime::Handle) -> bool {
     server.stop();
     // Work still running may write the image: its locks stay until the backend is gone.
     if working == 0 {
-        backend.release();
+        rt.block_on(backend.release());
     }
     tracing::info!(disk = %name, "stopped");
     clean

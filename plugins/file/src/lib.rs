@@ -300,7 +300,7 @@ impl BlockBackend for FileBackend {
         self.info.clone()
     }
 
-    fn release(&self) {
+    async fn release(&self) {
         if let Some(f) = &self.locked {
             twinpath_core::imagelock::unlock(f);
         }

@@ -522,6 +522,17 @@ impl BlockBackend for SanBackend {
         self.metadata("write-zeroes", offset, len).await
     }
 
+    /// Closes the image's SMB handle, which holds the share modes another host waits for.
+    async fn release(&self) {
+        let network = self.network.clone();
+        let _ = self
+            .run("close", async move {
+                network.close().await;
+                Ok(())
+            })
+            .await;
+    }
+
     /// The network path's counters come from the SMB image; fallbacks count the data
     /// requests it served for this disk (the direct path was down, had no grant, was
     /// throttled, ran out of lease time, or failed).

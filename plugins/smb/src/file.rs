@@ -1,7 +1,7 @@
 //! One image on an SMB share, opened on the server's shared session: the section operations
 //! the pipeline engine issues, and the reopen after the session was replaced.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -11,7 +11,7 @@ use smb2::msg::create::{
 };
 use smb2::msg::flush::FlushRequest;
 use smb2::msg::ioctl::IoctlRequest;
-use smb2::msg::query_info::InfoType;
+use smb2::msg::query_info::{InfoType, QueryInfoRequest, QueryInfoResponse};
 use smb2::msg::read::ReadRequest;
 use smb2::msg::set_info::SetInfoRequest;
 use smb2::msg::write::{WriteRequest, WriteResponse};
@@ -30,6 +30,11 @@ const FILE_END_OF_FILE_INFORMATION: u8 = 20;
 const FSCTL_SET_ZERO_DATA: u32 = 0x0009_80c8;
 /// MS-SMB2 2.2.31: the ioctl is an FSCTL.
 const SMB2_0_IOCTL_IS_FSCTL: u32 = 1;
+/// MS-FSCC 2.4.22 FileInternalInformation: the file's index number (its inode on a POSIX
+/// server).
+const FILE_INTERNAL_INFORMATION: u8 = 6;
+/// MS-FSCC 2.5.9 FileFsVolumeInformation: the volume's serial number at byte 8.
+const FILE_FS_VOLUME_INFORMATION: u8 = 1;
 /// MS-SMB2 2.2.13: the image is a file, never a directory.
 const FILE_NON_DIRECTORY_FILE: u32 = 0x40;
 /// How long an open refused by share modes is tried again: the server may still be closing
@@ -62,6 +67,92 @@ fn handle_gone(status: NtStatus) -> bool {
     )
 }
 
+/// Which file a handle is open on. A reopen by path after a reconnect must find the same
+/// one: share modes keep the image from being renamed or replaced while it is open, but not
+/// its directory, and a client could put another file at the path meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    volume: u32,
+    index: u64,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "file {} on volume {:#x}", self.index, self.volume)
+    }
+}
+
+/// Asks the server about the file behind `file_id` (QUERY_INFO); `len` bytes at least.
+async fn query_info(
+    session: &Session,
+    file_id: FileId,
+    info_type: InfoType,
+    class: u8,
+    len: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let req = QueryInfoRequest {
+        info_type,
+        file_info_class: class,
+        output_buffer_length: 128,
+        additional_information: 0,
+        flags: 0,
+        file_id,
+        input_buffer: Vec::new(),
+    };
+    let frame = session
+        .conn
+        .execute(Command::QueryInfo, &req, Some(session.tree.tree_id))
+        .await
+        .map_err(|e| smb_error(what, e))?;
+    if frame.header.status != NtStatus::SUCCESS {
+        return Err(status_error(what, frame.header.status));
+    }
+    let out = QueryInfoResponse::unpack(&mut ReadCursor::new(&frame.body))
+        .map_err(|e| smb_error(what, e))?
+        .output_buffer;
+    if out.len() < len {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("{what}: {} bytes in the reply, {len} expected", out.len()),
+        ));
+    }
+    Ok(out)
+}
+
+async fn identity(session: &Session, file_id: FileId) -> Result<Identity> {
+    let index = query_info(
+        session,
+        file_id,
+        InfoType::File,
+        FILE_INTERNAL_INFORMATION,
+        8,
+        "query the image's index number",
+    )
+    .await?;
+    let volume = query_info(
+        session,
+        file_id,
+        InfoType::Filesystem,
+        FILE_FS_VOLUME_INFORMATION,
+        12,
+        "query the image's volume",
+    )
+    .await?;
+    Ok(Identity {
+        volume: u32::from_le_bytes(volume[8..12].try_into().unwrap()),
+        index: u64::from_le_bytes(index[..8].try_into().unwrap()),
+    })
+}
+
+/// Closes `file_id`; a failure is left to the session's end, which closes it too.
+async fn close(session: &Session, file_id: FileId) {
+    let mut conn = session.conn.clone();
+    if let Err(e) = session.tree.close_handle(&mut conn, file_id).await {
+        tracing::debug!("close: {e}");
+    }
+}
+
 /// The image opened on one session.
 struct Open {
     session: Arc<Session>,
@@ -82,8 +173,11 @@ pub(crate) struct SmbFile {
     server: Arc<Server>,
     spec: ImageSpec,
     size: u64,
+    identity: Identity,
     open: Mutex<Option<Arc<Open>>>,
     reopen: tokio::sync::Mutex<()>,
+    /// Closed for good (the disk stopped): never reopened.
+    closed: AtomicBool,
     /// Credits charged by this disk's requests outstanding on the shared connection.
     in_flight: AtomicUsize,
     /// The configured section size cap, to turn credits into sections.
@@ -91,8 +185,9 @@ pub(crate) struct SmbFile {
     runtime: tokio::runtime::Handle,
 }
 
-/// Opens (or creates, with `create_size`) the image on `session`. Returns the handle and size.
-async fn open_image(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64)> {
+/// Opens (or creates, with `create_size`) the image on `session`. Returns the handle, the
+/// size and which file it is.
+async fn open_image(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64, Identity)> {
     let mut conn = session.conn.clone();
     let path = spec.path.as_str();
     let exists = match session.tree.stat(&mut conn, path).await {
@@ -107,27 +202,37 @@ async fn open_image(session: &Session, spec: &ImageSpec) -> Result<(FileId, u64)
         ));
     }
     let (file_id, size) = create(session, spec).await?;
-    match (exists, spec.create_size) {
-        (false, Some(create)) => {
-            let req = SetInfoRequest {
-                info_type: InfoType::File,
-                file_info_class: FILE_END_OF_FILE_INFORMATION,
-                additional_information: 0,
-                file_id,
-                buffer: create.to_le_bytes().to_vec(),
-            };
-            let frame = conn
-                .execute(Command::SetInfo, &req, Some(session.tree.tree_id))
-                .await
-                .map_err(|e| smb_error("set size", e))?;
-            if frame.header.status != NtStatus::SUCCESS {
-                return Err(status_error("set size", frame.header.status));
+    // A handle left open on the shared session would keep the image locked (share modes)
+    // for as long as the session lives.
+    let checked = async {
+        let identity = identity(session, file_id).await?;
+        match (exists, spec.create_size) {
+            (false, Some(create)) => {
+                let req = SetInfoRequest {
+                    info_type: InfoType::File,
+                    file_info_class: FILE_END_OF_FILE_INFORMATION,
+                    additional_information: 0,
+                    file_id,
+                    buffer: create.to_le_bytes().to_vec(),
+                };
+                let frame = conn
+                    .execute(Command::SetInfo, &req, Some(session.tree.tree_id))
+                    .await
+                    .map_err(|e| smb_error("set size", e))?;
+                if frame.header.status != NtStatus::SUCCESS {
+                    return Err(status_error("set size", frame.header.status));
+                }
+                tracing::info!(path, size = create, "created image on the share");
+                Ok((file_id, create, identity))
             }
-            tracing::info!(path, size = create, "created image on the share");
-            Ok((file_id, create))
+            _ => Ok((file_id, size, identity)),
         }
-        _ => Ok((file_id, size)),
+    };
+    let opened = checked.await;
+    if opened.is_err() {
+        close(session, file_id).await;
     }
+    opened
 }
 
 /// The CREATE of the image. A disk that locks its image shares it only with readers, as
@@ -251,7 +356,7 @@ impl SmbFile {
             }
         };
         let opened = open_image(&session, &spec).await;
-        let (file_id, size) = match opened {
+        let (file_id, size, identity) = match opened {
             Ok(o) => o,
             Err(e) => {
                 server.leave();
@@ -270,8 +375,10 @@ impl SmbFile {
             server,
             spec,
             size,
+            identity,
             open: Mutex::new(Some(Arc::new(Open { session, file_id }))),
             reopen: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             section_len,
             runtime: tokio::runtime::Handle::current(),
@@ -299,14 +406,31 @@ impl SmbFile {
         if let Some(open) = self.current() {
             return Ok(open);
         }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the image was closed (the disk stopped)",
+            ));
+        }
         let session = self.server.session().await?;
         let spec = ImageSpec {
             create_size: None,
             ..self.spec.clone()
         };
-        let (file_id, size) = open_image(&session, &spec)
+        let (file_id, size, identity) = open_image(&session, &spec)
             .await
             .map_err(|e| e.within("reopen after reconnect"))?;
+        if identity != self.identity {
+            close(&session, file_id).await;
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "reopen after reconnect: {} is another file now ({identity}, was {}); \
+                     refusing it: put the image back at its path or restart the disk",
+                    self.spec.path, self.identity
+                ),
+            ));
+        }
         if size != self.size {
             tracing::warn!(
                 path = self.spec.path,
@@ -402,19 +526,26 @@ impl SmbFile {
     }
 }
 
+impl SmbFile {
+    /// Closes the handle and waits for the server's answer, so that the image is free for
+    /// the next user (share modes) when this returns. The file is never reopened.
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _one_reopen = self.reopen.lock().await;
+        let Some(open) = lock(&self.open).take() else {
+            return;
+        };
+        close(&open.session, open.file_id).await;
+    }
+}
+
 impl Drop for SmbFile {
     fn drop(&mut self) {
         self.server.leave();
         if let Some(open) = lock(&self.open).take() {
             // Best effort: the server closes the handle with the session anyway.
-            self.runtime.spawn(async move {
-                let mut conn = open.session.conn.clone();
-                let _ = open
-                    .session
-                    .tree
-                    .close_handle(&mut conn, open.file_id)
-                    .await;
-            });
+            self.runtime
+                .spawn(async move { close(&open.session, open.file_id).await });
         }
     }
 }

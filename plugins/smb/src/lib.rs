@@ -317,6 +317,16 @@ impl SmbImage {
         .await
     }
 
+    /// Closes the image on the server (within the disk's timeout); it is not used again.
+    pub async fn close(&self) {
+        if tokio::time::timeout(self.timeout, self.file.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(image = self.target, "closing the image timed out");
+        }
+    }
+
     /// Zeros `[offset, offset + len)` (discard and write-zeroes alike).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.counted((Op::Other, 0), self.zero(offset, len)).await
@@ -411,6 +421,15 @@ impl BlockBackend for SmbBackend {
             i.write_zeroes(offset, len).await
         })
         .await
+    }
+
+    async fn release(&self) {
+        let _ = self
+            .spawn("close", |i| async move {
+                i.close().await;
+                Ok(())
+            })
+            .await;
     }
 
     fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {

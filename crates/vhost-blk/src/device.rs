@@ -336,7 +336,11 @@ impl BlkDevice {
             let mut stuck = None;
             let mut popped = false;
             if popping {
-                stuck = unreadable(vring.get_ref().get_queue(), &mem).map(str::to_owned);
+                // Checked before popping only once the ring was found unreadable (until it is
+                // readable again): reading it logs an error line per try in virtio-queue.
+                if queue.stalled.load(Ordering::Acquire) {
+                    stuck = unreadable(vring.get_ref().get_queue(), &mem).map(str::to_owned);
+                }
                 if stuck.is_none() && event_idx {
                     vring
                         .get_mut()
@@ -353,6 +357,11 @@ impl BlkDevice {
                         }
                     };
                     let Some(chain) = chain else {
+                        // Rare when the ring is fine (a kick with nothing new): look why.
+                        if !popped && stuck.is_none() {
+                            stuck =
+                                unreadable(vring.get_ref().get_queue(), &mem).map(str::to_owned);
+                        }
                         break;
                     };
                     popped = true;

@@ -269,6 +269,41 @@ impl RawFrontend {
             .map_err(step("set_vring_addr"))
     }
 
+    /// Moves queue 0's used ring to guest address `gpa` (SET_VRING_ADDR on the running
+    /// queue); the device reads the used index there.
+    pub fn move_used_ring(&mut self, gpa: u64) -> Result<(), String> {
+        let at = |g: u64| self.base as u64 + g;
+        self.frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: at(DESC),
+                    used_ring_addr: at(gpa),
+                    avail_ring_addr: at(AVAIL),
+                    log_addr: None,
+                },
+            )
+            .map_err(step("set_vring_addr"))
+    }
+
+    /// GET_VRING_BASE of queue 0 (stops the ring); how long the device took to answer.
+    pub fn get_vring_base_timed(&mut self) -> (Result<u32, String>, Duration) {
+        let t = Instant::now();
+        let r = self
+            .frontend
+            .get_vring_base(0)
+            .map_err(|e| format!("get_vring_base: {e}"));
+        (r, t.elapsed())
+    }
+
+    /// Reads a little-endian u16 of guest memory at `gpa`.
+    pub fn read_u16(&self, gpa: u64) -> u16 {
+        u16::from_le(self.read_at(gpa))
+    }
+
     /// The queue's kick, for a thread that kicks while this one sends messages.
     pub fn kicker(&self) -> EventFd {
         self.kick.try_clone().unwrap()

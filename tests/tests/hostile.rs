@@ -579,3 +579,180 @@ fn a_memory_table_the_device_refuses_is_never_read_by_a_queue() {
     assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(2, 4096));
     assert!(daemon.stop().success());
 }
+
+/// (Review 2 of 3263a30/8322b3e.) The ring check runs only when a pass pops nothing: a pass
+/// that pops a chain goes on to re-arm notifications (EVENT_IDX), which writes the used
+/// ring's avail_event. With the used ring's flags and index in memory and its entries past
+/// the end, that write fails, `process` returns the error with `?`, and vhost-user-backend
+/// ends the queue's worker thread. The queue is dead for the rest of the connection, even
+/// once the frontend sets it up properly again; a request in flight then is never completed
+/// and GET_VRING_BASE waits out the 30 s stop timeout.
+#[test]
+fn a_used_ring_whose_entries_lie_outside_memory_kills_no_worker() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    // An O_DIRECT disk on a real filesystem: a read is still in flight when the pass ends.
+    let disk_dir = tempfile::tempdir_in("/tmp").unwrap();
+    let victim = disk_dir.path().join("victim.img");
+    std::fs::write(&victim, pattern(7, 16 * MIB as usize)).unwrap();
+    let other = shm.path().join("other.img");
+    make_image(&other, 16 * MIB);
+    let (vsock, osock) = (
+        shm.path().join("victim.sock"),
+        shm.path().join("other.sock"),
+    );
+    let cfg = format!(
+        "disks:\n{}      direct: true\n{}",
+        file_disk_yaml("victim", &vsock, &victim, ""),
+        file_disk_yaml("other", &osock, &other, "")
+    );
+    let mut daemon = Daemon::start(shm.path(), &cfg);
+    let seg = |addr| Seg {
+        addr,
+        len: 65536,
+        write: true,
+    };
+    let mut fe = RawFrontend::connect_event_idx(&vsock, 4 * MIB as usize);
+    let first = fe.read(0, &[seg(DATA)]);
+    fe.kick();
+    assert!(fe.wait_used(1, Duration::from_secs(5)));
+    assert_eq!(fe.status(first), 0);
+    // Guest memory is DATA + 4 MiB long: the used ring's flags and index are its last 4
+    // bytes (the index says 1, as the device has it).
+    let end = DATA + 4 * MIB;
+    fe.write_bytes(end - 2, &1u16.to_le_bytes());
+    fe.move_used_ring(end - 4).unwrap();
+    assert!(fe.alive());
+    fe.read(128, &[seg(DATA + MIB)]);
+    fe.kick();
+    std::thread::sleep(Duration::from_millis(500));
+    // GET_VRING_BASE: the device stops the queue once its accepted requests are done.
+    let (base, took) = fe.get_vring_base_timed();
+    eprintln!("GET_VRING_BASE: {base:?} after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "GET_VRING_BASE took {took:?}:\n{}",
+        daemon.log()
+    );
+    drop(fe);
+    let _ = osock;
+    assert!(daemon.is_running());
+}
+
+/// (Review 2 of 8322b3e.) Same cause as above, without a request in flight: after the broken
+/// used ring, the frontend puts the ring back where it was and kicks; a live queue serves the
+/// waiting requests, a dead worker never does.
+#[test]
+fn a_queue_set_up_again_after_a_broken_used_ring_is_served() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
+    let seg = Seg {
+        addr: DATA,
+        len: 4096,
+        write: true,
+    };
+    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
+    let first = fe.read(0, &[seg]);
+    fe.kick();
+    assert!(fe.wait_used(1, Duration::from_secs(5)));
+    assert_eq!(fe.status(first), 0);
+    let end = DATA + MIB;
+    fe.write_bytes(end - 2, &1u16.to_le_bytes());
+    fe.move_used_ring(end - 4).unwrap();
+    assert!(fe.alive());
+    fe.read(0, &[seg]);
+    fe.kick();
+    std::thread::sleep(Duration::from_millis(300));
+    // Set up properly again (the used index where the device left it) and kick.
+    fe.move_used_ring(0x2000).unwrap();
+    assert!(fe.alive());
+    let third = fe.read(0, &[seg]);
+    fe.kick();
+    assert!(
+        fe.wait_used(2, Duration::from_secs(5)),
+        "the queue set up again was not served (used {}):\n{}",
+        fe.used(),
+        daemon.log()
+    );
+    let _ = third;
+    spins_nothing_and_the_disks_serve_on(&mut daemon, fe, &vsock, &osock);
+}
+
+/// (Review 2.) Nothing bounds how many chains of one queue are in flight: the device takes
+/// whatever the available ring names, and a frontend may name the same head again and again
+/// (a real driver has at most the ring size outstanding). A frontend that keeps moving the
+/// available index ahead of the device (within the ring size, so nothing stalls) over one
+/// valid READ chain makes the worker pop without end; every popped chain is a future kept in
+/// the queue's executor until it completes (the byte budget makes it wait, it does not stop
+/// the pop), so the daemon's memory grows as fast as the frontend writes one index.
+#[test]
+fn a_frontend_naming_one_head_again_and_again_costs_bounded_memory() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    // An O_DIRECT disk on a real filesystem: reads complete later, not inside the poll.
+    let disk_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let victim = disk_dir.path().join("victim.img");
+    std::fs::write(&victim, pattern(7, 16 * MIB as usize)).unwrap();
+    let other = shm.path().join("other.img");
+    make_image(&other, 16 * MIB);
+    let (vsock, osock) = (
+        shm.path().join("victim.sock"),
+        shm.path().join("other.sock"),
+    );
+    let cfg = format!(
+        "disks:\n{}      direct: true\n{}",
+        file_disk_yaml("victim", &vsock, &victim, ""),
+        file_disk_yaml("other", &osock, &other, "")
+    );
+    let mut daemon = Daemon::start(shm.path(), &cfg);
+    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
+    let first = fe.read(
+        0,
+        &[Seg {
+            addr: DATA,
+            len: MIB as u32,
+            write: true,
+        }],
+    );
+    fe.kick();
+    assert!(fe.wait_used(1, Duration::from_secs(5)));
+    assert_eq!(fe.status(first), 0);
+    // Every entry of the available ring names that chain (head 0).
+    for i in 0..256u64 {
+        fe.write_bytes(0x1004 + 2 * i, &0u16.to_le_bytes());
+    }
+    let before = rss_anon(daemon.pid());
+    let start = Instant::now();
+    let mut peak = before;
+    let mut sampled = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        // avail_event: where the device has popped to.
+        let popped = fe.read_u16(0x2000 + 4 + 8 * 256);
+        fe.write_bytes(0x1002, &popped.wrapping_add(200).to_le_bytes());
+        fe.kick();
+        if sampled.elapsed() < Duration::from_millis(100) {
+            continue;
+        }
+        sampled = Instant::now();
+        peak = peak.max(rss_anon(daemon.pid()));
+        if peak > before + 512 * MIB {
+            break;
+        }
+    }
+    eprintln!(
+        "used {} popped {}: RssAnon {} MiB -> peak {} MiB in {:?}",
+        fe.used(),
+        fe.read_u16(0x2000 + 4 + 8 * 256),
+        before >> 20,
+        peak >> 20,
+        start.elapsed()
+    );
+    assert!(daemon.is_running(), "{}", daemon.log());
+    assert!(
+        peak < before + 64 * MIB,
+        "the daemon grew from {} MiB to {} MiB",
+        before >> 20,
+        peak >> 20
+    );
+    let mut other = Client::connect(&osock, &ClientOptions::default()).unwrap();
+    other.write(0, 0, &pattern(4, 4096)).unwrap();
+    drop(fe);
+}

@@ -72,6 +72,15 @@ struct Done {
     _inflight: InflightGuard,
 }
 
+/// A queue's requests in flight, and the heads they hold: a head the driver makes available
+/// again before the device used it is refused, so a queue never has more requests than its
+/// ring has entries (each popped chain is memory until it completes).
+#[derive(Default)]
+struct Inflight {
+    futures: FuturesUnordered<RequestFuture>,
+    heads: bitvec::BitArr!(for MAX_QUEUE_SIZE, in u64),
+}
+
 /// Wakes a queue's worker through its eventfd.
 struct QueueWaker {
     eventfd: EventFd,
@@ -104,7 +113,7 @@ const POLL_MIN_INFLIGHT: usize = 4;
 struct Queue {
     /// This queue's worker id for `twinpath_core::worker` (unique in the process).
     worker: u64,
-    inflight: Mutex<FuturesUnordered<RequestFuture>>,
+    inflight: Mutex<Inflight>,
     notify: Arc<QueueWaker>,
     // `notify` as a std Waker, built once rather than per polling round.
     waker: Waker,
@@ -168,7 +177,7 @@ impl BlkDevice {
                 });
                 Ok(Queue {
                     worker: NEXT_WORKER.fetch_add(1, Ordering::Relaxed),
-                    inflight: Mutex::new(FuturesUnordered::new()),
+                    inflight: Mutex::default(),
                     waker: Waker::from(notify.clone()),
                     notify,
                     stalled: AtomicBool::new(false),
@@ -273,14 +282,18 @@ impl BlkDevice {
 
     /// Requests of this connection still running.
     pub fn inflight(&self) -> usize {
-        self.0.queues.iter().map(|q| lock(&q.inflight).len()).sum()
+        self.0
+            .queues
+            .iter()
+            .map(|q| lock(&q.inflight).futures.len())
+            .sum()
     }
 
     /// Drops the requests of a connection that is gone. Their backend work may still finish in
     /// the background; the guest memory they point into stays mapped until it does.
     pub fn abandon(&self) {
         for q in &self.0.queues {
-            lock(&q.inflight).clear();
+            *lock(&q.inflight) = Inflight::default();
         }
     }
 
@@ -327,7 +340,8 @@ impl BlkDevice {
         let limits = self.limits();
         let event_idx = self.0.event_idx.load(Ordering::Acquire);
         let mut used = Vec::new();
-        let mut inflight = lock(&queue.inflight);
+        let mut guard = lock(&queue.inflight);
+        let inflight = &mut *guard;
         let mut empty_pass = false;
         loop {
             let popping = pop && !self.0.disk.is_draining();
@@ -342,11 +356,9 @@ impl BlkDevice {
                     stuck = unreadable(vring.get_ref().get_queue(), &mem).map(str::to_owned);
                 }
                 if stuck.is_none() && event_idx {
-                    vring
-                        .get_mut()
-                        .get_queue_mut()
-                        .disable_notification(&*mem)
-                        .map_err(io::Error::other)?;
+                    if let Err(e) = vring.get_mut().get_queue_mut().disable_notification(&*mem) {
+                        stuck = Some(e.to_string());
+                    }
                 }
                 while stuck.is_none() {
                     let chain = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
@@ -366,8 +378,22 @@ impl BlkDevice {
                     };
                     popped = true;
                     let head = chain.head_index();
+                    let mut held = inflight.heads.get_mut(usize::from(head));
+                    if held.as_deref() == Some(&true) {
+                        self.0.disk.note_rejected(&format!(
+                            "queue {queue_index}: head {head} made available again while in \
+                             flight"
+                        ));
+                        continue;
+                    }
                     match request::parse(&*mem, chain, &limits) {
-                        Ok(req) => inflight.push(self.run(head, req, mem.clone())),
+                        Ok(req) => {
+                            if let Some(h) = held.as_deref_mut() {
+                                *h = true;
+                            }
+                            drop(held);
+                            inflight.futures.push(self.run(head, req, mem.clone()));
+                        }
                         Err(rejected) => {
                             self.0.disk.note_rejected(&rejected.reason);
                             let len = match rejected.status {
@@ -387,7 +413,8 @@ impl BlkDevice {
             // Fast backends finish inside the first poll; collect them in this same pass.
             queue.notify.armed.store(false, Ordering::Release);
             let mut cx = Context::from_waker(&queue.waker);
-            while let Poll::Ready(Some(done)) = inflight.poll_next_unpin(&mut cx) {
+            while let Poll::Ready(Some(done)) = inflight.futures.poll_next_unpin(&mut cx) {
+                inflight.heads.set(usize::from(done.head), false);
                 // SAFETY: `done._mem` keeps the status byte's mapping alive.
                 unsafe { done.status.write(done.code) };
                 used.push((done.head, done.used_len));
@@ -406,13 +433,19 @@ impl BlkDevice {
                 break;
             }
             // New chains may have arrived between the last pop and re-enabling notifications.
-            let more = vring
-                .get_mut()
-                .get_queue_mut()
-                .enable_notification(&*mem)
-                .map_err(io::Error::other)?;
-            if !more {
-                break;
+            let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
+            match more {
+                Ok(true) => {}
+                Ok(false) => break,
+                // An error here ends nothing but this pass: a `?` would end the queue's worker
+                // thread, and with it the requests in flight.
+                Err(e) => {
+                    queue.stalled.store(true, Ordering::Release);
+                    self.0
+                        .disk
+                        .note_rejected(&format!("queue {queue_index} cannot be read: {e}"));
+                    break;
+                }
             }
             // A chain that arrived so is popped by the next pass. A second pass in a row that
             // pops nothing has a ring whose entries cannot be read (whatever the cause).
@@ -426,7 +459,7 @@ impl BlkDevice {
             }
             empty_pass = !popped;
         }
-        drop(inflight);
+        drop(guard);
 
         self.hang_up_if_poisoned();
         if used.is_empty() {
@@ -442,7 +475,8 @@ impl BlkDevice {
                         .note_rejected(&format!("cannot add used entry {head}: {e}"));
                 }
             }
-            q.needs_notification(&*mem).map_err(io::Error::other)?
+            // When the ring cannot tell, the guest is told: a spare interrupt costs nothing.
+            q.needs_notification(&*mem).unwrap_or(true)
         };
         if notify {
             vring.signal_used_queue()?;
@@ -680,7 +714,7 @@ impl VhostUserBackend for BlkDevice {
             return Ok(());
         };
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while !lock(&queue.inflight).is_empty() {
+        while !lock(&queue.inflight).futures.is_empty() {
             if Instant::now() > deadline {
                 tracing::error!(disk = %self.0.disk.name(), queue = queue_index, "requests still running after {STOP_TIMEOUT:?}; stopping the queue anyway");
                 break;

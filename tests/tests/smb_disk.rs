@@ -624,3 +624,44 @@ fn a_reopen_never_serves_another_file_put_at_the_images_path() {
     // The disk's last flush has no image to go to: an unclean stop, said so.
     assert!(!daemon.stop().success());
 }
+
+/// (Review 2 of 0b2d993.) A changed disk whose image its running self locks is no longer
+/// opened before the old one stops; when that open then fails (here a wrong password in the
+/// new entry; equally a server that is briefly unreachable), the old disk is already gone
+/// and nothing reopens it: the running guest loses its disk. The reload code's own promise
+/// ("a changed disk whose new backend cannot be opened keeps running on its old one") held
+/// before 0b2d993 for this case.
+#[test]
+fn a_reload_whose_new_open_fails_keeps_the_old_disk_served() {
+    let smb = Samba::start();
+    let dir = scratch();
+    std::fs::write(smb.share_dir().join("vm.raw"), pattern(4, 4 * MIB as usize)).unwrap();
+    let (good, bad) = (dir.path().join("good.pass"), dir.path().join("bad.pass"));
+    twinpath_tests::write_secret(&good, &format!("{PASSWORD}\n"));
+    twinpath_tests::write_secret(&bad, "not-the-password\n");
+    let sock = dir.path().join("vm.sock");
+    let extra = |pass: &Path| {
+        format!(
+            "      user: {USER}\n      password_file: {}\n",
+            pass.display()
+        )
+    };
+    let yaml = smb_disk_yaml("vm", &sock, &smb, "vm.raw", &extra(&good));
+    let mut daemon = Daemon::start(dir.path(), &format!("disks:\n{yaml}"));
+    let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
+    c.write(0, 0, &pattern(5, 4096)).unwrap();
+    drop(c);
+    let changed = smb_disk_yaml("vm", &sock, &smb, "vm.raw", &extra(&bad));
+    let since = daemon.reload(dir.path(), &format!("disks:\n{changed}"));
+    assert!(
+        since.contains("LOGON_FAILURE") && since.contains("serving the disk as it was"),
+        "{since}"
+    );
+    assert!(since.contains("1 unchanged"), "{since}");
+    let c = Client::connect(&sock, &ClientOptions::default());
+    assert!(
+        c.is_ok_and(|mut c| c.read(0, 0, 4096).is_ok_and(|d| d == pattern(5, 4096))),
+        "the disk is not served after a reload whose new open failed:\n{since}"
+    );
+    assert!(daemon.stop().success());
+}

@@ -30,18 +30,15 @@ pub fn run(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
 /// A disk being served, with the config entry it was started from.
 struct Running {
     server: DiskServer,
-    entry: serde_yaml::Value,
-    /// The image the disk locks, if it locks one.
-    image: Option<String>,
+    /// What it was started from: a reload compares entries, and restarts a changed disk
+    /// from this when its new entry cannot be opened after the disk stopped.
+    config: Arc<DiskConfig>,
 }
 
 /// An opened backend, not yet on its socket.
 struct Opened {
     disk: Arc<Disk>,
-    socket: PathBuf,
-    socket_access: twinpath_core::SocketAccess,
-    entry: serde_yaml::Value,
-    image: Option<String>,
+    config: Arc<DiskConfig>,
 }
 
 /// The image `cfg` locks, if it locks one.
@@ -54,7 +51,7 @@ fn locked_image(cfg: &DiskConfig) -> Option<String> {
 type OpenError = (String, String, bool);
 
 /// Opens a disk's backend; an error comes with the disk's name.
-async fn open_disk(cfg: &DiskConfig) -> Result<Opened, OpenError> {
+async fn open_disk(cfg: &Arc<DiskConfig>) -> Result<Opened, OpenError> {
     let backend = cfg.backend.open().await.map_err(|e| {
         let in_use = e.kind() == twinpath_core::ErrorKind::InUse;
         let message = e.within(format!("disk `{}`", cfg.name)).to_string();
@@ -72,17 +69,15 @@ async fn open_disk(cfg: &DiskConfig) -> Result<Opened, OpenError> {
     };
     Ok(Opened {
         disk: Arc::new(Disk::new(settings, backend)),
-        socket: cfg.socket.clone(),
-        socket_access: cfg.socket_access,
-        entry: cfg.entry.clone(),
-        image: locked_image(cfg),
+        config: cfg.clone(),
     })
 }
 
 /// Puts an opened disk on its socket; logs either way.
 fn start_disk(opened: Opened) -> Option<Running> {
     let name = opened.disk.name().to_owned();
-    match DiskServer::start(opened.disk, &opened.socket, opened.socket_access) {
+    let socket = &opened.config.socket;
+    match DiskServer::start(opened.disk, socket, opened.config.socket_access) {
         Ok(server) => {
             tracing::info!(
                 disk = %name,
@@ -92,14 +87,13 @@ fn start_disk(opened: Opened) -> Option<Running> {
             );
             Some(Running {
                 server,
-                entry: opened.entry,
-                image: opened.image,
+                config: opened.config,
             })
         }
         Err(e) => {
             tracing::error!(
                 "not serving: disk `{name}`: socket {}: {e}",
-                opened.socket.display()
+                socket.display()
             );
             None
         }
@@ -108,6 +102,7 @@ fn start_disk(opened: Opened) -> Option<Running> {
 
 /// Opens the disks concurrently and starts the ones that opened.
 async fn start_all(disks: Vec<DiskConfig>, running: &mut BTreeMap<String, Running>) {
+    let disks: Vec<Arc<DiskConfig>> = disks.into_iter().map(Arc::new).collect();
     for result in futures::future::join_all(disks.iter().map(open_disk)).await {
         match result {
             Ok(opened) => {
@@ -234,9 +229,9 @@ async fn reload(
             return None;
         }
     };
-    let mut wanted: BTreeMap<String, DiskConfig> = std::mem::take(&mut config.disks)
+    let mut wanted: BTreeMap<String, Arc<DiskConfig>> = std::mem::take(&mut config.disks)
         .into_iter()
-        .map(|d| (d.name.clone(), d))
+        .map(|d| (d.name.clone(), Arc::new(d)))
         .collect();
 
     let mut unchanged = 0;
@@ -244,7 +239,7 @@ async fn reload(
     let mut removed = Vec::new();
     for (name, r) in running.iter() {
         match wanted.get(name) {
-            Some(d) if d.entry == r.entry => {
+            Some(d) if d.entry == r.config.entry => {
                 wanted.remove(name);
                 unchanged += 1;
             }
@@ -256,12 +251,12 @@ async fn reload(
     // removed disk renamed): opened once the stopping ones have stopped. Known ones are not
     // even tried before (an SMB server refuses them only after a while); others show up as
     // refused opens.
-    let held: std::collections::BTreeSet<&String> = changed
+    let held: std::collections::BTreeSet<String> = changed
         .iter()
         .chain(&removed)
-        .filter_map(|n| running[n].image.as_ref())
+        .filter_map(|n| locked_image(&running[n].config))
         .collect();
-    let (later, open_now): (Vec<&DiskConfig>, Vec<&DiskConfig>) = wanted
+    let (later, open_now): (Vec<&Arc<DiskConfig>>, Vec<&Arc<DiskConfig>>) = wanted
         .values()
         .partition(|d| locked_image(d).is_some_and(|i| held.contains(&i)));
     let mut after_stop: Vec<String> = later.iter().map(|d| d.name.clone()).collect();
@@ -280,34 +275,59 @@ async fn reload(
             }
         }
     }
-    let servers = removed
+    let mut stopped = BTreeMap::new();
+    let mut servers = Vec::new();
+    for (name, r) in removed
         .iter()
         .chain(&changed)
-        .filter_map(|n| running.remove(n))
-        .map(|r| r.server)
-        .collect();
+        .filter_map(|n| Some((n, running.remove(n)?)))
+    {
+        servers.push(r.server);
+        stopped.insert(name.clone(), r.config);
+    }
     stop_all(servers).await;
     // A stopped disk has released its image locks (`BlockBackend::release`).
     for name in after_stop {
         match open_disk(&wanted[&name]).await {
             Ok(o) => to_start.push(o),
-            Err((_, e, _)) => tracing::error!("SIGHUP: not serving: {e}"),
+            Err((_, e, _)) => {
+                tracing::error!("SIGHUP: not serving: {e}");
+                // A changed disk whose new entry cannot be opened comes back as it was.
+                let Some(old) = stopped.get(&name).filter(|_| changed.contains(&name)) else {
+                    continue;
+                };
+                match open_disk(old).await {
+                    Ok(o) => {
+                        tracing::warn!(disk = %name, "SIGHUP: serving the disk as it was");
+                        to_start.push(o);
+                    }
+                    Err((_, e, _)) => tracing::error!("SIGHUP: not serving: {e}"),
+                }
+            }
         }
     }
     let (mut added, mut replaced) = (0, 0);
     for o in to_start {
         let name = o.disk.name().to_owned();
         // Binding replaces a socket file, so never bind over one a kept disk still serves.
-        if let Some(owner) = running.values().find(|r| r.server.socket() == o.socket) {
+        if let Some(owner) = running
+            .values()
+            .find(|r| r.server.socket() == o.config.socket)
+        {
             tracing::error!(
                 "SIGHUP: not serving: disk `{name}`: socket {} belongs to disk `{}`",
-                o.socket.display(),
+                o.config.socket.display(),
                 owner.server.disk().name()
             );
             continue;
         }
+        let restored = stopped
+            .get(&name)
+            .is_some_and(|old| Arc::ptr_eq(old, &o.config));
         if let Some(r) = start_disk(o) {
-            if changed.contains(&name) {
+            if restored {
+                unchanged += 1;
+            } else if changed.contains(&name) {
                 replaced += 1;
             } else {
                 added += 1;

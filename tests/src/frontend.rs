@@ -299,6 +299,47 @@ impl RawFrontend {
         (r, t.elapsed())
     }
 
+    /// What a driver reset does after GET_VRING_BASE: rings zeroed, queue set up
+    /// again from index 0 (SET_VRING_NUM/ADDR/BASE/KICK), descriptors and requests numbered
+    /// from 0 again.
+    pub fn restart_queue(&mut self) -> Result<(), String> {
+        self.fill(DESC, (HEADERS - DESC) as usize, 0);
+        let at = |g: u64| self.base as u64 + g;
+        self.frontend
+            .set_vring_num(0, QUEUE_SIZE)
+            .map_err(step("set_vring_num"))?;
+        self.frontend
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: at(DESC),
+                    used_ring_addr: at(USED),
+                    avail_ring_addr: at(AVAIL),
+                    log_addr: None,
+                },
+            )
+            .map_err(step("set_vring_addr"))?;
+        self.frontend
+            .set_vring_base(0, 0)
+            .map_err(step("set_vring_base"))?;
+        self.frontend
+            .set_vring_kick(0, &self.kick)
+            .map_err(step("set_vring_kick"))?;
+        self.next_desc = 0;
+        self.posted = 0;
+        Ok(())
+    }
+
+    /// Posts a WRITE of `segs` at `sector`; status byte preset to `preset`.
+    pub fn write_req(&mut self, sector: u64, segs: &[Seg], preset: u8) -> u16 {
+        let status = STATUS + u64::from(self.posted % QUEUE_SIZE);
+        self.write_at(status, preset);
+        self.post(1, sector, segs, status)
+    }
+
     /// Reads a little-endian u16 of guest memory at `gpa`.
     pub fn read_u16(&self, gpa: u64) -> u16 {
         u16::from_le(self.read_at(gpa))

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use twinpath_client::{Client, ClientOptions};
 use twinpath_tests::frontend::{RawFrontend, Seg, DATA};
+use twinpath_tests::lun::{Fs, LoopLun};
 use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -755,4 +756,83 @@ fn a_frontend_naming_one_head_again_and_again_costs_bounded_memory() {
     let mut other = Client::connect(&osock, &ClientOptions::default()).unwrap();
     other.write(0, 0, &pattern(4, 4096)).unwrap();
     drop(fe);
+}
+
+/// Freezes (or thaws) the filesystem mounted at `dir`.
+fn freeze(dir: &std::path::Path, on: bool) {
+    let st = std::process::Command::new("fsfreeze")
+        .arg(if on { "-f" } else { "-u" })
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// (Review 3 of f7fa80c.) A request still running when GET_VRING_BASE gives up waiting (30 s; a frozen or slow
+/// filesystem) keeps its head's bit. The driver resets the device (guest reboot, driver
+/// reload): QEMU sets the queue up again from index 0 and the fresh driver's first request
+/// uses head 0 again. The device refuses it without a used entry ("made available again
+/// while in flight"), so the new request is lost; when the old one finishes, its used entry
+/// for head 0 lands in the new ring and the driver takes it for the new request: a write
+/// never performed is completed (with whatever its status byte held). Now such requests
+/// finish detached from the ring, and the queue takes the new driver's requests after them.
+#[test]
+fn a_request_outliving_the_stop_timeout_makes_the_next_drivers_first_request_vanish() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let lun = LoopLun::new(256 * MIB, Fs::Ext4);
+    let mnt = lun.mount_point();
+    let victim = mnt.join("victim.img");
+    std::fs::write(&victim, vec![0u8; 16 * MIB as usize]).unwrap();
+    let vsock = shm.path().join("victim.sock");
+    let cfg = format!(
+        "disks:\n{}      direct: true\n",
+        file_disk_yaml("victim", &vsock, &victim, "")
+    );
+    let mut daemon = Daemon::start(shm.path(), &cfg);
+    let mut fe = RawFrontend::connect(&vsock, MIB as usize);
+    let data = |addr| Seg {
+        addr,
+        len: 4096,
+        write: false,
+    };
+    fe.fill(DATA, 4096, 0xaa);
+    fe.fill(DATA + 65536, 4096, 0xbb);
+
+    freeze(&mnt, true);
+    let old = fe.write_req(0, &[data(DATA)], 0xff);
+    fe.kick();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fe.used(), 0, "the write finished on a frozen filesystem");
+    let (base, took) = fe.get_vring_base_timed();
+    eprintln!("GET_VRING_BASE {base:?} after {took:?}");
+
+    // The guest driver starts over: new rings, head 0 again.
+    fe.restart_queue().unwrap();
+    let new = fe.write_req(8, &[data(DATA + 65536)], 0xff);
+    assert_eq!((old, new), (0, 0));
+    fe.kick();
+    std::thread::sleep(Duration::from_millis(1000));
+    freeze(&mnt, false);
+    let completed = fe.wait_used(1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = fe.status(new);
+    let image = std::fs::read(&victim).unwrap();
+    let landed = image[8 * 512..8 * 512 + 4096].iter().all(|&b| b == 0xbb);
+    let log = daemon.log();
+    eprintln!(
+        "used {} status {status:#x} new write landed {landed}; refused: {}",
+        fe.used(),
+        log.lines().filter(|l| l.contains("again while in")).count()
+    );
+    drop(fe);
+    assert!(daemon.is_running());
+    assert!(
+        !completed || (landed && status == 0),
+        "the new driver's write got a used entry (status byte {status:#x}) but was never \
+         performed (landed {landed}):\n{log}"
+    );
+    assert!(
+        completed,
+        "the new driver's write was never completed:\n{log}"
+    );
 }

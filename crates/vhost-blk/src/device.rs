@@ -79,6 +79,11 @@ struct Done {
 struct Inflight {
     futures: FuturesUnordered<RequestFuture>,
     heads: bitvec::BitArr!(for MAX_QUEUE_SIZE, in u64),
+    /// Requests of a queue stopped while they ran (GET_VRING_BASE gave up waiting): they
+    /// finish without touching the ring, which may be a new driver's by then (their heads and
+    /// status bytes may be its), and the queue takes no new request before they did, since
+    /// one may still write a block the new driver writes too.
+    detached: FuturesUnordered<RequestFuture>,
 }
 
 /// Wakes a queue's worker through its eventfd.
@@ -285,7 +290,10 @@ impl BlkDevice {
         self.0
             .queues
             .iter()
-            .map(|q| lock(&q.inflight).futures.len())
+            .map(|q| {
+                let i = lock(&q.inflight);
+                i.futures.len() + i.detached.len()
+            })
             .sum()
     }
 
@@ -342,9 +350,14 @@ impl BlkDevice {
         let mut used = Vec::new();
         let mut guard = lock(&queue.inflight);
         let inflight = &mut *guard;
+        let mut cx = Context::from_waker(&queue.waker);
+        let detached = !inflight.detached.is_empty();
+        while let Poll::Ready(Some(_)) = inflight.detached.poll_next_unpin(&mut cx) {}
+        // The driver's requests waited for the detached ones: take them now.
+        let pop = pop || (detached && inflight.detached.is_empty());
         let mut empty_pass = false;
         loop {
-            let popping = pop && !self.0.disk.is_draining();
+            let popping = pop && !self.0.disk.is_draining() && inflight.detached.is_empty();
             // Why the ring cannot be read, if it cannot. Nothing will pop until the frontend
             // sets the queue up again, so this pass is the last.
             let mut stuck = None;
@@ -412,7 +425,6 @@ impl BlkDevice {
             }
             // Fast backends finish inside the first poll; collect them in this same pass.
             queue.notify.armed.store(false, Ordering::Release);
-            let mut cx = Context::from_waker(&queue.waker);
             while let Poll::Ready(Some(done)) = inflight.futures.poll_next_unpin(&mut cx) {
                 inflight.heads.set(usize::from(done.head), false);
                 // SAFETY: `done._mem` keeps the status byte's mapping alive.
@@ -716,7 +728,11 @@ impl VhostUserBackend for BlkDevice {
         let deadline = Instant::now() + STOP_TIMEOUT;
         while !lock(&queue.inflight).futures.is_empty() {
             if Instant::now() > deadline {
-                tracing::error!(disk = %self.0.disk.name(), queue = queue_index, "requests still running after {STOP_TIMEOUT:?}; stopping the queue anyway");
+                tracing::error!(disk = %self.0.disk.name(), queue = queue_index, "requests still running after {STOP_TIMEOUT:?}; stopping the queue anyway (they finish without a used entry, and the queue takes new requests once they did)");
+                let mut inflight = lock(&queue.inflight);
+                let running = std::mem::take(&mut inflight.futures);
+                inflight.detached.extend(running);
+                inflight.heads = Default::default();
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));

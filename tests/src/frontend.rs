@@ -42,6 +42,26 @@ fn step<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> String {
     move |e| format!("{what}: {e}")
 }
 
+/// SET_VRING_ADDR of queue 0 with the rings at guest addresses `avail` and `used` (the
+/// descriptor table at its place), for guest memory mapped at `base` here.
+fn set_rings(frontend: &mut Frontend, base: *mut u8, avail: u64, used: u64) -> Result<(), String> {
+    let at = |gpa: u64| base as u64 + gpa;
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: at(DESC),
+                used_ring_addr: at(used),
+                avail_ring_addr: at(avail),
+                log_addr: None,
+            },
+        )
+        .map_err(step("set_vring_addr"))
+}
+
 pub struct RawFrontend {
     frontend: Frontend,
     memfd: File,
@@ -156,21 +176,7 @@ impl RawFrontend {
         frontend
             .set_vring_num(0, QUEUE_SIZE)
             .map_err(step("set_vring_num"))?;
-        let at = |gpa: u64| base as u64 + gpa;
-        frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: at(DESC),
-                    used_ring_addr: at(USED),
-                    avail_ring_addr: at(AVAIL),
-                    log_addr: None,
-                },
-            )
-            .map_err(step("set_vring_addr"))?;
+        set_rings(&mut frontend, base, AVAIL, USED)?;
         frontend
             .set_vring_base(0, 0)
             .map_err(step("set_vring_base"))?;
@@ -252,41 +258,13 @@ impl RawFrontend {
     /// Moves queue 0's available ring to guest address `gpa` (SET_VRING_ADDR on the running
     /// queue); at 0 the device sees a queue that is not set up.
     pub fn move_avail_ring(&mut self, gpa: u64) -> Result<(), String> {
-        let at = |g: u64| self.base as u64 + g;
-        self.frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: at(DESC),
-                    used_ring_addr: at(USED),
-                    avail_ring_addr: at(gpa),
-                    log_addr: None,
-                },
-            )
-            .map_err(step("set_vring_addr"))
+        set_rings(&mut self.frontend, self.base, gpa, USED)
     }
 
     /// Moves queue 0's used ring to guest address `gpa` (SET_VRING_ADDR on the running
     /// queue); the device reads the used index there.
     pub fn move_used_ring(&mut self, gpa: u64) -> Result<(), String> {
-        let at = |g: u64| self.base as u64 + g;
-        self.frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: at(DESC),
-                    used_ring_addr: at(gpa),
-                    avail_ring_addr: at(AVAIL),
-                    log_addr: None,
-                },
-            )
-            .map_err(step("set_vring_addr"))
+        set_rings(&mut self.frontend, self.base, AVAIL, gpa)
     }
 
     /// GET_VRING_BASE of queue 0 (stops the ring); how long the device took to answer.
@@ -304,24 +282,10 @@ impl RawFrontend {
     /// from 0 again.
     pub fn restart_queue(&mut self) -> Result<(), String> {
         self.fill(DESC, (HEADERS - DESC) as usize, 0);
-        let at = |g: u64| self.base as u64 + g;
         self.frontend
             .set_vring_num(0, QUEUE_SIZE)
             .map_err(step("set_vring_num"))?;
-        self.frontend
-            .set_vring_addr(
-                0,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: at(DESC),
-                    used_ring_addr: at(USED),
-                    avail_ring_addr: at(AVAIL),
-                    log_addr: None,
-                },
-            )
-            .map_err(step("set_vring_addr"))?;
+        set_rings(&mut self.frontend, self.base, AVAIL, USED)?;
         self.frontend
             .set_vring_base(0, 0)
             .map_err(step("set_vring_base"))?;

@@ -402,16 +402,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn a_broken_available_ring_spins_no_worker_and_blocks_no_reconnect() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
-    let seg = Seg {
-        addr: DATA,
-        len: 4096,
-        write: true,
-    };
-    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
-    let first = fe.read(0, &[seg]);
-    fe.kick();
-    assert!(fe.wait_used(1, Duration::from_secs(5)));
-    assert_eq!(fe.status(first), 0);
+    let mut fe = event_idx_frontend_served_once(&vsock);
     fe.post_bad_head();
     fe.kick();
     std::thread::sleep(Duration::from_millis(100));
@@ -428,18 +419,7 @@ fn a_broken_available_ring_spins_no_worker_and_blocks_no_reconnect() {
 fn a_queue_set_up_again_without_a_ring_spins_no_worker() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
-    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
-    let first = fe.read(
-        0,
-        &[Seg {
-            addr: DATA,
-            len: 4096,
-            write: true,
-        }],
-    );
-    fe.kick();
-    assert!(fe.wait_used(1, Duration::from_secs(5)));
-    assert_eq!(fe.status(first), 0);
+    let mut fe = event_idx_frontend_served_once(&vsock);
     fe.move_avail_ring(0).unwrap();
     // A request with a reply: the device has taken the move before the kick.
     assert!(fe.alive());
@@ -457,7 +437,20 @@ fn a_queue_set_up_again_without_a_ring_spins_no_worker() {
 fn an_available_ring_whose_entries_lie_outside_memory_spins_no_worker() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let (mut daemon, vsock, osock) = two_tmpfs_disks(shm.path());
-    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
+    let mut fe = event_idx_frontend_served_once(&vsock);
+    // Guest memory is DATA + 1 MiB long: the ring's flags and index are its last 4 bytes.
+    let end = DATA + MIB;
+    fe.move_avail_ring(end - 4).unwrap();
+    assert!(fe.alive());
+    fe.write_bytes(end - 2, &5u16.to_le_bytes());
+    fe.kick();
+    daemon.wait_for_log("cannot be read", Duration::from_secs(5));
+    spins_nothing_and_the_disks_serve_on(&mut daemon, fe, &vsock, &osock);
+}
+
+/// A frontend with EVENT_IDX whose first 4 KiB read (at `DATA`) the device has served.
+fn event_idx_frontend_served_once(sock: &Path) -> RawFrontend {
+    let mut fe = RawFrontend::connect_event_idx(sock, MIB as usize);
     let first = fe.read(
         0,
         &[Seg {
@@ -469,14 +462,7 @@ fn an_available_ring_whose_entries_lie_outside_memory_spins_no_worker() {
     fe.kick();
     assert!(fe.wait_used(1, Duration::from_secs(5)));
     assert_eq!(fe.status(first), 0);
-    // Guest memory is DATA + 1 MiB long: the ring's flags and index are its last 4 bytes.
-    let end = DATA + MIB;
-    fe.move_avail_ring(end - 4).unwrap();
-    assert!(fe.alive());
-    fe.write_bytes(end - 2, &5u16.to_le_bytes());
-    fe.kick();
-    daemon.wait_for_log("cannot be read", Duration::from_secs(5));
-    spins_nothing_and_the_disks_serve_on(&mut daemon, fe, &vsock, &osock);
+    fe
 }
 
 /// With `fe`'s broken queue kicked: the daemon uses next to no CPU, the other disk serves,
@@ -658,11 +644,7 @@ fn a_queue_set_up_again_after_a_broken_used_ring_is_served() {
         len: 4096,
         write: true,
     };
-    let mut fe = RawFrontend::connect_event_idx(&vsock, MIB as usize);
-    let first = fe.read(0, &[seg]);
-    fe.kick();
-    assert!(fe.wait_used(1, Duration::from_secs(5)));
-    assert_eq!(fe.status(first), 0);
+    let mut fe = event_idx_frontend_served_once(&vsock);
     let end = DATA + MIB;
     fe.write_bytes(end - 2, &1u16.to_le_bytes());
     fe.move_used_ring(end - 4).unwrap();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use libfuzzer_sys::fuzz_target;
-use twinpath_core::{BlockBackend, CacheMode, DiskInfo, GuestBuffers, SocketAccess};
+use twinpath_core::{BlockBackend, BlockIo, CacheMode, DiskInfo, GuestBuffers, SocketAccess};
 use twinpath_vhost_blk::{Disk, DiskServer, DiskSettings};
 
 const DISK: usize = 1 << 20;
@@ -26,12 +26,14 @@ const GUEST: usize = 1 << 20;
 
 struct Mem(Mutex<Vec<u8>>);
 
-#[async_trait]
 impl BlockBackend for Mem {
     fn info(&self) -> DiskInfo {
         DiskInfo::new(DISK as u64)
     }
+}
 
+#[async_trait]
+impl BlockIo for Mem {
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> twinpath_core::Result<()> {
         let data = self.0.lock().unwrap();
         bufs.copy_from_slice(0, &data[offset as usize..offset as usize + bufs.len()]);

@@ -1,5 +1,6 @@
 //! The contract between the vhost-user-blk device and a storage backend.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -50,15 +51,23 @@ impl DiskInfo {
     }
 }
 
-/// A block backend. Calls may run concurrently from several queues and complete in any order;
-/// implementations must not serialise them behind one lock.
+/// What a queue's worker hands its backend when the queue starts: the queue's index and the
+/// eventfd its worker sleeps on. A backend whose I/O completes through the kernel (io_uring)
+/// has the kernel signal this eventfd, and the worker reaps those completions itself.
+#[derive(Debug)]
+pub struct QueueLink {
+    pub index: usize,
+    /// The worker's wake-up eventfd (a duplicate the backend may keep).
+    pub notify: OwnedFd,
+}
+
+/// The I/O operations of a block backend. Calls may run concurrently from several queues and
+/// complete in any order; implementations must not serialise them behind one lock.
 ///
 /// Offsets and lengths are in bytes and have been checked against `info().capacity` and the
 /// block size by the device.
 #[async_trait]
-pub trait BlockBackend: Send + Sync + 'static {
-    fn info(&self) -> DiskInfo;
-
+pub trait BlockIo: Send + Sync + 'static {
     /// Reads `bufs.len()` bytes at `offset` into the buffers.
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()>;
 
@@ -78,6 +87,41 @@ pub trait BlockBackend: Send + Sync + 'static {
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let _ = (offset, len, unmap);
         Err(Error::new(ErrorKind::Unsupported, "write-zeroes"))
+    }
+
+    /// Takes the operations finished since the last call off this queue's engine and wakes
+    /// their futures. The worker calls it when its eventfd fires and while it polls.
+    fn reap(&self) {}
+
+    /// Hands the operations queued while the worker polled its requests to the kernel, in
+    /// one call. The worker calls it after every polling pass.
+    fn submit(&self) {}
+
+    /// Operations submitted on this queue's engine and not yet reaped: completions the worker
+    /// will find itself if it keeps looking (see the device's `poll_us`).
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    /// The queue's worker is about to end and will poll nothing more: waits, on the worker
+    /// thread, for the operations this queue's engine has in flight and takes them off, so
+    /// that what they hold (guest buffers) is let go. An io_uring that only its worker may
+    /// wait on could not be emptied from any other thread.
+    fn finish(&self) {}
+}
+
+/// A block backend: its I/O from any thread (itself a [`BlockIo`]), and what the device asks
+/// of it besides.
+#[async_trait]
+pub trait BlockBackend: BlockIo {
+    fn info(&self) -> DiskInfo;
+
+    /// The I/O path of one queue, asked once per queue when a frontend connects and held by
+    /// the device for as long as the connection lasts; its requests run on the queue's worker
+    /// thread. `None` (the default): the queue uses the backend itself.
+    fn queue(&self, link: QueueLink) -> Result<Option<Arc<dyn BlockIo>>> {
+        let _ = link;
+        Ok(None)
     }
 
     /// The paths this backend's I/O takes (`network`, `direct`) with their counters, for

@@ -1,11 +1,11 @@
 //! twinpath-core: what the device and every backend plugin share.
 //!
-//! - [`BlockBackend`]: the async backend trait the vhost-user-blk device drives;
+//! - [`BlockBackend`] / [`BlockIo`]: the async backend traits the vhost-user-blk device drives,
+//!   with a queue's own I/O path ([`QueueLink`]);
 //! - [`GuestBuffers`]: zero-copy scatter-gather views of guest memory;
 //! - [`Error`]: one error type with a kind, context and source;
 //! - [`Registry`] / [`Plugin`]: backends register a name and parse their own options;
 //! - [`Config`]: the YAML disk list;
-//! - [`worker`]: queue threads as the reactor of the I/O engines they poll;
 //! - [`stats`]: lock-free I/O counters per disk and per path, for metrics.
 
 mod backend;
@@ -19,9 +19,8 @@ mod registry;
 mod secret;
 mod size;
 pub mod stats;
-pub mod worker;
 
-pub use backend::{BlockBackend, DiskInfo, Permit};
+pub use backend::{BlockBackend, BlockIo, DiskInfo, Permit, QueueLink};
 pub use buffers::{GuestBuffers, IoVecs};
 pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig, SocketAccess};
 pub use error::{Error, ErrorKind, Result};
@@ -34,6 +33,21 @@ pub use size::ByteSize;
 /// twinpath guard state that stays consistent between statements.
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until `done` holds or `timeout` passes, looking every millisecond; returns whether it
+/// holds. For state other threads change without telling anyone (counters, flags).
+pub fn wait_until(timeout: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Runs `task` on `runtime` and waits for it from any thread: for backends whose I/O needs

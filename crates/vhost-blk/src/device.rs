@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use twinpath_core::stats::Op;
-use twinpath_core::{ErrorKind, GuestBuffers};
+use twinpath_core::{BlockIo, ErrorKind, GuestBuffers, QueueLink};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
@@ -58,8 +59,6 @@ const WRITE_ZEROES_BUDGET: usize = 1 << 20;
 const MAX_WATCHED: usize = 1024;
 /// How long GET_VRING_BASE waits for accepted requests before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
-static NEXT_WORKER: AtomicU64 = AtomicU64::new(1);
 
 /// A finished request, ready to be written back to the used ring.
 struct Done {
@@ -116,14 +115,20 @@ impl Wake for QueueWaker {
 const POLL_MIN_INFLIGHT: usize = 4;
 
 struct Queue {
-    /// This queue's worker id for `twinpath_core::worker` (unique in the process).
-    worker: u64,
+    /// The backend's I/O path for this queue: its requests go there, and the worker reaps
+    /// and submits what it holds.
+    io: Arc<dyn BlockIo>,
     inflight: Mutex<Inflight>,
     notify: Arc<QueueWaker>,
     // `notify` as a std Waker, built once rather than per polling round.
     waker: Waker,
     /// The ring could not be read at the last pass: polling must not go round it.
     stalled: AtomicBool,
+    /// The connection is over: the worker finishes `io` at its next event and then
+    /// handles nothing more (see [`BlkDevice::finish_queues`]).
+    finishing: AtomicBool,
+    /// The worker finished `io`.
+    finished: AtomicBool,
 }
 
 struct Inner {
@@ -144,6 +149,16 @@ struct Inner {
     /// The exit eventfds handed to vhost-user-backend, which registers them with its epoll
     /// by `into_raw_fd` and never closes them (0.24): closed by [`BlkDevice::release`].
     exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
+}
+
+impl Queue {
+    /// Finishes the queue's I/O path once, on its worker (see [`BlkDevice::finish_queues`]).
+    fn finish_io(&self) {
+        if !self.finished.load(Ordering::Acquire) {
+            self.io.finish();
+            self.finished.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Why queue `q`'s rings cannot be used in `mem`, if they cannot: virtio-queue's `is_valid`
@@ -173,19 +188,38 @@ pub struct BlkDevice(Arc<Inner>);
 
 impl BlkDevice {
     pub fn new(disk: Arc<Disk>) -> io::Result<Self> {
-        let queues = (0..disk.settings.num_queues)
-            .map(|_| {
+        let queues = (0..usize::from(disk.settings.num_queues))
+            .map(|index| {
                 let notify = Arc::new(QueueWaker {
                     eventfd: EventFd::new(EFD_NONBLOCK)?,
                     armed: AtomicBool::new(false),
                     woken: AtomicBool::new(false),
                 });
+                let dup = notify.eventfd.try_clone()?;
+                // SAFETY: `into_raw_fd` hands over the duplicate, which nothing else owns.
+                let notify_fd = unsafe { OwnedFd::from_raw_fd(dup.into_raw_fd()) };
+                let link = QueueLink {
+                    index,
+                    notify: notify_fd,
+                };
+                let io = match disk.backend.queue(link) {
+                    Ok(Some(io)) => io,
+                    Ok(None) => disk.backend.clone(),
+                    Err(e) => {
+                        return Err(io::Error::other(format!(
+                            "disk `{}`: queue {index}: {e}",
+                            disk.name()
+                        )))
+                    }
+                };
                 Ok(Queue {
-                    worker: NEXT_WORKER.fetch_add(1, Ordering::Relaxed),
+                    io,
                     inflight: Mutex::default(),
                     waker: Waker::from(notify.clone()),
                     notify,
                     stalled: AtomicBool::new(false),
+                    finishing: AtomicBool::new(false),
+                    finished: AtomicBool::new(false),
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -211,7 +245,6 @@ impl BlkDevice {
 
     /// The completion eventfd of queue `index`, to register on that queue's worker epoll.
     pub fn completion_fd(&self, index: usize) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
         self.0.queues[index].notify.eventfd.as_raw_fd()
     }
 
@@ -295,6 +328,26 @@ impl BlkDevice {
                 i.futures.len() + i.detached.len()
             })
             .sum()
+    }
+
+    /// Has every queue's worker finish its queue's I/O path (wait for what its engine has in
+    /// flight, on the worker thread, see [`BlockIo::finish`]) and then take no more requests:
+    /// for a connection whose frontend is gone, while its workers still run. Returns the
+    /// queues whose worker did not answer within `timeout`.
+    pub fn finish_queues(&self, timeout: Duration) -> usize {
+        for q in &self.0.queues {
+            q.finishing.store(true, Ordering::Release);
+            let _ = q.notify.eventfd.write(1);
+        }
+        let unfinished = || {
+            self.0
+                .queues
+                .iter()
+                .filter(|q| !q.finished.load(Ordering::Acquire))
+                .count()
+        };
+        twinpath_core::wait_until(timeout, || unfinished() == 0);
+        unfinished()
     }
 
     /// Drops the requests of a connection that is gone. Their backend work may still finish in
@@ -405,7 +458,8 @@ impl BlkDevice {
                                 *h = true;
                             }
                             drop(held);
-                            inflight.futures.push(self.run(head, req, mem.clone()));
+                            let io = queue.io.clone();
+                            inflight.futures.push(self.run(io, head, req, mem.clone()));
                         }
                         Err(rejected) => {
                             self.0.disk.note_rejected(&rejected.reason);
@@ -431,8 +485,8 @@ impl BlkDevice {
                 unsafe { done.status.write(done.code) };
                 used.push((done.head, done.used_len));
             }
-            // What the requests queued with the engines while being polled goes out now.
-            twinpath_core::worker::flush();
+            // What the requests queued with the engine while being polled goes out now.
+            queue.io.submit();
             if !(popping && event_idx) {
                 break;
             }
@@ -513,12 +567,12 @@ impl BlkDevice {
         };
         let mut since = Instant::now();
         loop {
-            if twinpath_core::worker::in_flight() < POLL_MIN_INFLIGHT || since.elapsed() >= poll {
+            if queue.io.in_flight() < POLL_MIN_INFLIGHT || since.elapsed() >= poll {
                 break;
             }
             // Wakes only mark `woken` now; taking it with a swap loses none.
             queue.notify.armed.store(true, Ordering::SeqCst);
-            twinpath_core::worker::reap();
+            queue.io.reap();
             let woken = queue.notify.woken.swap(false, Ordering::SeqCst);
             let arrived = !queue.stalled.load(Ordering::Acquire) && {
                 let q = vring.get_ref();
@@ -542,7 +596,7 @@ impl BlkDevice {
     }
 
     /// The future that carries one request from the guest to the backend and back.
-    fn run(&self, head: u16, req: Request, mem: Arc<Mem>) -> RequestFuture {
+    fn run(&self, io: Arc<dyn BlockIo>, head: u16, req: Request, mem: Arc<Mem>) -> RequestFuture {
         let guard = InflightGuard::new(self.0.disk.clone());
         let writethrough = !self.0.writeback.load(Ordering::Acquire);
         // The buffers keep the mapping alive, and count as work of the disk for as long as
@@ -568,7 +622,7 @@ impl BlkDevice {
                 RequestKind::Write { .. } => Op::Write,
                 _ => Op::Other,
             };
-            let backend = disk.backend();
+            let backend = &*io;
             let (what, result) = match req.kind {
                 RequestKind::Read { offset } => (
                     "read",
@@ -747,6 +801,30 @@ impl VhostUserBackend for BlkDevice {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        let queue = &self.0.queues[thread_id];
+        if queue.finishing.load(Ordering::Acquire) {
+            queue.finish_io();
+            return Ok(());
+        }
+        let handled = self.handle_queue_event(queue, device_event, evset, vrings, thread_id);
+        if handled.is_err() {
+            // vhost-user-backend ends the worker on an error: nobody else could empty the
+            // queue's I/O path.
+            queue.finish_io();
+        }
+        handled
+    }
+}
+
+impl BlkDevice {
+    fn handle_queue_event(
+        &self,
+        queue: &Queue,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
@@ -754,16 +832,11 @@ impl VhostUserBackend for BlkDevice {
         let vring = vrings
             .first()
             .ok_or_else(|| io::Error::other("worker without a vring"))?;
-        let queue = &self.0.queues[thread_id];
-        {
-            use std::os::fd::AsRawFd;
-            twinpath_core::worker::enter(queue.worker, queue.notify.eventfd.as_raw_fd());
-        }
         if u64::from(device_event) == self.completion_event_id() {
             let _ = queue.notify.eventfd.read();
             // The futures the reap wakes are polled right below: no eventfd write for them.
             queue.notify.armed.store(true, Ordering::Release);
-            twinpath_core::worker::reap();
+            queue.io.reap();
             self.process(thread_id, vring, false)?;
             return self.poll_while_busy(thread_id, vring);
         }
@@ -819,7 +892,6 @@ mod tests {
         }
     }
 
-    #[async_trait]
     impl BlockBackend for MemBackend {
         fn info(&self) -> DiskInfo {
             DiskInfo {
@@ -828,6 +900,10 @@ mod tests {
                 ..DiskInfo::new(lock(&self.data).len() as u64)
             }
         }
+    }
+
+    #[async_trait]
+    impl BlockIo for MemBackend {
         async fn read(&self, offset: u64, bufs: GuestBuffers) -> twinpath_core::Result<()> {
             Gate(self).await;
             let data = lock(&self.data);

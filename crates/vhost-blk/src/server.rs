@@ -20,6 +20,10 @@ use crate::device::BlkDevice;
 use crate::disk::Disk;
 use crate::lock;
 
+/// How long the queue workers of a gone connection may take to answer before it is taken
+/// down anyway (a worker waiting for its I/O goes on waiting while it is joined).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct State {
     stopping: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
@@ -175,10 +179,19 @@ fn serve_one(disk: &Arc<Disk>, listener: &mut Listener, state: &State) -> io::Re
         r => r,
     };
     lock(&state.connection).take();
+    // Before the workers are told to exit (when the daemon goes): each empties its queue's
+    // engine itself.
+    let unfinished = device.finish_queues(FINISH_TIMEOUT);
+    if unfinished > 0 {
+        tracing::warn!(disk = %disk.name(), unfinished, "queue workers did not finish their I/O in {FINISH_TIMEOUT:?}");
+    }
     drop(daemon);
     device.release();
     let abandoned = device.inflight();
     device.abandon();
+    // The last reference: the queues' I/O paths go with it, and with them what their
+    // engines still hold of the gone requests.
+    drop(device);
     // A request dropped here may still have a write on its way to the image (a bounce, a
     // submitted operation): the next frontend is not accepted before it lands, or it could
     // overwrite what that frontend writes and flushes.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types};
 use twinpath_core::{Error, ErrorKind, GuestBuffers, Permit, Result};
 
-use crate::uring::{Rings, WITHDRAWN};
+use crate::uring::{QueueRing, SharedRing, WITHDRAWN};
 
 // <linux/fs.h> ioctls the libc crate does not define.
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -80,7 +80,7 @@ pub enum EngineKind {
 
 enum Submit {
     Inline,
-    Uring(Box<Rings>),
+    Uring(Box<SharedRing>),
     Threads {
         // Set once the filesystem refuses RWF_NOWAIT, so we stop trying.
         no_nowait_reads: AtomicBool,
@@ -122,10 +122,10 @@ impl Engine {
             }
             EngineKind::Threads => threads(),
             EngineKind::Uring => Submit::Uring(Box::new(
-                Rings::new(pool.clone())
+                SharedRing::new(&pool)
                     .map_err(|e| Error::io("engine: uring: cannot set up io_uring", e))?,
             )),
-            EngineKind::Auto => match Rings::new(pool.clone()) {
+            EngineKind::Auto => match SharedRing::new(&pool) {
                 Ok(rings) => Submit::Uring(Box::new(rings)),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), "io_uring unavailable ({e}); using the thread pool");
@@ -170,16 +170,23 @@ impl Engine {
             .map_err(|e| io::Error::other(format!("{op} thread failed: {e}")))?
     }
 
+    /// The queue ring a worker should hand to the calls it makes, where the engine has one.
+    pub(crate) fn queue(&self, notify: std::os::fd::OwnedFd) -> Option<QueueRing> {
+        matches!(self.submit, Submit::Uring(_)).then(|| QueueRing::new(notify))
+    }
+
     /// Reads into `bufs` at `offset`; under a `permit`, each system call that moves bytes is
-    /// made only while it allows it (see [`Permit`]).
+    /// made only while it allows it (see [`Permit`]). `queue`: the ring of the queue worker
+    /// this runs on, if it does.
     pub(crate) async fn read(
         &self,
+        queue: Option<&QueueRing>,
         offset: u64,
         bufs: GuestBuffers,
         permit: Option<Arc<dyn Permit>>,
     ) -> Result<()> {
         let len = bufs.len() as u64;
-        self.transfer(offset, bufs, false, permit)
+        self.transfer(queue, offset, bufs, false, permit)
             .await
             .map_err(|e| Error::io(self.context("read", offset, len), e))
     }
@@ -187,18 +194,20 @@ impl Engine {
     /// Writes `bufs` at `offset`, under `permit` as [`Engine::read`].
     pub(crate) async fn write(
         &self,
+        queue: Option<&QueueRing>,
         offset: u64,
         bufs: GuestBuffers,
         permit: Option<Arc<dyn Permit>>,
     ) -> Result<()> {
         let len = bufs.len() as u64;
-        self.transfer(offset, bufs, true, permit)
+        self.transfer(queue, offset, bufs, true, permit)
             .await
             .map_err(|e| Error::io(self.context("write", offset, len), e))
     }
 
     async fn transfer(
         &self,
+        queue: Option<&QueueRing>,
         offset: u64,
         bufs: GuestBuffers,
         write: bool,
@@ -239,7 +248,8 @@ impl Engine {
                     // kernel is done, and moving them does not move their heap data.
                     let keep = (bufs, tail);
                     let permit = how.permit.clone();
-                    let ((b, _tail), res) = unsafe { rings.submit(entry, keep, permit) }?.await;
+                    let ((b, _tail), res) =
+                        unsafe { rings.submit(queue, entry, keep, permit) }?.await;
                     bufs = b;
                     match res {
                         n if n > 0 => done += n as usize,
@@ -302,6 +312,7 @@ impl Engine {
     /// the pool.
     async fn run(
         &self,
+        queue: Option<&QueueRing>,
         entry: Option<squeue::Entry>,
         blocking: impl FnOnce(&File) -> io::Result<()> + Send + 'static,
     ) -> io::Result<()> {
@@ -310,7 +321,7 @@ impl Engine {
         }
         if let (Submit::Uring(rings), Some(entry)) = (&self.submit, entry) {
             // SAFETY: the entry carries no pointers.
-            let ((), res) = unsafe { rings.submit(entry, (), None) }?.await;
+            let ((), res) = unsafe { rings.submit(queue, entry, (), None) }?.await;
             return if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
@@ -321,12 +332,12 @@ impl Engine {
         self.blocking("sync", move || blocking(&file)).await
     }
 
-    pub(crate) async fn flush(&self) -> Result<()> {
+    pub(crate) async fn flush(&self, queue: Option<&QueueRing>) -> Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
         let entry = opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        self.run(Some(entry), |f| f.sync_data())
+        self.run(queue, Some(entry), |f| f.sync_data())
             .await
             .map_err(|e| Error::io(format!("fdatasync {}", self.path.display()), e))
     }
@@ -340,11 +351,17 @@ impl Engine {
         })
     }
 
-    pub(crate) async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) async fn discard(
+        &self,
+        queue: Option<&QueueRing>,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let kind = self.kind;
         let r = self
             .run(
+                queue,
                 self.fallocate_entry(mode, offset, len),
                 move |f| match kind {
                     FileKind::Regular => fallocate(f, mode, offset, len),
@@ -359,7 +376,13 @@ impl Engine {
         }
     }
 
-    pub(crate) async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+    pub(crate) async fn write_zeroes(
+        &self,
+        queue: Option<&QueueRing>,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
         let mode = if unmap {
             libc::FALLOC_FL_PUNCH_HOLE
         } else {
@@ -368,6 +391,7 @@ impl Engine {
         let kind = self.kind;
         let native = self
             .run(
+                queue,
                 self.fallocate_entry(mode, offset, len),
                 move |f| match kind {
                     FileKind::Regular => fallocate(f, mode, offset, len),
@@ -720,16 +744,18 @@ mod tests {
         .unwrap();
         // SAFETY: eventfd returns a new descriptor, owned here.
         let notify = unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) };
-        twinpath_core::worker::enter(7, notify.as_raw_fd());
+        let queue = engine
+            .queue(notify)
+            .expect("a uring engine has queue rings");
         let permit = Arc::new(Flag(AtomicBool::new(true)));
         let (bufs, _data) = GuestBuffers::from_vec(vec![2u8; 4096]);
-        let mut write = pin!(engine.write(0, bufs, Some(permit.clone())));
+        let mut write = pin!(engine.write(Some(&queue), 0, bufs, Some(permit.clone())));
         let mut cx = Context::from_waker(Waker::noop());
         assert!(write.as_mut().poll(&mut cx).is_pending());
         between(&permit);
-        twinpath_core::worker::flush();
+        queue.submit();
         let result = loop {
-            twinpath_core::worker::reap();
+            queue.reap();
             if let Poll::Ready(r) = write.as_mut().poll(&mut cx) {
                 break r;
             }

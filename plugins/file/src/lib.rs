@@ -22,6 +22,7 @@ mod io;
 mod uring;
 
 use std::fs::OpenOptions;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,12 +30,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 use twinpath_core::{
-    parse_options, BackendSpec, BlockBackend, ByteSize, DiskContext, DiskInfo, Error, ErrorKind,
-    GuestBuffers, OptionError, Permit, Plugin, Result,
+    parse_options, BackendSpec, BlockBackend, BlockIo, ByteSize, DiskContext, DiskInfo, Error,
+    ErrorKind, GuestBuffers, OptionError, Permit, Plugin, QueueLink, Result,
 };
 
 pub use crate::io::EngineKind;
 use crate::io::{Engine, FileKind};
+pub use crate::uring::QueueRing;
 
 pub struct FilePlugin;
 
@@ -149,35 +151,43 @@ pub fn open_direct(
 
 /// A device opened by [`open_direct`]. Its reads and writes go under a permit, asked right
 /// before the system call that hands them to the kernel (on a queue worker, at the worker's
-/// flush, which may come after the worker was stopped and resumed).
+/// submit, which may come after the worker was stopped and resumed).
 pub struct DirectDevice(FileBackend);
 
 impl DirectDevice {
+    /// The I/O context of the queue worker whose eventfd is `notify`, where the engine has
+    /// one (its io_uring), to hand to the calls that run on that worker.
+    pub fn queue(&self, notify: OwnedFd) -> Option<QueueRing> {
+        self.0.engine.queue(notify)
+    }
+
     pub async fn read(
         &self,
+        queue: Option<&QueueRing>,
         offset: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
     ) -> Result<()> {
-        self.0.engine.read(offset, bufs, Some(permit)).await
+        self.0.engine.read(queue, offset, bufs, Some(permit)).await
     }
 
     pub async fn write(
         &self,
+        queue: Option<&QueueRing>,
         offset: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
     ) -> Result<()> {
-        self.0.engine.write(offset, bufs, Some(permit)).await
+        self.0.engine.write(queue, offset, bufs, Some(permit)).await
     }
 
     pub async fn flush(&self) -> Result<()> {
-        self.0.engine.flush().await
+        self.0.engine.flush(None).await
     }
 }
 
 struct FileBackend {
-    engine: Engine,
+    engine: Arc<Engine>,
     info: DiskInfo,
     /// The image, while this backend holds QEMU's image locks on it.
     locked: Option<Arc<std::fs::File>>,
@@ -257,14 +267,14 @@ impl FileBackend {
         tracing::info!(path = %path.display(), capacity, block_size, direct = spec.direct, "opened image");
         let file = Arc::new(file);
         let locked = spec.lock.then(|| file.clone());
-        let engine = Engine::new(
+        let engine = Arc::new(Engine::new(
             file,
             kind,
             spec.direct,
             path.clone(),
             block_size,
             spec.engine,
-        )?;
+        )?);
         tracing::info!(path = %path.display(), engine = engine.engine_name(), "I/O engine");
         let info = DiskInfo {
             capacity,
@@ -300,29 +310,92 @@ impl BlockBackend for FileBackend {
         self.info.clone()
     }
 
+    /// A queue of a uring engine submits to its worker's own ring; the other engines serve
+    /// every queue alike.
+    fn queue(&self, link: QueueLink) -> Result<Option<Arc<dyn BlockIo>>> {
+        Ok(self.engine.queue(link.notify).map(|ring| {
+            Arc::new(FileQueue {
+                engine: self.engine.clone(),
+                ring,
+            }) as Arc<dyn BlockIo>
+        }))
+    }
+
     async fn release(&self) {
         if let Some(f) = &self.locked {
             twinpath_core::imagelock::unlock(f);
         }
     }
+}
 
+#[async_trait]
+impl BlockIo for FileBackend {
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.engine.read(offset, bufs, None).await
+        self.engine.read(None, offset, bufs, None).await
     }
 
     async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.engine.write(offset, bufs, None).await
+        self.engine.write(None, offset, bufs, None).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.engine.flush().await
+        self.engine.flush(None).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.engine.discard(offset, len).await
+        self.engine.discard(None, offset, len).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.engine.write_zeroes(offset, len, unmap).await
+        self.engine.write_zeroes(None, offset, len, unmap).await
+    }
+}
+
+/// One queue of a file disk on the uring engine: its operations go to the worker's own ring.
+struct FileQueue {
+    engine: Arc<Engine>,
+    ring: QueueRing,
+}
+
+#[async_trait]
+impl BlockIo for FileQueue {
+    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        self.engine.read(Some(&self.ring), offset, bufs, None).await
+    }
+
+    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        self.engine
+            .write(Some(&self.ring), offset, bufs, None)
+            .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.engine.flush(Some(&self.ring)).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.engine.discard(Some(&self.ring), offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.engine
+            .write_zeroes(Some(&self.ring), offset, len, unmap)
+            .await
+    }
+
+    fn reap(&self) {
+        self.ring.reap();
+    }
+
+    fn submit(&self) {
+        self.ring.submit();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ring.in_flight()
+    }
+
+    fn finish(&self) {
+        self.ring.finish();
     }
 }

@@ -1,26 +1,23 @@
-//! io_uring submission for the file engine, with one ring per thread so rings are never
-//! contended on the hot path.
+//! io_uring submission for the file engine.
 //!
-//! On a device queue worker (see `twinpath_core::worker`), the ring belongs to the worker:
-//! operations are queued while the worker polls and submitted in one call when it flushes,
-//! and the kernel signals the worker's own eventfd on completion, so the worker reaps them
-//! itself with no other thread involved. Anywhere else (tokio tasks), an operation is
-//! submitted at once and the ring's eventfd wakes a small tokio task that reaps it. Either
-//! eventfd is registered for every completion: `IORING_REGISTER_EVENTFD_ASYNC` would only
-//! report io-wq completions and miss O_DIRECT ones, which the kernel posts from task work on
-//! the submitting thread.
+//! A device queue's requests go to the queue worker's own ring ([`QueueRing`], handed in by
+//! the caller): operations are queued while the worker polls and submitted in one call at its
+//! `submit`, and the kernel signals the worker's own eventfd on completion, so the worker
+//! reaps them itself with no other thread involved. Anywhere else (tokio tasks), an operation
+//! goes to the backend's [`SharedRing`] at once and the ring's eventfd wakes a small tokio
+//! task that reaps it. Either eventfd is registered for every completion:
+//! `IORING_REGISTER_EVENTFD_ASYNC` would only report io-wq completions and miss O_DIRECT
+//! ones, which the kernel posts from task work on the submitting thread.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{squeue, IoUring};
 use slab::Slab;
-use thread_local::ThreadLocal;
 use tokio::io::unix::AsyncFd;
 use twinpath_core::Permit;
 
@@ -134,46 +131,29 @@ struct Ring {
     reaper: Option<tokio::task::JoinHandle<()>>,
 }
 
-thread_local! {
-    /// The ring of the worker this thread is, with the worker's id.
-    static WORKER_RING: RefCell<Option<(u64, Arc<Ring>)>> = const { RefCell::new(None) };
-}
-
 impl Ring {
-    /// The current worker's ring, made on first use; None off the workers.
-    fn of_worker() -> io::Result<Option<Arc<Ring>>> {
-        let Some((id, notify)) = twinpath_core::worker::current() else {
-            return Ok(None);
+    /// A ring whose completions signal `notify`, the eventfd of the queue worker that
+    /// submits to it and reaps it.
+    fn for_worker(notify: &OwnedFd) -> io::Result<Ring> {
+        // Only this thread submits to the ring, so the kernel may keep completions until the
+        // worker asks (no interrupting task work); kernels before 6.1 lack that.
+        let (uring, deferred) = match IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(RING_ENTRIES)
+        {
+            Ok(uring) => (uring, true),
+            Err(_) => (IoUring::new(RING_ENTRIES)?, false),
         };
-        WORKER_RING.with_borrow_mut(|slot| {
-            if let Some((ring_id, ring)) = slot {
-                if *ring_id == id {
-                    return Ok(Some(ring.clone()));
-                }
-            }
-            // Only this thread submits to the ring, so the kernel may keep completions until
-            // the worker asks (no interrupting task work); kernels before 6.1 lack that.
-            let (uring, deferred) = match IoUring::builder()
-                .setup_single_issuer()
-                .setup_defer_taskrun()
-                .build(RING_ENTRIES)
-            {
-                Ok(uring) => (uring, true),
-                Err(_) => (IoUring::new(RING_ENTRIES)?, false),
-            };
-            uring.submitter().register_eventfd(notify)?;
-            let ring = Arc::new(Ring {
-                state: Mutex::new(State {
-                    uring,
-                    ops: Slab::new(),
-                    deferred,
-                    held: Vec::new(),
-                }),
-                reaper: None,
-            });
-            twinpath_core::worker::add_source(ring.clone());
-            *slot = Some((id, ring.clone()));
-            Ok(Some(ring))
+        uring.submitter().register_eventfd(notify.as_raw_fd())?;
+        Ok(Ring {
+            state: Mutex::new(State {
+                uring,
+                ops: Slab::new(),
+                deferred,
+                held: Vec::new(),
+            }),
+            reaper: None,
         })
     }
 
@@ -225,17 +205,45 @@ impl Ring {
     }
 }
 
-impl twinpath_core::worker::Source for Ring {
-    fn reap(&self) {
-        let mut st = self.lock();
+/// A queue worker's own ring, made on the worker thread by its first submission: operations
+/// are queued while the worker polls its requests and go to the kernel in one call at
+/// [`QueueRing::submit`]; the kernel signals the worker's eventfd on completion and the
+/// worker reaps them at [`QueueRing::reap`], with no other thread involved.
+pub struct QueueRing {
+    notify: OwnedFd,
+    ring: OnceLock<Arc<Ring>>,
+}
+
+impl QueueRing {
+    pub fn new(notify: OwnedFd) -> QueueRing {
+        QueueRing {
+            notify,
+            ring: OnceLock::new(),
+        }
+    }
+
+    /// The ring, made by the first call: on the worker thread, whose submissions alone it
+    /// takes once the kernel bound it to that thread (`SINGLE_ISSUER`).
+    fn ring(&self) -> io::Result<&Arc<Ring>> {
+        if let Some(ring) = self.ring.get() {
+            return Ok(ring);
+        }
+        let ring = Arc::new(Ring::for_worker(&self.notify)?);
+        Ok(self.ring.get_or_init(|| ring))
+    }
+
+    pub fn reap(&self) {
+        let Some(ring) = self.ring.get() else { return };
+        let mut st = ring.lock();
         if st.deferred {
             st.enter();
         }
         st.reap();
     }
 
-    fn flush(&self) {
-        let mut st = self.lock();
+    pub fn submit(&self) {
+        let Some(ring) = self.ring.get() else { return };
+        let mut st = ring.lock();
         st.release_held();
         if !st.uring.submission().is_empty() {
             st.enter();
@@ -243,12 +251,15 @@ impl twinpath_core::worker::Source for Ring {
         }
     }
 
-    fn in_flight(&self) -> usize {
-        self.lock().ops.len()
+    pub fn in_flight(&self) -> usize {
+        self.ring.get().map_or(0, |ring| ring.lock().ops.len())
     }
 
-    fn finish(&self) {
-        let mut st = self.lock();
+    /// The worker ends: ends what waits for its submit unsubmitted and waits for the kernel
+    /// to finish the rest.
+    pub fn finish(&self) {
+        let Some(ring) = self.ring.get() else { return };
+        let mut st = ring.lock();
         st.cancel_held();
         st.reap();
         // Done slots wait for futures that observe them; the others for the kernel.
@@ -269,8 +280,8 @@ impl Drop for Ring {
         }
         // Operations whose futures were dropped may still be writing into the buffers their
         // slots keep: wait for the kernel before freeing them.
-        // (A worker's thread has exited by now unless it drops the ring itself, and a thread
-        // exiting waits for its I/O, so this waits only on the thread that submitted.)
+        // (A queue's ring goes with its connection, after the worker thread ended, and a
+        // thread ending waits for its I/O; so this waits only on the thread that submitted.)
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         st.cancel_held();
         st.reap();
@@ -285,44 +296,36 @@ impl Drop for Ring {
     }
 }
 
-/// The rings of one backend.
-pub(crate) struct Rings {
-    rings: ThreadLocal<Arc<Ring>>,
-    runtime: tokio::runtime::Handle,
-}
+/// The ring of one backend off the queue workers (tokio tasks, the daemon's own flush),
+/// reaped by a task on the runtime.
+pub(crate) struct SharedRing(Arc<Ring>);
 
-impl Rings {
+impl SharedRing {
     /// Fails where io_uring is unavailable (old kernel, seccomp, container policy).
-    pub(crate) fn new(runtime: tokio::runtime::Handle) -> io::Result<Rings> {
-        let rings = Rings {
-            rings: ThreadLocal::new(),
-            runtime,
-        };
-        rings.ring()?;
-        Ok(rings)
+    pub(crate) fn new(runtime: &tokio::runtime::Handle) -> io::Result<SharedRing> {
+        Ring::with_reaper(runtime).map(SharedRing)
     }
 
-    fn ring(&self) -> io::Result<&Arc<Ring>> {
-        self.rings.get_or_try(|| Ring::with_reaper(&self.runtime))
-    }
-
-    /// Submits `entry` and resolves to its result (`-errno` on failure). `keep` is whatever
-    /// the entry points into (iovecs, buffers); it is handed back once the kernel is done.
-    /// Under a `permit`, the entry reaches the kernel only while the permit allows it, asked
-    /// right before the system call that submits it; otherwise it resolves to [`WITHDRAWN`].
+    /// Submits `entry`, on `queue`'s ring when given (the caller runs on that queue's worker)
+    /// and on this shared ring otherwise, and resolves to its result (`-errno` on failure).
+    /// `keep` is whatever the entry points into (iovecs, buffers); it is handed back once the
+    /// kernel is done. Under a `permit`, the entry reaches the kernel only while the permit
+    /// allows it, asked right before the system call that submits it; otherwise it resolves
+    /// to [`WITHDRAWN`].
     ///
     /// # Safety
     /// Every pointer in `entry` must point into `keep` (or be otherwise valid until the
     /// operation completes).
     pub(crate) unsafe fn submit<K: Send + 'static>(
         &self,
+        queue: Option<&QueueRing>,
         entry: squeue::Entry,
         keep: K,
         permit: Option<Arc<dyn Permit>>,
     ) -> io::Result<Op<K>> {
-        let ring = match Ring::of_worker()? {
-            Some(ring) => ring,
-            None => self.ring()?.clone(),
+        let ring = match queue {
+            Some(q) => q.ring()?.clone(),
+            None => self.0.clone(),
         };
         let key = {
             let mut st = ring.lock();

@@ -26,6 +26,7 @@ use twinpath_core::{lock, Error, ErrorKind, GuestBuffers, Permit, Result};
 use twinpath_filemap::{Grant, Piece};
 use twinpath_mapproto::{clock, MapClient, ProtoError, Reply, Request};
 use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
+use twinpath_plugin_file::QueueRing;
 
 use crate::link::{Event, Member};
 use crate::state::{DirectState, Lookup, Recalled, Ticket, Window, RETRY_AFTER, WINDOW};
@@ -409,14 +410,20 @@ impl Direct {
                 return Ok(Outcome::Network);
             }
         }
-        self.run(ticket, bufs).await
+        self.run(None, ticket, bufs).await
     }
 
     /// Carries out a counted request on the device, every piece checked by the grant's guard
     /// and every device operation by the grant's validity first. `Network` if the lease ran
     /// out before all of it was issued (the whole request then goes over SMB); an error
     /// takes the direct path down (the caller retries over the network).
-    pub async fn run(self: &Arc<Self>, ticket: Ticket, bufs: &GuestBuffers) -> Result<Outcome> {
+    /// `queue`: the I/O context of the queue worker this runs on, if it does.
+    pub async fn run(
+        self: &Arc<Self>,
+        queue: Option<&QueueRing>,
+        ticket: Ticket,
+        bufs: &GuestBuffers,
+    ) -> Result<Outcome> {
         let (offset, len, write) = (ticket.offset, ticket.len, ticket.write);
         let timer = self.stats.io.begin();
         let op = if write { Op::Write } else { Op::Read };
@@ -455,9 +462,9 @@ impl Direct {
                 return Err(Error::new(ErrorKind::Timeout, LEASE_RAN_OUT));
             }
             if write {
-                lun.write(physical, part, permit.clone()).await
+                lun.write(queue, physical, part, permit.clone()).await
             } else {
-                lun.read(physical, part, permit.clone()).await
+                lun.read(queue, physical, part, permit.clone()).await
             }
         };
         let one = |(physical, part): (u64, GuestBuffers)| async move {

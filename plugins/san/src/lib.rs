@@ -43,10 +43,11 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use twinpath_core::stats::PathStats;
 use twinpath_core::{
-    parse_options, BackendSpec, BlockBackend, DiskContext, DiskInfo, GuestBuffers, OptionError,
-    Plugin, Result,
+    parse_options, BackendSpec, BlockBackend, BlockIo, DiskContext, DiskInfo, GuestBuffers,
+    OptionError, Plugin, QueueLink, Result,
 };
 use twinpath_mapproto::Key;
+use twinpath_plugin_file::QueueRing;
 use twinpath_plugin_smb::{SmbImage, SmbSpec};
 
 use crate::direct::{Direct, DirectConfig, LunDevice, Outcome};
@@ -412,6 +413,7 @@ fn retry_later(
 /// hand runs on the queue's thread; any other is one task on the tokio runtime (where the map
 /// connection and timers live), which fetches the map, waits for the throttle, or does the
 /// network request itself.
+#[derive(Clone)]
 struct SanBackend {
     network: Arc<SmbImage>,
     /// Set once the direct path is up (at open, or later by [`retry_later`]).
@@ -433,13 +435,20 @@ impl SanBackend {
         twinpath_core::run_on(&self.runtime, what, task).await
     }
 
-    async fn data(&self, offset: u64, bufs: GuestBuffers, write: bool) -> Result<()> {
+    /// `queue`: the I/O context of the queue worker this runs on, if it does.
+    async fn data(
+        &self,
+        queue: Option<&QueueRing>,
+        offset: u64,
+        bufs: GuestBuffers,
+        write: bool,
+    ) -> Result<()> {
         let len = bufs.len() as u64;
         let direct = self.direct();
         // The one look at the direct path's state; the common case (grant at hand, small,
         // unthrottled) stays on the queue's thread.
         let lookup = match direct.as_ref().map(|d| (d, d.lookup(offset, len, write))) {
-            Some((d, Lookup::Direct(t))) if d.inline(&t) => match d.run(t, &bufs).await {
+            Some((d, Lookup::Direct(t))) if d.inline(&t) => match d.run(queue, t, &bufs).await {
                 Ok(Outcome::Done) => return Ok(()),
                 Ok(Outcome::Network) => Lookup::Network,
                 Err(e) => {
@@ -487,17 +496,13 @@ impl SanBackend {
 }
 
 #[async_trait]
-impl BlockBackend for SanBackend {
-    fn info(&self) -> DiskInfo {
-        self.network.info()
-    }
-
+impl BlockIo for SanBackend {
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.data(offset, bufs, false).await
+        self.data(None, offset, bufs, false).await
     }
 
     async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
-        self.data(offset, bufs, true).await
+        self.data(None, offset, bufs, true).await
     }
 
     /// Device flush and commits, then the SMB flush, in one task; a map server that does not
@@ -521,6 +526,22 @@ impl BlockBackend for SanBackend {
     async fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
         self.metadata("write-zeroes", offset, len).await
     }
+}
+
+#[async_trait]
+impl BlockBackend for SanBackend {
+    fn info(&self) -> DiskInfo {
+        self.network.info()
+    }
+
+    /// A queue's direct I/O on a block device goes to its worker's own ring; the rest of
+    /// its requests go where any other's do.
+    fn queue(&self, link: QueueLink) -> Result<Option<Arc<dyn BlockIo>>> {
+        Ok(Some(Arc::new(SanQueue {
+            san: self.clone(),
+            ring: QueueRing::new(link.notify),
+        })))
+    }
 
     /// Closes the image's SMB handle, which holds the share modes another host waits for.
     async fn release(&self) {
@@ -541,6 +562,51 @@ impl BlockBackend for SanBackend {
             ("network", self.network.stats()),
             ("direct", self.stats.clone()),
         ]
+    }
+}
+
+/// One queue of a san disk.
+struct SanQueue {
+    san: SanBackend,
+    ring: QueueRing,
+}
+
+#[async_trait]
+impl BlockIo for SanQueue {
+    async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        self.san.data(Some(&self.ring), offset, bufs, false).await
+    }
+
+    async fn write(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
+        self.san.data(Some(&self.ring), offset, bufs, true).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.san.flush().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.san.discard(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.san.write_zeroes(offset, len, unmap).await
+    }
+
+    fn reap(&self) {
+        self.ring.reap();
+    }
+
+    fn submit(&self) {
+        self.ring.submit();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ring.in_flight()
+    }
+
+    fn finish(&self) {
+        self.ring.finish();
     }
 }
 

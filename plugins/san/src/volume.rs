@@ -13,6 +13,7 @@ use twinpath_core::{GuestBuffers, Permit, Result as IoResult};
 use twinpath_filemap::pr::PrError;
 use twinpath_filemap::read_direct;
 use twinpath_iscsi::{IscsiUrl, Session};
+use twinpath_plugin_file::QueueRing;
 
 pub trait Volume: Send + Sync {
     /// The device path or the iSCSI URL, for logs (never a password).
@@ -37,16 +38,19 @@ pub trait Volume: Send + Sync {
 /// operation, and the LUN again right before the system call that lets the operation out
 /// of this process: one stopped in between (SIGSTOP, a paused process, a throttled cgroup)
 /// sends nothing of it when it resumes, if the grant went meanwhile.
+/// `queue`: the I/O context of the queue worker the call runs on, if it does.
 #[async_trait]
 pub trait LunIo: Send + Sync {
     async fn read(
         &self,
+        queue: Option<&QueueRing>,
         physical: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
     ) -> IoResult<()>;
     async fn write(
         &self,
+        queue: Option<&QueueRing>,
         physical: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
@@ -55,7 +59,7 @@ pub trait LunIo: Send + Sync {
 }
 
 /// A block device's I/O goes to the kernel right after the engine asked the permit: at once
-/// off the queue workers, at the worker's flush on them (the kernel then carries it out even
+/// off the queue workers, at the worker's submit on them (the kernel then carries it out even
 /// while this process is stopped).
 struct Kernel(twinpath_plugin_file::DirectDevice);
 
@@ -63,20 +67,22 @@ struct Kernel(twinpath_plugin_file::DirectDevice);
 impl LunIo for Kernel {
     async fn read(
         &self,
+        queue: Option<&QueueRing>,
         physical: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
     ) -> IoResult<()> {
-        self.0.read(physical, bufs, permit).await
+        self.0.read(queue, physical, bufs, permit).await
     }
 
     async fn write(
         &self,
+        queue: Option<&QueueRing>,
         physical: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
     ) -> IoResult<()> {
-        self.0.write(physical, bufs, permit).await
+        self.0.write(queue, physical, bufs, permit).await
     }
 
     async fn flush(&self) -> IoResult<()> {
@@ -216,6 +222,7 @@ struct Iscsi(Arc<Session>);
 impl LunIo for Iscsi {
     async fn read(
         &self,
+        _queue: Option<&QueueRing>,
         physical: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
@@ -225,6 +232,7 @@ impl LunIo for Iscsi {
 
     async fn write(
         &self,
+        _queue: Option<&QueueRing>,
         physical: u64,
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,

@@ -37,8 +37,8 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use twinpath_core::stats::{Op, PathStats};
 use twinpath_core::{
-    parse_options, BackendSpec, BlockBackend, ByteSize, DiskContext, DiskInfo, Error, ErrorKind,
-    GuestBuffers, OptionError, Plugin, Result,
+    parse_options, BackendSpec, BlockBackend, BlockIo, ByteSize, DiskContext, DiskInfo, Error,
+    ErrorKind, GuestBuffers, OptionError, Plugin, Result,
 };
 use twinpath_pipeline::{Pipeline, PipelineConfig};
 
@@ -397,6 +397,22 @@ impl BlockBackend for SmbBackend {
         self.image.info()
     }
 
+    async fn release(&self) {
+        let _ = self
+            .spawn("close", |i| async move {
+                i.close().await;
+                Ok(())
+            })
+            .await;
+    }
+
+    fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
+        vec![("network", self.image.stats())]
+    }
+}
+
+#[async_trait]
+impl BlockIo for SmbBackend {
     async fn read(&self, offset: u64, bufs: GuestBuffers) -> Result<()> {
         self.spawn("read", |i| async move { i.read(offset, &bufs).await })
             .await
@@ -421,19 +437,6 @@ impl BlockBackend for SmbBackend {
             i.write_zeroes(offset, len).await
         })
         .await
-    }
-
-    async fn release(&self) {
-        let _ = self
-            .spawn("close", |i| async move {
-                i.close().await;
-                Ok(())
-            })
-            .await;
-    }
-
-    fn paths(&self) -> Vec<(&'static str, Arc<PathStats>)> {
-        vec![("network", self.image.stats())]
     }
 }
 

@@ -338,12 +338,24 @@ impl MemLun {
 
 #[async_trait]
 impl LunIo for MemLun {
-    async fn read(&self, offset: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> Result<()> {
+    async fn read(
+        &self,
+        _: Option<&QueueRing>,
+        offset: u64,
+        bufs: GuestBuffers,
+        _: Arc<dyn Permit>,
+    ) -> Result<()> {
         self.device(offset, &bufs, false).await;
         Ok(())
     }
 
-    async fn write(&self, offset: u64, bufs: GuestBuffers, _: Arc<dyn Permit>) -> Result<()> {
+    async fn write(
+        &self,
+        _: Option<&QueueRing>,
+        offset: u64,
+        bufs: GuestBuffers,
+        _: Arc<dyn Permit>,
+    ) -> Result<()> {
         self.device(offset, &bufs, true).await;
         Ok(())
     }
@@ -662,7 +674,7 @@ async fn the_checker_flags_a_write_under_a_returned_lease_while_another_lives() 
     }
     let (bufs, _mem) = GuestBuffers::from_vec(vec![0xab; 65536]);
     rig.lun
-        .write(BASE + FILE, bufs, Arc::new(Always))
+        .write(None, BASE + FILE, bufs, Arc::new(Always))
         .await
         .unwrap();
     let v = rig.violations();

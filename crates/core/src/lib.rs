@@ -9,7 +9,6 @@
 //! - [`stats`]: lock-free I/O counters per disk and per path, for metrics.
 
 mod backend;
-pub mod blockdev;
 mod buffers;
 pub mod config;
 mod error;

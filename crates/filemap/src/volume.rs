@@ -5,6 +5,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use twinpath_blockio::AlignedBuf;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsType {
     Xfs,
@@ -68,22 +70,8 @@ pub fn read_direct(dev: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let start = offset - offset % ALIGN as u64;
     let span = (offset - start) as usize + len;
     let padded = span.div_ceil(ALIGN) * ALIGN;
-    let layout = std::alloc::Layout::from_size_align(padded.max(ALIGN), ALIGN)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    struct Aligned(*mut u8, std::alloc::Layout);
-    impl Drop for Aligned {
-        fn drop(&mut self) {
-            // SAFETY: allocated below with this layout.
-            unsafe { std::alloc::dealloc(self.0, self.1) }
-        }
-    }
-    // SAFETY: the layout has a non-zero size.
-    let buf = Aligned(unsafe { std::alloc::alloc_zeroed(layout) }, layout);
-    if buf.0.is_null() {
-        return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-    }
-    // SAFETY: buf.0 points at layout.size() initialised bytes owned by `buf`.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(buf.0, layout.size()) };
+    let mut buf = AlignedBuf::zeroed(padded, ALIGN)?;
+    let bytes = buf.as_mut_slice();
     let mut got = 0;
     while got < padded {
         match dev.read_at(&mut bytes[got..padded], start + got as u64)? {

@@ -43,7 +43,7 @@ pub fn identify(export: &Path) -> Result<(VolumeIdentity, Inode), String> {
     let id = VolumeId::read(&dev)
         .map_err(|e| format!("{}: {e}", device.display()))?
         .ok_or_else(|| format!("{} holds neither xfs nor ext4", device.display()))?;
-    let size = twinpath_core::blockdev::size(&dev)
+    let size = twinpath_blockio::device_size(&dev)
         .map_err(|e| format!("{}: size: {e}", device.display()))?;
 
     let mut token = vec![0u8; TOKEN_LEN];

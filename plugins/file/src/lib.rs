@@ -18,25 +18,18 @@
 //! the kernel allows it, else `threads`.
 //! docs/benchmarks.md has the measurements behind the default.
 
-mod io;
-mod uring;
-
 use std::fs::OpenOptions;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Deserialize;
+use twinpath_blockio::{AnyEngine, Engine, EngineKind, QueueRing, Target};
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, BlockIo, ByteSize, DiskContext, DiskInfo, Error,
-    ErrorKind, GuestBuffers, OptionError, Permit, Plugin, QueueLink, Result,
+    ErrorKind, GuestBuffers, OptionError, Plugin, QueueLink, Result,
 };
-
-pub use crate::io::EngineKind;
-use crate::io::{Engine, FileKind};
-pub use crate::uring::QueueRing;
 
 pub struct FilePlugin;
 
@@ -130,78 +123,20 @@ impl BackendSpec for FileSpec {
     }
 }
 
-/// Opens a block device (or file) for direct I/O with O_DIRECT on the chosen engine: how the
-/// `san` plugin reads and writes a shared LUN.
-pub fn open_direct(
-    path: &std::path::Path,
-    read_only: bool,
-    engine: EngineKind,
-) -> Result<DirectDevice> {
-    let spec = FileSpec {
-        path: path.to_path_buf(),
-        direct: true,
-        create_size: None,
-        read_only,
-        engine,
-        // A shared LUN: every san disk of the host opens it, by design.
-        lock: false,
-    };
-    Ok(DirectDevice(FileBackend::open(&spec)?))
-}
-
-/// A device opened by [`open_direct`]. Its reads and writes go under a permit, asked right
-/// before the system call that hands them to the kernel (on a queue worker, at the worker's
-/// submit, which may come after the worker was stopped and resumed).
-pub struct DirectDevice(FileBackend);
-
-impl DirectDevice {
-    /// The I/O context of the queue worker whose eventfd is `notify`, where the engine has
-    /// one (its io_uring), to hand to the calls that run on that worker.
-    pub fn queue(&self, notify: OwnedFd) -> Option<QueueRing> {
-        self.0.engine.queue(notify)
-    }
-
-    pub async fn read(
-        &self,
-        queue: Option<&QueueRing>,
-        offset: u64,
-        bufs: GuestBuffers,
-        permit: Arc<dyn Permit>,
-    ) -> Result<()> {
-        self.0.engine.read(queue, offset, bufs, Some(permit)).await
-    }
-
-    pub async fn write(
-        &self,
-        queue: Option<&QueueRing>,
-        offset: u64,
-        bufs: GuestBuffers,
-        permit: Arc<dyn Permit>,
-    ) -> Result<()> {
-        self.0.engine.write(queue, offset, bufs, Some(permit)).await
-    }
-
-    pub async fn flush(&self) -> Result<()> {
-        self.0.engine.flush(None).await
-    }
-}
-
 struct FileBackend {
-    engine: Arc<Engine>,
+    engine: Arc<AnyEngine>,
     info: DiskInfo,
-    /// The image, while this backend holds QEMU's image locks on it.
-    locked: Option<Arc<std::fs::File>>,
+    /// Whether this backend holds QEMU's image locks on the image.
+    locked: bool,
 }
 
 impl FileBackend {
     fn open(spec: &FileSpec) -> Result<Self> {
         let path = &spec.path;
-        let ctx = |what: &str| format!("{what} {}", path.display());
         if !path.exists() {
             match spec.create_size {
-                Some(size) => {
-                    create_image(path, size.0).map_err(|e| Error::io(ctx("create image"), e))?
-                }
+                Some(size) => create_image(path, size.0)
+                    .map_err(|e| Error::io(format!("create image {}", path.display()), e))?,
                 None => {
                     return Err(Error::new(
                         ErrorKind::NotFound,
@@ -213,69 +148,18 @@ impl FileBackend {
                 }
             }
         }
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(!spec.read_only);
-        let flags = if spec.direct { libc::O_DIRECT } else { 0 };
-        // Without O_NOATIME every read updates the inode's access time (for a LUN, a locked
-        // update of the device inode per request). Only the owner or CAP_FOWNER may ask.
-        let file = match opts
-            .clone()
-            .custom_flags(flags | libc::O_NOATIME)
-            .open(path)
-        {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => opts.custom_flags(flags).open(path),
-            opened => opened,
-        }
-        .map_err(|e| Error::io(ctx("open"), e))?;
+        let target = Arc::new(Target::open(path, spec.read_only, spec.direct)?);
         if spec.lock {
-            twinpath_core::imagelock::lock(&file, path, spec.read_only)
+            twinpath_core::imagelock::lock(target.file(), path, spec.read_only)
                 .map_err(|e| Error::new(ErrorKind::InUse, e))?;
         }
-        let meta = file.metadata().map_err(|e| Error::io(ctx("stat"), e))?;
-        let (kind, capacity, block_size) = if meta.file_type().is_block_device() {
-            let size = twinpath_core::blockdev::size(&file)
-                .map_err(|e| Error::io(ctx("BLKGETSIZE64"), e))?;
-            let bs = if spec.direct {
-                io::block_device_sector_size(&file).map_err(|e| Error::io(ctx("BLKSSZGET"), e))?
-            } else {
-                512
-            };
-            (FileKind::BlockDevice, size, bs)
-        } else if meta.is_file() {
-            let bs = if spec.direct {
-                io::direct_io_alignment(&file).unwrap_or(4096).max(512)
-            } else {
-                512
-            };
-            (FileKind::Regular, meta.len(), bs)
-        } else {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "{} is neither a regular file nor a block device",
-                    path.display()
-                ),
-            ));
-        };
-        let capacity = capacity - capacity % u64::from(block_size);
-        if capacity == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("{} is empty", path.display()),
-            ));
-        }
+        let (capacity, block_size) = (target.capacity(), target.block_size());
         tracing::info!(path = %path.display(), capacity, block_size, direct = spec.direct, "opened image");
-        let file = Arc::new(file);
-        let locked = spec.lock.then(|| file.clone());
-        let engine = Arc::new(Engine::new(
-            file,
-            kind,
-            spec.direct,
-            path.clone(),
-            block_size,
-            spec.engine,
-        )?);
-        tracing::info!(path = %path.display(), engine = engine.engine_name(), "I/O engine");
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            Error::with_source(ErrorKind::Io, "the file backend needs a tokio runtime", e)
+        })?;
+        let engine = Arc::new(AnyEngine::new(spec.engine, target, &runtime)?);
+        tracing::info!(path = %path.display(), engine = engine.name(), "I/O engine");
         let info = DiskInfo {
             capacity,
             block_size,
@@ -288,7 +172,7 @@ impl FileBackend {
         Ok(FileBackend {
             engine,
             info,
-            locked,
+            locked: spec.lock,
         })
     }
 }
@@ -322,8 +206,8 @@ impl BlockBackend for FileBackend {
     }
 
     async fn release(&self) {
-        if let Some(f) = &self.locked {
-            twinpath_core::imagelock::unlock(f);
+        if self.locked {
+            twinpath_core::imagelock::unlock(self.engine.target().file());
         }
     }
 }
@@ -353,7 +237,7 @@ impl BlockIo for FileBackend {
 
 /// One queue of a file disk on the uring engine: its operations go to the worker's own ring.
 struct FileQueue {
-    engine: Arc<Engine>,
+    engine: Arc<AnyEngine>,
     ring: QueueRing,
 }
 

@@ -21,12 +21,12 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tokio::sync::mpsc;
+use twinpath_blockio::QueueRing;
 use twinpath_core::stats::{Op, PathStats};
 use twinpath_core::{lock, Error, ErrorKind, GuestBuffers, Permit, Result};
 use twinpath_filemap::{Grant, Piece};
 use twinpath_mapproto::{clock, MapClient, ProtoError, Reply, Request};
 use twinpath_pipeline::{Pipeline, PipelineConfig, Section};
-use twinpath_plugin_file::QueueRing;
 
 use crate::link::{Event, Member};
 use crate::state::{DirectState, Lookup, Recalled, Ticket, Window, RETRY_AFTER, WINDOW};

@@ -41,13 +41,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
+use twinpath_blockio::QueueRing;
 use twinpath_core::stats::PathStats;
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, BlockIo, DiskContext, DiskInfo, GuestBuffers,
     OptionError, Plugin, QueueLink, Result,
 };
 use twinpath_mapproto::Key;
-use twinpath_plugin_file::QueueRing;
 use twinpath_plugin_smb::{SmbImage, SmbSpec};
 
 use crate::direct::{Direct, DirectConfig, LunDevice, Outcome};

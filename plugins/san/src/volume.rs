@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use twinpath_blockio::{AnyEngine, Engine, EngineKind, QueueRing, Target};
 use twinpath_core::{GuestBuffers, Permit, Result as IoResult};
 use twinpath_filemap::pr::PrError;
 use twinpath_filemap::read_direct;
 use twinpath_iscsi::{IscsiUrl, Session};
-use twinpath_plugin_file::QueueRing;
 
 pub trait Volume: Send + Sync {
     /// The device path or the iSCSI URL, for logs (never a password).
@@ -61,7 +61,7 @@ pub trait LunIo: Send + Sync {
 /// A block device's I/O goes to the kernel right after the engine asked the permit: at once
 /// off the queue workers, at the worker's submit on them (the kernel then carries it out even
 /// while this process is stopped).
-struct Kernel(twinpath_plugin_file::DirectDevice);
+struct Kernel(AnyEngine);
 
 #[async_trait]
 impl LunIo for Kernel {
@@ -72,7 +72,7 @@ impl LunIo for Kernel {
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
     ) -> IoResult<()> {
-        self.0.read(queue, physical, bufs, permit).await
+        self.0.read(queue, physical, bufs, Some(permit)).await
     }
 
     async fn write(
@@ -82,11 +82,11 @@ impl LunIo for Kernel {
         bufs: GuestBuffers,
         permit: Arc<dyn Permit>,
     ) -> IoResult<()> {
-        self.0.write(queue, physical, bufs, permit).await
+        self.0.write(queue, physical, bufs, Some(permit)).await
     }
 
     async fn flush(&self) -> IoResult<()> {
-        self.0.flush().await
+        self.0.flush(None).await
     }
 }
 
@@ -106,7 +106,7 @@ impl BlockDevice {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .map_err(at)?;
-        let size = twinpath_core::blockdev::size(&file).map_err(at)?;
+        let size = twinpath_blockio::device_size(&file).map_err(at)?;
         Ok(BlockDevice {
             path: path.to_path_buf(),
             file,
@@ -129,10 +129,11 @@ impl Volume for BlockDevice {
     }
 
     fn io(&self, read_only: bool) -> Result<Arc<dyn LunIo>, String> {
-        let engine = twinpath_plugin_file::EngineKind::Auto;
-        let device = twinpath_plugin_file::open_direct(&self.path, read_only, engine)
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+        let target = Target::open(&self.path, read_only, true).map_err(|e| e.to_string())?;
+        let engine = AnyEngine::new(EngineKind::Auto, Arc::new(target), &runtime)
             .map_err(|e| e.to_string())?;
-        Ok(Arc::new(Kernel(device)))
+        Ok(Arc::new(Kernel(engine)))
     }
 
     fn register(&self, key: u64) -> Result<bool, String> {

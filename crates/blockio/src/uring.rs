@@ -1,4 +1,4 @@
-//! io_uring submission for the file engine.
+//! io_uring submission for the [`Uring`](crate::Uring) engine.
 //!
 //! A device queue's requests go to the queue worker's own ring ([`QueueRing`], handed in by
 //! the caller): operations are queued while the worker polls and submitted in one call at its

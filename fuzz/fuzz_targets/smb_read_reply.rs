@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use twinpath_plugin_smb::fuzzing::read_payload;
+use twinpath_smb::fuzzing::read_payload;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {

@@ -24,7 +24,9 @@ pub use buffers::{GuestBuffers, IoVecs};
 pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig, SocketAccess};
 pub use error::{Error, ErrorKind, Result};
 pub use group::group_id;
-pub use registry::{parse_options, BackendSpec, DiskContext, OptionError, Plugin, Registry};
+pub use registry::{
+    parse_options, split_options, BackendSpec, DiskContext, OptionError, Plugin, Registry,
+};
 pub use secret::{read_secret, read_secret_bytes};
 pub use size::ByteSize;
 

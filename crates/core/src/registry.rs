@@ -88,6 +88,30 @@ pub fn parse_options<T: DeserializeOwned>(
     })
 }
 
+/// Splits a plugin's options in two: the keys the options struct `T` reads, and the rest. For
+/// a plugin whose options are another library's plus its own, without a list of either's keys
+/// to keep by hand: the rest goes to the other's parser, which names any key neither knows.
+pub fn split_options<T: DeserializeOwned>(
+    options: serde_yaml::Value,
+) -> std::result::Result<(serde_yaml::Value, serde_yaml::Value), OptionError> {
+    let serde_yaml::Value::Mapping(mut rest) = options else {
+        return Err(OptionError {
+            key: None,
+            message: "backend options must be a mapping".into(),
+        });
+    };
+    let mut own = serde_yaml::Mapping::new();
+    for key in serde_aux::serde_introspection::serde_introspect::<T>() {
+        if let Some(v) = rest.remove(*key) {
+            own.insert((*key).into(), v);
+        }
+    }
+    Ok((
+        serde_yaml::Value::Mapping(own),
+        serde_yaml::Value::Mapping(rest),
+    ))
+}
+
 /// The plugins this binary was built with.
 #[derive(Default)]
 pub struct Registry {

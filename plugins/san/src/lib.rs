@@ -1,7 +1,8 @@
 //! The `san` backend: an image on an SMB share that is also read and written directly on the
 //! shared LUN holding the server's volume, at the offsets a map server grants. The SMB path
-//! (the `smb` plugin, reused as is) is always open; the direct path is used where it may be
-//! and falls back to SMB wherever anything is in doubt, so its failures are never the guest's.
+//! (`twinpath-smb`, as the `smb` plugin uses it) is always open; the direct path is used
+//! where it may be and falls back to SMB wherever anything is in doubt, so its failures are
+//! never the guest's.
 //!
 //! ```yaml
 //! backend:
@@ -44,11 +45,11 @@ use serde::Deserialize;
 use twinpath_blockio::QueueRing;
 use twinpath_core::stats::PathStats;
 use twinpath_core::{
-    parse_options, BackendSpec, BlockBackend, BlockIo, DiskContext, DiskInfo, GuestBuffers,
-    OptionError, Plugin, QueueLink, Result,
+    parse_options, split_options, BackendSpec, BlockBackend, BlockIo, DiskContext, DiskInfo,
+    GuestBuffers, OptionError, Plugin, QueueLink, Result,
 };
 use twinpath_mapproto::Key;
-use twinpath_plugin_smb::{SmbImage, SmbSpec};
+use twinpath_smb::{ImageConfig, SmbImage, SmbOptions};
 
 use crate::direct::{Direct, DirectConfig, LunDevice, Outcome};
 use crate::link::MapLink;
@@ -56,17 +57,6 @@ use crate::state::Lookup;
 use crate::throttle::ThrottleConfig;
 use crate::volume::{BlockDevice, IscsiLun, Volume};
 use twinpath_iscsi::IscsiUrl;
-
-/// The keys this plugin reads itself; every other key belongs to the `smb` plugin.
-const OWN_KEYS: [&str; 7] = [
-    "map_server",
-    "map_key_file",
-    "lun",
-    "lun_password_file",
-    "host_name",
-    "map_timeout",
-    "throttle",
-];
 
 fn default_map_timeout() -> Duration {
     Duration::from_secs(2)
@@ -108,7 +98,7 @@ struct Options {
 
 #[derive(Debug)]
 struct SanSpec {
-    network: SmbSpec,
+    network: ImageConfig,
     setup: Arc<DirectSetup>,
 }
 
@@ -163,19 +153,10 @@ impl Plugin for SanPlugin {
         disk: &DiskContext,
         options: serde_yaml::Value,
     ) -> std::result::Result<Box<dyn BackendSpec>, OptionError> {
-        let serde_yaml::Value::Mapping(mut rest) = options else {
-            return Err(OptionError {
-                key: None,
-                message: "backend options must be a mapping".into(),
-            });
-        };
-        let mut own = serde_yaml::Mapping::new();
-        for k in OWN_KEYS {
-            if let Some(v) = rest.remove(k) {
-                own.insert(k.into(), v);
-            }
-        }
-        let o: Options = parse_options(serde_yaml::Value::Mapping(own))?;
+        // This plugin's own keys; every other key names and tunes the image on the share.
+        let (own, network) = split_options::<Options>(options)?;
+        let o: Options = parse_options(own)?;
+        let network: SmbOptions = parse_options(network)?;
         if !o.map_server.contains(':') {
             return Err(OptionError::new(
                 "map_server",
@@ -229,12 +210,8 @@ impl Plugin for SanPlugin {
                 "only for an iscsi URL with a CHAP user (iscsi://user@host/...)",
             ));
         }
-        let path = rest
-            .get("path")
-            .and_then(|p| p.as_str())
-            .unwrap_or_default()
-            .to_owned();
-        let network = twinpath_plugin_smb::parse_spec(disk, serde_yaml::Value::Mapping(rest))?;
+        let network = network.check(disk)?;
+        let path = network.path().to_owned();
         Ok(Box::new(SanSpec {
             network,
             setup: Arc::new(DirectSetup {
@@ -339,12 +316,12 @@ impl BackendSpec for SanSpec {
     }
 
     fn image(&self) -> Option<String> {
-        self.network.image()
+        Some(self.network.image())
     }
 
     async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
         self.setup.key()?;
-        let network = Arc::new(self.network.open_image().await?);
+        let network = Arc::new(self.network.open().await?);
         let direct = Arc::new(OnceLock::new());
         let stats = Arc::<PathStats>::default();
         match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(stats.clone())).await {

@@ -22,6 +22,7 @@ use smb2::types::{Command, CreditCharge, FileId, OplockLevel};
 use twinpath_core::{lock, Error, ErrorKind, Result};
 use twinpath_pipeline::{SectionData, SectionIo};
 
+use crate::error::{smb_error, status_error};
 use crate::session::{Server, Session, CREDIT_UNIT};
 
 /// MS-FSCC 2.4.14 FileEndOfFileInformation.
@@ -40,24 +41,6 @@ const FILE_NON_DIRECTORY_FILE: u32 = 0x40;
 /// How long an open refused by share modes is tried again: the server may still be closing
 /// the handles of a session that just ended (a daemon killed and restarted, a reconnect).
 const SHARING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
-
-pub(crate) fn smb_error(what: &str, e: smb2::Error) -> Error {
-    let kind = match e.kind() {
-        smb2::ErrorKind::NotFound => ErrorKind::NotFound,
-        smb2::ErrorKind::TimedOut => ErrorKind::Timeout,
-        _ => ErrorKind::Io,
-    };
-    Error::with_source(kind, what.to_owned(), e)
-}
-
-fn status_error(what: &str, status: NtStatus) -> Error {
-    let kind = if status == NtStatus::OBJECT_NAME_NOT_FOUND {
-        ErrorKind::NotFound
-    } else {
-        ErrorKind::Io
-    };
-    Error::new(kind, format!("{what}: server answered {status}"))
-}
 
 /// Statuses after which the handle is gone although the connection lives: reopen it.
 fn handle_gone(status: NtStatus) -> bool {

@@ -19,7 +19,7 @@ use smb2::types::SessionId;
 use smb2::{ClientConfig, SmbClient};
 use twinpath_core::{lock, Error, ErrorKind, Result};
 
-use crate::file::smb_error;
+use crate::error::smb_error;
 
 /// How long a failed redial stands before the next request may try again.
 const REDIAL_PAUSE: Duration = Duration::from_secs(1);

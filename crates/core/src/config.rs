@@ -406,7 +406,7 @@ mod tests {
         fn describe(&self) -> String {
             format!("dummy {}", self.0)
         }
-        async fn open(&self) -> crate::Result<Arc<dyn BlockBackend>> {
+        async fn open(&self, _: &crate::OpenContext) -> crate::Result<Arc<dyn BlockBackend>> {
             Err(crate::Error::new(crate::ErrorKind::Unsupported, "dummy"))
         }
     }

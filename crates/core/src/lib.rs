@@ -6,11 +6,13 @@
 //! - [`Error`]: one error type with a kind, context and source;
 //! - [`Registry`] / [`Plugin`]: backends register a name and parse their own options;
 //! - [`Config`]: the YAML disk list;
+//! - [`OpenContext`]: what `open` is given: the runtime and what disks share;
 //! - [`stats`]: lock-free I/O counters per disk and per path, for metrics.
 
 mod backend;
 mod buffers;
 pub mod config;
+mod context;
 mod error;
 mod group;
 pub mod imagelock;
@@ -22,6 +24,7 @@ pub mod stats;
 pub use backend::{BlockBackend, BlockIo, DiskInfo, Permit, QueueLink};
 pub use buffers::{GuestBuffers, IoVecs};
 pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig, SocketAccess};
+pub use context::{OpenContext, WeakMap};
 pub use error::{Error, ErrorKind, Result};
 pub use group::group_id;
 pub use registry::{

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 use crate::backend::BlockBackend;
+use crate::context::OpenContext;
 use crate::error::Result;
 
 /// What a plugin may know about the disk it serves, besides its own options.
@@ -31,8 +32,9 @@ pub trait BackendSpec: Send + Sync + fmt::Debug {
         None
     }
 
-    /// Opens the backing store. Errors carry the object that failed (path, share, ...).
-    async fn open(&self) -> Result<Arc<dyn BlockBackend>>;
+    /// Opens the backing store, on `ctx`'s runtime and with what disks share from it. Errors
+    /// carry the object that failed (path, share, ...).
+    async fn open(&self, ctx: &OpenContext) -> Result<Arc<dyn BlockBackend>>;
 }
 
 /// A backend plugin.

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use twinpath_core::{ByteSize, DiskContext, DiskInfo, OptionError, Result};
+use twinpath_core::{ByteSize, DiskContext, DiskInfo, OpenContext, OptionError, Result};
 use twinpath_pipeline::PipelineConfig;
 
 use crate::file::{ImageSpec, SmbFile};
 use crate::image::SmbImage;
-use crate::session::{Login, Server};
+use crate::session::{Login, Server, Sessions};
 
 fn default_in_flight() -> usize {
     64
@@ -151,9 +151,10 @@ impl ImageConfig {
         )
     }
 
-    /// Logs in (or joins the server's session) and opens the image. Its operations run in
-    /// the calling task, which must be on the tokio runtime.
-    pub async fn open(&self) -> Result<SmbImage> {
+    /// Logs in (or joins the session another disk of `ctx` has with the server, share and
+    /// user) and opens the image. Its operations run in the calling task, which must be on
+    /// `ctx`'s runtime.
+    pub async fn open(&self, ctx: &OpenContext) -> Result<SmbImage> {
         let password = match &self.password_file {
             Some(p) => twinpath_core::read_secret("password_file", p)?,
             None => String::new(),
@@ -172,9 +173,13 @@ impl ImageConfig {
             exclusive: self.lock,
         };
         let section_len = self.pipeline.section_len;
-        let file = async { SmbFile::open(Server::join(login).await?, image, section_len).await }
-            .await
-            .map_err(|e| e.within(&target))?;
+        let sessions = ctx.shared::<Sessions>();
+        let file = async {
+            let server = Server::join(&sessions, login).await?;
+            SmbFile::open(server, image, section_len).await
+        }
+        .await
+        .map_err(|e| e.within(&target))?;
         let mut info = DiskInfo::new(file.size());
         info.read_only = self.read_only;
         info.discard = true;

@@ -8,16 +8,15 @@
 //! spaced by [`REDIAL_PAUSE`] and requests in between fail at once, so a dead server costs
 //! the guest an I/O error, never a hang.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smb2::client::connection::Connection;
 use smb2::client::tree::Tree;
 use smb2::types::SessionId;
 use smb2::{ClientConfig, SmbClient};
-use twinpath_core::{lock, Error, ErrorKind, Result};
+use twinpath_core::{Error, ErrorKind, Result, WeakMap};
 
 use crate::error::smb_error;
 
@@ -119,18 +118,14 @@ pub(crate) struct Server {
     in_flight: AtomicUsize,
 }
 
-fn pool() -> &'static Mutex<HashMap<Login, Weak<Server>>> {
-    static POOL: std::sync::OnceLock<Mutex<HashMap<Login, Weak<Server>>>> =
-        std::sync::OnceLock::new();
-    POOL.get_or_init(Default::default)
-}
+/// The servers the disks of one daemon share, by login (kept in its open context).
+pub(crate) type Sessions = WeakMap<Login, Server>;
 
 impl Server {
     /// The shared server for `login`, logging in if no disk has yet. The caller counts as a
     /// user of the credit window until it calls [`Server::leave`].
-    pub async fn join(login: Login) -> Result<Arc<Server>> {
-        let existing = lock(pool()).get(&login).and_then(Weak::upgrade);
-        let server = match existing {
+    pub async fn join(sessions: &Sessions, login: Login) -> Result<Arc<Server>> {
+        let server = match sessions.get(&login) {
             Some(s) => s,
             None => {
                 let session = Session::dial(&login, None, 1).await?;
@@ -146,17 +141,9 @@ impl Server {
                     disks: AtomicUsize::new(0),
                     in_flight: AtomicUsize::new(0),
                 });
-                let mut pool = lock(pool());
-                pool.retain(|_, w| w.strong_count() > 0);
-                // Two disks may have dialed at once; the first one in the pool wins and the
-                // other connection is dropped.
-                match pool.get(&login).and_then(Weak::upgrade) {
-                    Some(s) => s,
-                    None => {
-                        pool.insert(login, Arc::downgrade(&server));
-                        server
-                    }
-                }
+                // Two disks may have dialed at once; the first one kept wins and the other
+                // connection is dropped.
+                sessions.get_or_insert_with(login, || server).0
             }
         };
         server.disks.fetch_add(1, Ordering::Relaxed);

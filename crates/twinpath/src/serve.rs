@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use twinpath_core::{lock, Config, DiskConfig, Registry};
+use twinpath_core::{lock, Config, DiskConfig, OpenContext, Registry};
 use twinpath_metrics::{DiskSample, PathSample};
 use twinpath_vhost_blk::{Disk, DiskServer, DiskSettings};
 
@@ -51,8 +51,8 @@ fn locked_image(cfg: &DiskConfig) -> Option<String> {
 type OpenError = (String, String, bool);
 
 /// Opens a disk's backend; an error comes with the disk's name.
-async fn open_disk(cfg: &Arc<DiskConfig>) -> Result<Opened, OpenError> {
-    let backend = cfg.backend.open().await.map_err(|e| {
+async fn open_disk(ctx: &OpenContext, cfg: &Arc<DiskConfig>) -> Result<Opened, OpenError> {
+    let backend = cfg.backend.open(ctx).await.map_err(|e| {
         let in_use = e.kind() == twinpath_core::ErrorKind::InUse;
         let message = e.within(format!("disk `{}`", cfg.name)).to_string();
         (cfg.name.clone(), message, in_use)
@@ -101,9 +101,13 @@ fn start_disk(opened: Opened) -> Option<Running> {
 }
 
 /// Opens the disks concurrently and starts the ones that opened.
-async fn start_all(disks: Vec<DiskConfig>, running: &mut BTreeMap<String, Running>) {
+async fn start_all(
+    ctx: &OpenContext,
+    disks: Vec<DiskConfig>,
+    running: &mut BTreeMap<String, Running>,
+) {
     let disks: Vec<Arc<DiskConfig>> = disks.into_iter().map(Arc::new).collect();
-    for result in futures::future::join_all(disks.iter().map(open_disk)).await {
+    for result in futures::future::join_all(disks.iter().map(|d| open_disk(ctx, d))).await {
         match result {
             Ok(opened) => {
                 let name = opened.disk.name().to_owned();
@@ -168,7 +172,10 @@ async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
     let total = config.disks.len();
     let metrics = config.metrics;
     let mut running = BTreeMap::new();
-    start_all(config.disks, &mut running).await;
+    // What the disks share (SMB sessions, map connections, throttles), for as long as the
+    // daemon runs: reloads open their disks with it too.
+    let ctx = OpenContext::new(tokio::runtime::Handle::current());
+    start_all(&ctx, config.disks, &mut running).await;
     if running.is_empty() {
         tracing::error!("no disk could be opened; exiting");
         return ExitCode::FAILURE;
@@ -191,7 +198,7 @@ async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
                 break;
             }
             _ = hup.recv() => {
-                if let Some(new) = reload(&path, &registry, &mut running).await {
+                if let Some(new) = reload(&ctx, &path, &registry, &mut running).await {
                     if new.metrics != metrics {
                         tracing::warn!("SIGHUP: a change of `metrics` takes effect on restart");
                     }
@@ -214,6 +221,7 @@ async fn serve(path: PathBuf, config: Config, registry: Registry) -> ExitCode {
 /// anew first and replaces the running one only if that worked. A config that does not parse
 /// changes nothing. Returns the rest of the new config.
 async fn reload(
+    ctx: &OpenContext,
     path: &Path,
     registry: &Registry,
     running: &mut BTreeMap<String, Running>,
@@ -262,7 +270,7 @@ async fn reload(
     let mut after_stop: Vec<String> = later.iter().map(|d| d.name.clone()).collect();
     // Open the new and changed disks before anything stops, so a changed disk whose new
     // backend cannot be opened keeps running on its old one.
-    let opened = futures::future::join_all(open_now.into_iter().map(open_disk)).await;
+    let opened = futures::future::join_all(open_now.into_iter().map(|d| open_disk(ctx, d))).await;
     let mut to_start = Vec::new();
     let stopping = !changed.is_empty() || !removed.is_empty();
     for result in opened {
@@ -288,7 +296,7 @@ async fn reload(
     stop_all(servers).await;
     // A stopped disk has released its image locks (`BlockBackend::release`).
     for name in after_stop {
-        match open_disk(&wanted[&name]).await {
+        match open_disk(ctx, &wanted[&name]).await {
             Ok(o) => to_start.push(o),
             Err((_, e, _)) => {
                 tracing::error!("SIGHUP: not serving: {e}");
@@ -296,7 +304,7 @@ async fn reload(
                 let Some(old) = stopped.get(&name).filter(|_| changed.contains(&name)) else {
                     continue;
                 };
-                match open_disk(old).await {
+                match open_disk(ctx, old).await {
                     Ok(o) => {
                         tracing::warn!(disk = %name, "SIGHUP: serving the disk as it was");
                         to_start.push(o);

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use twinpath_blockio::{AnyEngine, Engine, EngineKind, QueueRing, Target};
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, BlockIo, ByteSize, DiskContext, DiskInfo, Error,
-    ErrorKind, GuestBuffers, OptionError, Plugin, QueueLink, Result,
+    ErrorKind, GuestBuffers, OpenContext, OptionError, Plugin, QueueLink, Result,
 };
 
 pub struct FilePlugin;
@@ -118,8 +118,8 @@ impl BackendSpec for FileSpec {
         s
     }
 
-    async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
-        Ok(Arc::new(FileBackend::open(self)?))
+    async fn open(&self, ctx: &OpenContext) -> Result<Arc<dyn BlockBackend>> {
+        Ok(Arc::new(FileBackend::open(self, ctx.runtime())?))
     }
 }
 
@@ -131,7 +131,8 @@ struct FileBackend {
 }
 
 impl FileBackend {
-    fn open(spec: &FileSpec) -> Result<Self> {
+    /// Opens the image; the engine's blocking work goes to `runtime`'s pool.
+    fn open(spec: &FileSpec, runtime: &tokio::runtime::Handle) -> Result<Self> {
         let path = &spec.path;
         if !path.exists() {
             match spec.create_size {
@@ -155,10 +156,7 @@ impl FileBackend {
         }
         let (capacity, block_size) = (target.capacity(), target.block_size());
         tracing::info!(path = %path.display(), capacity, block_size, direct = spec.direct, "opened image");
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
-            Error::with_source(ErrorKind::Io, "the file backend needs a tokio runtime", e)
-        })?;
-        let engine = Arc::new(AnyEngine::new(spec.engine, target, &runtime)?);
+        let engine = Arc::new(AnyEngine::new(spec.engine, target, runtime)?);
         tracing::info!(path = %path.display(), engine = engine.name(), "I/O engine");
         let info = DiskInfo {
             capacity,

@@ -46,15 +46,15 @@ use twinpath_blockio::QueueRing;
 use twinpath_core::stats::PathStats;
 use twinpath_core::{
     parse_options, split_options, BackendSpec, BlockBackend, BlockIo, DiskContext, DiskInfo,
-    GuestBuffers, OptionError, Plugin, QueueLink, Result,
+    GuestBuffers, OpenContext, OptionError, Plugin, QueueLink, Result,
 };
 use twinpath_mapproto::Key;
 use twinpath_smb::{ImageConfig, SmbImage, SmbOptions};
 
 use crate::direct::{Direct, DirectConfig, LunDevice, Outcome};
-use crate::link::MapLink;
+use crate::link::{Links, MapLink};
 use crate::state::Lookup;
-use crate::throttle::ThrottleConfig;
+use crate::throttle::{Throttle, ThrottleConfig, Throttles};
 use crate::volume::{BlockDevice, IscsiLun, Volume};
 use twinpath_iscsi::IscsiUrl;
 
@@ -243,16 +243,22 @@ impl DirectSetup {
 
     /// Joins this host's connection to the map server, finds the LUN and opens it for
     /// direct I/O.
-    async fn open(&self, stats: Arc<PathStats>) -> std::result::Result<Arc<Direct>, String> {
+    async fn open(
+        &self,
+        ctx: &OpenContext,
+        stats: Arc<PathStats>,
+    ) -> std::result::Result<Arc<Direct>, String> {
         let key = self.key().map_err(|e| e.to_string())?;
-        let link = MapLink::shared(&self.map_server, key, &self.host_name);
+        let links = ctx.shared::<Links>();
+        let link = MapLink::shared(&links, &self.map_server, key, &self.host_name);
         let member = link.join();
         let connected = link.connect(self.map_timeout).await?;
         let id = connected.identity;
         let (lun, checked, host) = (self.lun.clone(), id.clone(), self.host_name.clone());
         let fence_key = twinpath_mapproto::fence_key(&self.host_name);
-        let (volume, registered) =
-            tokio::task::spawn_blocking(move || -> std::result::Result<_, String> {
+        let (volume, registered) = ctx
+            .runtime()
+            .spawn_blocking(move || -> std::result::Result<_, String> {
                 let volume: Arc<dyn Volume> = match lun {
                     LunSpec::Auto => Arc::new(lun::find(&checked)?),
                     LunSpec::Device(p) => Arc::new(BlockDevice::open(&p)?),
@@ -268,7 +274,7 @@ impl DirectSetup {
             })
             .await
             .map_err(|e| e.to_string())??;
-        let backend = volume.io(self.read_only)?;
+        let backend = volume.io(self.read_only, ctx.runtime())?;
         match registered {
             Ok(true) => tracing::info!(image = self.path, "registered on the LUN for fencing"),
             Ok(false) => tracing::info!(
@@ -287,7 +293,7 @@ impl DirectSetup {
             path: self.path.clone(),
             throttle: self
                 .throttle
-                .map(|t| throttle::Throttle::shared(&self.map_server, t)),
+                .map(|t| Throttle::shared(&ctx.shared::<Throttles>(), &self.map_server, t)),
             map_timeout: self.map_timeout,
             fence_key,
         };
@@ -319,12 +325,12 @@ impl BackendSpec for SanSpec {
         Some(self.network.image())
     }
 
-    async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
+    async fn open(&self, ctx: &OpenContext) -> Result<Arc<dyn BlockBackend>> {
         self.setup.key()?;
-        let network = Arc::new(self.network.open().await?);
+        let network = Arc::new(self.network.open(ctx).await?);
         let direct = Arc::new(OnceLock::new());
         let stats = Arc::<PathStats>::default();
-        match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(stats.clone())).await {
+        match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(ctx, stats.clone())).await {
             Ok(Ok(d)) => {
                 let _ = direct.set(d);
             }
@@ -338,6 +344,7 @@ impl BackendSpec for SanSpec {
                     "direct path unavailable, serving over SMB (trying again every {SETUP_RETRY:?}): {why}"
                 );
                 retry_later(
+                    ctx.clone(),
                     self.setup.clone(),
                     Arc::downgrade(&direct),
                     stats.clone(),
@@ -348,7 +355,7 @@ impl BackendSpec for SanSpec {
         Ok(Arc::new(SanBackend {
             network,
             direct,
-            runtime: tokio::runtime::Handle::current(),
+            runtime: ctx.runtime().clone(),
             stats,
         }))
     }
@@ -357,16 +364,17 @@ impl BackendSpec for SanSpec {
 /// Tries to bring the direct path up until it comes up or the disk goes away; a reason seen
 /// before is not logged again.
 fn retry_later(
+    ctx: OpenContext,
     setup: Arc<DirectSetup>,
     slot: Weak<OnceLock<Arc<Direct>>>,
     stats: Arc<PathStats>,
     mut last: String,
 ) {
-    tokio::spawn(async move {
+    ctx.runtime().clone().spawn(async move {
         loop {
             tokio::time::sleep(SETUP_RETRY).await;
             let Some(slot) = slot.upgrade() else { return };
-            match tokio::time::timeout(SETUP_TIMEOUT, setup.open(stats.clone())).await {
+            match tokio::time::timeout(SETUP_TIMEOUT, setup.open(&ctx, stats.clone())).await {
                 Ok(Ok(d)) => {
                     let _ = slot.set(d);
                     return;

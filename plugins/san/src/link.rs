@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use twinpath_core::lock;
+use twinpath_core::{lock, WeakMap};
 use twinpath_mapproto::{Key, MapClient, Recall, Reply, Request, VolumeIdentity};
 
 use crate::state::RETRY_AFTER;
@@ -57,39 +57,37 @@ pub struct MapLink {
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct LinkKey {
+pub(crate) struct LinkKey {
     addr: String,
     host: String,
     key: Key,
 }
 
-static LINKS: Mutex<Option<HashMap<LinkKey, Weak<MapLink>>>> = Mutex::new(None);
+/// The map server connections of one daemon's disks (kept in its open context).
+pub(crate) type Links = WeakMap<LinkKey, MapLink>;
 
 impl MapLink {
     /// The link of this host to the map server at `addr`, shared while any disk holds it.
-    pub fn shared(addr: &str, key: Key, host: &str) -> Arc<MapLink> {
+    pub fn shared(links: &Links, addr: &str, key: Key, host: &str) -> Arc<MapLink> {
         let id = LinkKey {
             addr: addr.to_owned(),
             host: host.to_owned(),
             key,
         };
-        let mut links = lock(&LINKS);
-        let links = links.get_or_insert_with(HashMap::new);
-        links.retain(|_, l| l.strong_count() > 0);
-        if let Some(l) = links.get(&id).and_then(Weak::upgrade) {
-            return l;
-        }
-        let link = Arc::new(MapLink {
-            addr: id.addr.clone(),
-            key: id.key.clone(),
-            host: id.host.clone(),
-            current: Mutex::default(),
-            dialer: tokio::sync::Mutex::default(),
-            members: Arc::default(),
-            next_member: AtomicU64::new(1),
-        });
-        links.insert(id, Arc::downgrade(&link));
-        link
+        let (addr, key, host) = (id.addr.clone(), id.key.clone(), id.host.clone());
+        links
+            .get_or_insert_with(id, || {
+                Arc::new(MapLink {
+                    addr,
+                    key,
+                    host,
+                    current: Mutex::default(),
+                    dialer: tokio::sync::Mutex::default(),
+                    members: Arc::default(),
+                    next_member: AtomicU64::new(1),
+                })
+            })
+            .0
     }
 
     /// Joins the link: events for the new member arrive on the returned channel.

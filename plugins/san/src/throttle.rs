@@ -2,13 +2,12 @@
 //! disk of this host that talks to the same map server (the LUN is shared by the hosts, so
 //! the limit is per host, not per disk).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::time::Instant;
-use twinpath_core::{lock, ByteSize};
+use twinpath_core::{lock, ByteSize, WeakMap};
 
 /// What happens to a request over the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -72,6 +71,9 @@ struct State {
     last: Instant,
 }
 
+/// The throttles of one daemon's disks, by map server (kept in its open context).
+pub(crate) type Throttles = WeakMap<String, Throttle>;
+
 pub struct Throttle {
     config: ThrottleConfig,
     state: Mutex<State>,
@@ -95,20 +97,19 @@ impl Throttle {
     }
 
     /// The host's throttle for `map_server`, created by the first disk that names one.
-    pub fn shared(map_server: &str, config: ThrottleConfig) -> Arc<Throttle> {
-        static HOST: OnceLock<Mutex<HashMap<String, Weak<Throttle>>>> = OnceLock::new();
-        let mut all = lock(HOST.get_or_init(Default::default));
-        if let Some(t) = all.get(map_server).and_then(Weak::upgrade) {
-            if t.config != config {
-                tracing::warn!(
-                    map_server,
-                    "disks give different throttles for one map server; the first one applies"
-                );
-            }
-            return t;
+    pub fn shared(
+        throttles: &Throttles,
+        map_server: &str,
+        config: ThrottleConfig,
+    ) -> Arc<Throttle> {
+        let (t, made) =
+            throttles.get_or_insert_with(map_server.to_owned(), || Arc::new(Throttle::new(config)));
+        if !made && t.config != config {
+            tracing::warn!(
+                map_server,
+                "disks give different throttles for one map server; the first one applies"
+            );
         }
-        let t = Arc::new(Throttle::new(config));
-        all.insert(map_server.to_owned(), Arc::downgrade(&t));
         t
     }
 

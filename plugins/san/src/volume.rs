@@ -25,8 +25,13 @@ pub trait Volume: Send + Sync {
     /// `len` bytes at `offset`, for identity checks (superblock, token). Blocks.
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
 
-    /// What reads and writes it at the physical offsets the guard let through.
-    fn io(&self, read_only: bool) -> Result<Arc<dyn LunIo>, String>;
+    /// What reads and writes it at the physical offsets the guard let through; blocking work
+    /// goes to `runtime`'s pool.
+    fn io(
+        &self,
+        read_only: bool,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<dyn LunIo>, String>;
 
     /// Registers this host's persistent reservation `key` (replacing any it had), so that it
     /// may write while the map server holds a Registrants Only reservation; `Ok(false)` where
@@ -128,10 +133,13 @@ impl Volume for BlockDevice {
         read_direct(&self.file, offset, len).map_err(|e| format!("{}: {e}", self.describe()))
     }
 
-    fn io(&self, read_only: bool) -> Result<Arc<dyn LunIo>, String> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+    fn io(
+        &self,
+        read_only: bool,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<dyn LunIo>, String> {
         let target = Target::open(&self.path, read_only, true).map_err(|e| e.to_string())?;
-        let engine = AnyEngine::new(EngineKind::Auto, Arc::new(target), &runtime)
+        let engine = AnyEngine::new(EngineKind::Auto, Arc::new(target), runtime)
             .map_err(|e| e.to_string())?;
         Ok(Arc::new(Kernel(engine)))
     }
@@ -204,7 +212,11 @@ impl Volume for IscsiLun {
         Ok(data[from..from + len].to_vec())
     }
 
-    fn io(&self, _read_only: bool) -> Result<Arc<dyn LunIo>, String> {
+    fn io(
+        &self,
+        _read_only: bool,
+        _runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<dyn LunIo>, String> {
         Ok(Arc::new(Iscsi(self.0.clone())))
     }
 

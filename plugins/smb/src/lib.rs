@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use twinpath_core::stats::PathStats;
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, BlockIo, DiskContext, DiskInfo, GuestBuffers,
-    OptionError, Plugin, Result,
+    OpenContext, OptionError, Plugin, Result,
 };
 use twinpath_smb::{ImageConfig, SmbImage, SmbOptions};
 
@@ -64,10 +64,10 @@ impl BackendSpec for SmbSpec {
         Some(self.0.image())
     }
 
-    async fn open(&self) -> Result<Arc<dyn BlockBackend>> {
+    async fn open(&self, ctx: &OpenContext) -> Result<Arc<dyn BlockBackend>> {
         Ok(Arc::new(SmbBackend {
-            image: Arc::new(self.0.open().await?),
-            runtime: tokio::runtime::Handle::current(),
+            image: Arc::new(self.0.open(ctx).await?),
+            runtime: ctx.runtime().clone(),
         }))
     }
 }

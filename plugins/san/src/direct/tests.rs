@@ -389,7 +389,11 @@ impl Volume for MemVolume {
         Ok(lock(&self.0.book).data[offset as usize..offset as usize + len].to_vec())
     }
 
-    fn io(&self, _read_only: bool) -> Result<Arc<dyn LunIo>, String> {
+    fn io(
+        &self,
+        _read_only: bool,
+        _runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<dyn LunIo>, String> {
         Ok(self.0.clone())
     }
 
@@ -418,7 +422,8 @@ impl Rig {
         let key = Key::new(vec![7; 32]).unwrap();
         let server = Server::start(&key).await;
         let lun = MemLun::new(server.book.clone());
-        let link = crate::link::MapLink::shared(&server.addr, key, HOST);
+        let links = crate::link::Links::default();
+        let link = crate::link::MapLink::shared(&links, &server.addr, key, HOST);
         let member = link.join();
         let connected = link.connect(MAP_TIMEOUT).await.unwrap();
         let direct = Direct::new(

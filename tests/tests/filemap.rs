@@ -65,10 +65,8 @@ fn maps_point_at_the_data(fs: Fs) {
     let pre = lun.mount_point().join("pre.raw");
     let f = File::create(&pre).unwrap();
     // SAFETY: fallocate on a file we own.
-    assert_eq!(
-        unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 4 * MIB as i64) },
-        0
-    );
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 4 * MIB as i64) };
+    assert_eq!(r, 0);
     let extents = file_extents(&f).unwrap();
     assert!(
         !extents.is_empty() && extents.iter().all(|e| e.class == ExtentClass::Unwritten),

@@ -98,14 +98,10 @@ fn write_under(grant: &Grant, dev: &File, offset: u64, data: &[u8]) {
 
 /// Writes `data` at `physical` with O_DIRECT (4096-aligned buffer).
 fn write_direct(dev: &File, physical: u64, data: &[u8]) {
-    let layout = std::alloc::Layout::from_size_align(data.len(), 4096).unwrap();
-    // SAFETY: non-zero size; filled, written and freed here.
-    let ptr = unsafe { std::alloc::alloc(layout) };
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, data.len()) };
-    buf.copy_from_slice(data);
-    let r = dev.write_all_at(buf, physical);
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    r.unwrap();
+    let mut buf = twinpath_blockio::AlignedBuf::zeroed(data.len(), 4096).unwrap();
+    buf.as_mut_slice()[..data.len()].copy_from_slice(data);
+    dev.write_all_at(&buf.as_slice()[..data.len()], physical)
+        .unwrap();
 }
 
 async fn identity_and_maps(fs: Fs) {

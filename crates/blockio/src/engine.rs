@@ -427,13 +427,13 @@ impl Engine for Uring {
             } else {
                 opcode::Readv::new(fd, ptr, count).offset(at).build()
             };
-            // SAFETY: the entry points at heap iovecs owned by `bufs` or `tail` and at the
-            // guest memory `bufs` holds; both travel with the operation until the kernel is
-            // done, and moving them does not move their heap data.
             let keep = (bufs, tail);
             let permit = how.permit.clone();
-            let ((b, _tail), res) =
-                unsafe { self.shared.submit(queue, entry, keep, permit) }?.await;
+            // SAFETY: the entry points at heap iovecs owned by `bufs` or `tail` and at the
+            // guest memory `bufs` holds; both travel with the operation (in `keep`) until the
+            // kernel is done, and moving them does not move their heap data.
+            let op = unsafe { self.shared.submit(queue, entry, keep, permit) }?;
+            let ((b, _tail), res) = op.await;
             bufs = b;
             match res {
                 n if n > 0 => done += n as usize,

@@ -159,7 +159,7 @@ impl Login {
             return Err("cannot create an iSCSI context".into());
         }
         let ctx = Context(raw);
-        // SAFETY (these calls): the context is live and the strings outlive the calls.
+        // SAFETY: for each call, the context is live and the strings outlive the calls.
         unsafe {
             (lib().iscsi_set_targetname)(ctx.0, self.target.as_ptr());
             (lib().iscsi_set_session_type)(ctx.0, ffi::ISCSI_SESSION_NORMAL);
@@ -588,7 +588,7 @@ struct Link {
 impl Link {
     /// The connection of `ctx`, just logged in, with no task yet.
     fn adopt(ctx: Context) -> std::result::Result<Link, String> {
-        // SAFETY (these calls): the context is live and logged in.
+        // SAFETY: for each call, the context is live and logged in.
         unsafe {
             // A connection that fails takes its tasks with it (`serve` logs in anew): a
             // reconnect inside libiscsi would send them again, past the gate.

@@ -27,7 +27,8 @@ pub struct DiskInfo {
     pub block_size: u32,
     /// Whether the backend can only be read.
     pub read_only: bool,
-    /// Whether writes may sit in a volatile cache until `flush` (decides the FLUSH feature).
+    /// Whether writes may sit in a volatile cache until `flush`: decides the FLUSH and
+    /// CONFIG_WCE features, and whether a writethrough disk flushes after every write.
     pub volatile_cache: bool,
     /// Whether `discard` does something useful.
     pub discard: bool,

@@ -223,7 +223,8 @@ impl BlkDevice {
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let writeback = disk.settings.cache == twinpath_core::CacheMode::Writeback;
+        let writeback =
+            disk.settings.cache == twinpath_core::CacheMode::Writeback && disk.info.volatile_cache;
         Ok(BlkDevice(Arc::new(Inner {
             limits: disk.limits(),
             disk,
@@ -446,7 +447,7 @@ impl BlkDevice {
                     let head = chain.head_index();
                     let mut held = inflight.heads.get_mut(usize::from(head));
                     if held.as_deref() == Some(&true) {
-                        self.0.disk.note_rejected(&format!(
+                        self.0.disk.note_rejected(format!(
                             "queue {queue_index}: head {head} made available again while in \
                              flight"
                         ));
@@ -462,11 +463,11 @@ impl BlkDevice {
                             inflight.futures.push(self.run(io, head, req, mem.clone()));
                         }
                         Err(rejected) => {
-                            self.0.disk.note_rejected(&rejected.reason);
+                            self.0.disk.note_rejected(rejected.reason);
                             let len = match rejected.status {
                                 Some(status) => {
                                     // SAFETY: `mem` (alive here) holds the checked status byte.
-                                    unsafe { status.write(rejected.code) };
+                                    unsafe { status.write(rejected.code()) };
                                     1
                                 }
                                 None => 0,
@@ -495,7 +496,7 @@ impl BlkDevice {
             if let Some(reason) = stuck {
                 self.0
                     .disk
-                    .note_rejected(&format!("queue {queue_index} cannot be read: {reason}"));
+                    .note_rejected(format!("queue {queue_index} cannot be read: {reason}"));
                 break;
             }
             // New chains may have arrived between the last pop and re-enabling notifications.
@@ -509,7 +510,7 @@ impl BlkDevice {
                     queue.stalled.store(true, Ordering::Release);
                     self.0
                         .disk
-                        .note_rejected(&format!("queue {queue_index} cannot be read: {e}"));
+                        .note_rejected(format!("queue {queue_index} cannot be read: {e}"));
                     break;
                 }
             }
@@ -517,7 +518,7 @@ impl BlkDevice {
             // pops nothing has a ring whose entries cannot be read (whatever the cause).
             if !popped && empty_pass {
                 queue.stalled.store(true, Ordering::Release);
-                self.0.disk.note_rejected(&format!(
+                self.0.disk.note_rejected(format!(
                     "queue {queue_index} cannot be read: its available index moves but no \
                      entry pops"
                 ));
@@ -538,7 +539,7 @@ impl BlkDevice {
                 if let Err(e) = q.add_used(&*mem, head, len) {
                     self.0
                         .disk
-                        .note_rejected(&format!("cannot add used entry {head}: {e}"));
+                        .note_rejected(format!("cannot add used entry {head}: {e}"));
                 }
             }
             // When the ring cannot tell, the guest is told: a spare interrupt costs nothing.
@@ -598,7 +599,8 @@ impl BlkDevice {
     /// The future that carries one request from the guest to the backend and back.
     fn run(&self, io: Arc<dyn BlockIo>, head: u16, req: Request, mem: Arc<Mem>) -> RequestFuture {
         let guard = InflightGuard::new(self.0.disk.clone());
-        let writethrough = !self.0.writeback.load(Ordering::Acquire);
+        // Only a volatile cache needs a flush after every write to be written through.
+        let writethrough = !self.0.writeback.load(Ordering::Acquire) && self.0.limits.flush;
         // The buffers keep the mapping alive, and count as work of the disk for as long as
         // any backend holds them.
         let keepalive: Arc<dyn std::any::Any + Send + Sync> =
@@ -700,9 +702,11 @@ impl VhostUserBackend for BlkDevice {
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_TOPOLOGY
-            | 1 << VIRTIO_BLK_F_FLUSH
-            | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | 1 << VIRTIO_BLK_F_MQ;
+        // A backend without a volatile cache has nothing to flush and no cache mode.
+        if limits.flush {
+            f |= 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_CONFIG_WCE;
+        }
         if limits.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -779,17 +783,12 @@ impl VhostUserBackend for BlkDevice {
         let Some(queue) = self.0.queues.get(queue_index as usize) else {
             return Ok(());
         };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while !lock(&queue.inflight).futures.is_empty() {
-            if Instant::now() > deadline {
-                tracing::error!(disk = %self.0.disk.name(), queue = queue_index, "requests still running after {STOP_TIMEOUT:?}; stopping the queue anyway (they finish without a used entry, and the queue takes new requests once they did)");
-                let mut inflight = lock(&queue.inflight);
-                let running = std::mem::take(&mut inflight.futures);
-                inflight.detached.extend(running);
-                inflight.heads = Default::default();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        if !twinpath_core::wait_until(STOP_TIMEOUT, || lock(&queue.inflight).futures.is_empty()) {
+            tracing::error!(disk = %self.0.disk.name(), queue = queue_index, "requests still running after {STOP_TIMEOUT:?}; stopping the queue anyway (they finish without a used entry, and the queue takes new requests once they did)");
+            let mut inflight = lock(&queue.inflight);
+            let running = std::mem::take(&mut inflight.futures);
+            inflight.detached.extend(running);
+            inflight.heads = Default::default();
         }
         Ok(())
     }
@@ -864,6 +863,8 @@ mod tests {
     /// An in-memory backend whose reads can be held back, to observe out-of-order completion.
     struct MemBackend {
         data: Mutex<Vec<u8>>,
+        /// Whether writes sit in a volatile cache (DiskInfo::volatile_cache).
+        volatile: bool,
         flushes: AtomicUsize,
         hold_reads: AtomicBool,
         held: Mutex<Vec<Waker>>,
@@ -897,6 +898,7 @@ mod tests {
             DiskInfo {
                 discard: false,
                 write_zeroes: false,
+                volatile_cache: self.volatile,
                 ..DiskInfo::new(lock(&self.data).len() as u64)
             }
         }
@@ -939,6 +941,10 @@ mod tests {
     }
 
     fn rig_with(read_only: bool, max_inflight_bytes: u32) -> Rig {
+        rig_on(read_only, max_inflight_bytes, true)
+    }
+
+    fn rig_on(read_only: bool, max_inflight_bytes: u32, volatile: bool) -> Rig {
         let mem: GuestMemoryMmap<()> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
         // The mock borrows the memory for its lifetime; leak a clone (regions are shared).
@@ -953,6 +959,7 @@ mod tests {
         vring.set_enabled(true);
         let backend = Arc::new(MemBackend {
             data: Mutex::new(vec![0u8; 1 << 20]),
+            volatile,
             flushes: AtomicUsize::new(0),
             hold_reads: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
@@ -1154,6 +1161,22 @@ mod tests {
             rig.device.set_config(0, &[1, 2, 3, 4]).is_err(),
             "capacity is read-only"
         );
+    }
+
+    #[test]
+    fn a_backend_without_a_volatile_cache_offers_no_flush_and_writes_through_without_one() {
+        let mut rig = rig_on(false, 64 << 20, false);
+        let features = rig.device.features();
+        assert_eq!(features & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        assert_eq!(features & (1 << VIRTIO_BLK_F_CONFIG_WCE), 0);
+        rig.device.acked_features(features);
+        assert_eq!(rig.device.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
+        let write = rig.push(VIRTIO_BLK_T_OUT, 0, Some((512, false)));
+        let flush = rig.push(VIRTIO_BLK_T_FLUSH, 0, None);
+        rig.kick();
+        assert_eq!(rig.status(write), STATUS_OK);
+        assert_eq!(rig.status(flush), STATUS_UNSUPP);
+        assert_eq!(rig.backend.flushes.load(Ordering::SeqCst), 0);
     }
 
     #[test]

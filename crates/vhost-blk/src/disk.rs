@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use twinpath_core::stats::{IoSnapshot, IoStats};
 use twinpath_core::{BlockBackend, CacheMode, DiskInfo};
@@ -92,7 +92,7 @@ impl Disk {
             capacity_sectors: self.info.capacity / SECTOR_SIZE,
             block_size: self.info.block_size,
             read_only: ro,
-            flush: true,
+            flush: self.info.volatile_cache,
             discard: self.info.discard && !ro,
             write_zeroes: self.info.write_zeroes && !ro,
             max_discard_sectors: MAX_DISCARD_SECTORS,
@@ -117,10 +117,7 @@ impl Disk {
     /// returns how many still do. Until then the image may still be written for a request
     /// of a frontend that is gone.
     pub fn wait_for_work(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        while self.working() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        twinpath_core::wait_until(timeout, || self.working() == 0);
         self.working()
     }
 
@@ -135,7 +132,7 @@ impl Disk {
 
     /// Counts a refused chain; logs the first one and then every power of two, so a hostile
     /// guest cannot flood the log.
-    pub(crate) fn note_rejected(&self, reason: &str) {
+    pub(crate) fn note_rejected(&self, reason: impl std::fmt::Display) {
         let n = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             tracing::warn!(disk = %self.name(), rejected = n, "refused a malformed request: {reason}");

@@ -72,9 +72,7 @@ impl DiskServer {
     pub fn drain(&self, timeout: Duration) -> usize {
         self.disk.start_draining();
         let deadline = Instant::now() + timeout;
-        while self.disk.inflight() > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        twinpath_core::wait_until(timeout, || self.disk.inflight() == 0);
         // And the work of requests whose connection ended before they did.
         let left = deadline.saturating_duration_since(Instant::now());
         self.disk.inflight().max(self.disk.wait_for_work(left))

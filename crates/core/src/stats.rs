@@ -153,42 +153,79 @@ impl IoSnapshot {
     }
 }
 
-/// One path of a backend (`network`, `direct`): its I/O and the events of the direct path.
+/// A counter a path keeps beside its I/O: the name it is known by in metrics
+/// (`twinpath_path_<name>`) and what it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+/// One path of a backend (`network`, `direct`): its I/O, and the event counters the path
+/// registered when it was made (none, for most).
 #[derive(Debug, Default)]
 pub struct PathStats {
     pub io: IoStats,
-    /// Requests the direct path handed to the network path.
-    pub fallbacks: AtomicU64,
-    /// Leases the map server recalled.
-    pub recalls: AtomicU64,
-    /// Requests the throttle delayed or sent to the network path.
-    pub throttled: AtomicU64,
-    /// Direct requests stopped because their grant's lease ran out (not renewed in time,
-    /// or recalled) before all of their device I/O was issued.
-    pub expired: AtomicU64,
+    events: Vec<(Event, AtomicU64)>,
 }
 
 impl PathStats {
+    /// A path that also counts `events`.
+    pub fn with_events(events: &[Event]) -> PathStats {
+        PathStats {
+            io: IoStats::default(),
+            events: events.iter().map(|e| (*e, AtomicU64::new(0))).collect(),
+        }
+    }
+
+    /// Counts one `event`, which the path registered.
+    pub fn count(&self, event: Event) {
+        match self.events.iter().find(|(e, _)| *e == event) {
+            Some((_, n)) => {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+            None => debug_assert!(false, "event `{}` was not registered", event.name),
+        }
+    }
+
+    /// How many times `event` happened (0 for one the path does not count).
+    pub fn get(&self, event: Event) -> u64 {
+        self.events
+            .iter()
+            .find(|(e, _)| *e == event)
+            .map_or(0, |(_, n)| n.load(Ordering::Relaxed))
+    }
+
     pub fn snapshot(&self) -> PathSnapshot {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PathSnapshot {
             io: self.io.snapshot(),
-            fallbacks: get(&self.fallbacks),
-            recalls: get(&self.recalls),
-            throttled: get(&self.throttled),
-            expired: get(&self.expired),
+            events: self
+                .events
+                .iter()
+                .map(|(e, n)| EventCount {
+                    name: e.name.to_owned(),
+                    help: e.help.to_owned(),
+                    count: n.load(Ordering::Relaxed),
+                })
+                .collect(),
         }
     }
 }
 
+/// An event counter at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventCount {
+    pub name: String,
+    pub help: String,
+    pub count: u64,
+}
+
+/// The counters of a [`PathStats`] at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PathSnapshot {
     pub io: IoSnapshot,
-    pub fallbacks: u64,
-    pub recalls: u64,
-    pub throttled: u64,
     #[serde(default)]
-    pub expired: u64,
+    pub events: Vec<EventCount>,
 }
 
 #[cfg(test)]
@@ -232,5 +269,29 @@ mod tests {
         assert_eq!(snap.quantile_us(1.0), Some(4096)); // 3 ms lies in (2048, 4096]
         assert!(snap.quantile_us(0.3).unwrap() < 2048);
         assert_eq!(IoSnapshot::default().quantile_us(0.5), None);
+    }
+
+    #[test]
+    fn a_path_counts_the_events_it_registered() {
+        const A: Event = Event {
+            name: "a",
+            help: "first",
+        };
+        const B: Event = Event {
+            name: "b",
+            help: "second",
+        };
+        let p = PathStats::with_events(&[A, B]);
+        p.count(B);
+        p.count(B);
+        assert_eq!((p.get(A), p.get(B)), (0, 2));
+        let snap = p.snapshot();
+        let names: Vec<_> = snap
+            .events
+            .iter()
+            .map(|e| (e.name.as_str(), e.count))
+            .collect();
+        assert_eq!(names, [("a", 0), ("b", 2)]);
+        assert!(PathStats::default().snapshot().events.is_empty());
     }
 }

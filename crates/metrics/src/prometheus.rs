@@ -5,6 +5,8 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+
 use twinpath_core::stats::{bucket_bound_us, IoSnapshot, PathSnapshot, LATENCY_BUCKETS};
 
 use crate::{DiskSample, Source};
@@ -29,8 +31,8 @@ impl std::fmt::Debug for Samples {
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Picks one event counter out of a path's counters.
-type EventOf = fn(&PathSnapshot) -> u64;
+/// The samples of one family.
+type Rows = Vec<(Labels, u64)>;
 
 /// One I/O scope: a disk as its guests see it, or one of its backend's paths.
 struct Scope<'a> {
@@ -76,31 +78,24 @@ impl Collector for Samples {
             "requests on a backend path (network: SMB, direct: the LUN)",
             &path_scopes,
         )?;
-        let events: [(&str, &str, EventOf); 4] = [
-            (
-                "twinpath_path_fallbacks",
-                "data requests the direct path handed to the network path",
-                |p| p.fallbacks,
-            ),
-            (
-                "twinpath_path_recalls",
-                "leases the map server recalled",
-                |p| p.recalls,
-            ),
-            (
-                "twinpath_path_throttled",
-                "requests the direct-path throttle delayed or sent over the network",
-                |p| p.throttled,
-            ),
-            (
-                "twinpath_path_expired",
-                "direct requests sent over the network because their lease ran out or was recalled",
-                |p| p.expired,
-            ),
-        ];
-        for (name, help, value) in events {
-            let rows = paths.iter().map(|(l, p)| (l.clone(), value(p)));
-            family(&mut encoder, name, help, MetricType::Counter, rows)?;
+        // One family per event any path counts (`twinpath_path_<name>`), with the paths that
+        // count it.
+        let mut events: BTreeMap<&str, (&str, Rows)> = BTreeMap::new();
+        for (labels, p) in &paths {
+            for e in &p.events {
+                let (_, rows) = events.entry(&e.name).or_insert((&e.help, Vec::new()));
+                rows.push((labels.clone(), e.count));
+            }
+        }
+        for (name, (help, rows)) in events {
+            let name = format!("twinpath_path_{name}");
+            family(
+                &mut encoder,
+                &name,
+                help,
+                MetricType::Counter,
+                rows.into_iter(),
+            )?;
         }
         Ok(())
     }
@@ -214,18 +209,21 @@ mod tests {
     use super::*;
     use crate::PathSample;
     use std::sync::Arc;
-    use twinpath_core::stats::{IoStats, Op, PathStats};
+    use twinpath_core::stats::{Event, IoStats, Op, PathStats};
 
     #[test]
     fn renders_disks_and_paths_with_their_labels() {
         let guest = IoStats::default();
         guest.begin().end(Op::Read, 4096, true);
         guest.begin().end(Op::Write, 512, false);
-        let direct = PathStats::default();
+        const RECALLS: Event = Event {
+            name: "recalls",
+            help: "leases recalled",
+        };
+        let direct = PathStats::with_events(&[RECALLS]);
         direct.io.begin().end(Op::Read, 4096, true);
-        direct
-            .recalls
-            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        direct.count(RECALLS);
+        direct.count(RECALLS);
         let (g, d) = (guest.snapshot(), direct.snapshot());
         let source: Source = Arc::new(move || {
             vec![DiskSample {

@@ -2,35 +2,49 @@
 
 use std::fmt::Write;
 
-use twinpath_core::stats::IoSnapshot;
+use twinpath_core::stats::{EventCount, IoSnapshot};
 
 use crate::DiskSample;
 
 /// One row per disk (path `guest`: what its guests asked) and one per backend path.
 pub fn table(disks: &[DiskSample]) -> String {
     let mut out = format!(
-        "{:<16} {:<8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>6} {:>5} {:>8} {:>8} {:>9} {:>7} {:>9}\n",
-        "DISK", "PATH", "READS", "WRITES", "OTHER", "READ", "WRITTEN", "ERRORS", "INFL",
-        "P50", "P99", "FALLBACKS", "RECALLS", "THROTTLED"
+        "{:<16} {:<8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>6} {:>5} {:>8} {:>8}  EVENTS\n",
+        "DISK",
+        "PATH",
+        "READS",
+        "WRITES",
+        "OTHER",
+        "READ",
+        "WRITTEN",
+        "ERRORS",
+        "INFL",
+        "P50",
+        "P99"
     );
     for d in disks {
-        row(&mut out, &d.disk, "guest", &d.io, None);
+        row(&mut out, &d.disk, "guest", &d.io, &[]);
         for p in &d.paths {
-            let events = [p.stats.fallbacks, p.stats.recalls, p.stats.throttled];
-            row(&mut out, "", &p.path, &p.stats.io, Some(events));
+            row(&mut out, "", &p.path, &p.stats.io, &p.stats.events);
         }
     }
     out
 }
 
-fn row(out: &mut String, disk: &str, path: &str, io: &IoSnapshot, events: Option<[u64; 3]>) {
-    let [fallbacks, recalls, throttled] = match events {
-        Some(e) => e.map(|n| n.to_string()),
-        None => ["-", "-", "-"].map(str::to_owned),
+/// One row; the path's events as `name=count`, `-` where it counts none.
+fn row(out: &mut String, disk: &str, path: &str, io: &IoSnapshot, events: &[EventCount]) {
+    let events = if events.is_empty() {
+        "-".to_owned()
+    } else {
+        events
+            .iter()
+            .map(|e| format!("{}={}", e.name, e.count))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let _ = writeln!(
         out,
-        "{disk:<16} {path:<8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>6} {:>5} {:>8} {:>8} {fallbacks:>9} {recalls:>7} {throttled:>9}",
+        "{disk:<16} {path:<8} {:>10} {:>10} {:>8} {:>10} {:>10} {:>6} {:>5} {:>8} {:>8}  {events}",
         io.reads,
         io.writes,
         io.others,
@@ -72,7 +86,7 @@ fn latency(us: Option<u64>) -> String {
 mod tests {
     use super::*;
     use crate::PathSample;
-    use twinpath_core::stats::{IoStats, Op, PathSnapshot};
+    use twinpath_core::stats::{EventCount, IoStats, Op, PathSnapshot};
 
     #[test]
     fn rows_for_the_disk_and_each_path() {
@@ -84,7 +98,11 @@ mod tests {
             paths: vec![PathSample {
                 path: "network".into(),
                 stats: PathSnapshot {
-                    fallbacks: 7,
+                    events: vec![EventCount {
+                        name: "fallbacks".into(),
+                        help: String::new(),
+                        count: 7,
+                    }],
                     ..Default::default()
                 },
             }],
@@ -100,9 +118,10 @@ mod tests {
             "{t}"
         );
         assert!(
-            lines[2].contains("network") && lines[2].contains(" 7 "),
+            lines[2].contains("network") && lines[2].ends_with("fallbacks=7"),
             "{t}"
         );
+        assert!(lines[1].ends_with(" -"), "{t}");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(latency(Some(2048)), "<=3ms");
     }

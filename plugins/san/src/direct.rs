@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::sync::mpsc;
 use twinpath_blockio::QueueRing;
-use twinpath_core::stats::{Op, PathStats};
+use twinpath_core::stats::{self, Op, PathStats};
 use twinpath_core::{lock, Error, ErrorKind, GuestBuffers, Permit, Result};
 use twinpath_filemap::{Grant, Piece};
 use twinpath_mapproto::{clock, MapClient, ProtoError, Reply, Request};
@@ -105,11 +105,35 @@ impl Drop for Direct {
             image = %self.describe(),
             requests = s.io.requests(),
             bytes = s.io.read_bytes + s.io.written_bytes,
-            throttled = s.throttled,
+            throttled = self.stats.get(THROTTLED),
             "direct path totals"
         );
     }
 }
+
+/// Data requests the direct path handed to the network path.
+pub const FALLBACKS: stats::Event = stats::Event {
+    name: "fallbacks",
+    help: "data requests the direct path handed to the network path",
+};
+/// Leases the map server recalled.
+pub const RECALLS: stats::Event = stats::Event {
+    name: "recalls",
+    help: "leases the map server recalled",
+};
+/// Requests the throttle delayed or sent to the network path.
+pub const THROTTLED: stats::Event = stats::Event {
+    name: "throttled",
+    help: "requests the direct-path throttle delayed or sent over the network",
+};
+/// Direct requests stopped because their grant's lease ran out (not renewed in time, or
+/// recalled) before all of their device I/O was issued.
+pub const EXPIRED: stats::Event = stats::Event {
+    name: "expired",
+    help: "direct requests sent over the network because their lease ran out or was recalled",
+};
+/// What the direct path's [`PathStats`] counts beside its I/O.
+pub const EVENTS: [stats::Event; 4] = [FALLBACKS, RECALLS, THROTTLED, EXPIRED];
 
 /// How the direct path of one disk is set up.
 pub struct DirectConfig {
@@ -196,7 +220,7 @@ impl Direct {
                     }
                 };
                 tracing::info!(image = %d.describe(), lease = r.lease, "recalled: {}", r.reason);
-                d.stats.recalls.fetch_add(1, Ordering::Relaxed);
+                d.stats.count(RECALLS);
                 let recalled = lock(&d.state).recall(r.lease, r.deadline, clock::now());
                 // Retiring waits for the grant's I/O and a device flush: not here, where a
                 // lost connection queued behind it would wait too.
@@ -404,7 +428,7 @@ impl Direct {
         if let Some(t) = &self.throttle {
             let admission = t.admit(len).await;
             if admission != Admission::Now {
-                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                self.stats.count(THROTTLED);
             }
             if admission == Admission::Network {
                 return Ok(Outcome::Network);
@@ -500,7 +524,7 @@ impl Direct {
         match done {
             Ok(()) => Ok(Outcome::Done),
             Err(_) if !ticket.usable(clock::now()) => {
-                self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                self.stats.count(EXPIRED);
                 tracing::debug!(image = %self.describe(), offset, "{LEASE_RAN_OUT}: over SMB");
                 Ok(Outcome::Network)
             }

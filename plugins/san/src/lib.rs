@@ -36,7 +36,6 @@ mod throttle;
 mod volume;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -329,7 +328,7 @@ impl BackendSpec for SanSpec {
         self.setup.key()?;
         let network = Arc::new(self.network.open(ctx).await?);
         let direct = Arc::new(OnceLock::new());
-        let stats = Arc::<PathStats>::default();
+        let stats = Arc::new(PathStats::with_events(&direct::EVENTS));
         match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(ctx, stats.clone())).await {
             Ok(Ok(d)) => {
                 let _ = direct.set(d);
@@ -455,7 +454,7 @@ impl SanBackend {
                 }
                 d.before_network(offset, len, write).await;
             }
-            stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            stats.count(direct::FALLBACKS);
             if write {
                 network.write(offset, &bufs).await
             } else {

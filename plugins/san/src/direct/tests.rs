@@ -439,7 +439,7 @@ impl Rig {
                 volume: Arc::new(MemVolume(lun.clone())),
                 io: lun.clone(),
             },
-            Arc::default(),
+            Arc::new(PathStats::with_events(&super::EVENTS)),
         );
         let model = Mutex::new(lun.file());
         Rig {

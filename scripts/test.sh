@@ -39,6 +39,12 @@ echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== dependencies: licenses, bans, sources (deny.toml)"
+# The advisories check needs the RustSec database from the network; on a machine that has
+# one, run the whole check: cargo deny check
+command -v cargo-deny >/dev/null || cargo install --locked cargo-deny
+cargo deny check licenses bans sources
+
 echo "== build"
 cargo build --workspace --all-targets
 

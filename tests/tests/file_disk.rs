@@ -568,7 +568,11 @@ fn deep_queues_complete_with_and_without_polling() {
                 }
             }
             let results = c.batch(0, &reqs).unwrap();
-            assert!(results.iter().all(|r| r.is_ok()), "{engine}: {results:?}");
+            assert!(
+                results.iter().all(|r| r.is_ok()),
+                "{engine}, poll_us {poll}, round {round}: {results:?}\ndaemon log:\n{}",
+                daemon.log()
+            );
             if !write {
                 for (i, &b) in picked.iter().enumerate() {
                     let want = if model[b] == 0 {

@@ -659,7 +659,13 @@ mod tests {
         segment(&m, 0, 2048, 0);
         let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &l);
         assert_eq!(e.code(), STATUS_IOERR);
-        assert_eq!(e.reason, Reject::SegmentSize { num: 2048, max: 1024 });
+        assert_eq!(
+            e.reason,
+            Reject::SegmentSize {
+                num: 2048,
+                max: 1024
+            }
+        );
         segment(&m, 0, 8, 1);
         let e = rejected(&m, vec![r(HDR, 16), r(DATA, 16), w(STATUS, 1)], &l);
         assert_eq!(e.code(), STATUS_UNSUPP);

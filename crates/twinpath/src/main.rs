@@ -67,7 +67,8 @@ enum Command {
     /// Print the counters of a running `twinpath serve` as a table.
     ///
     /// Per disk (what its guests asked) and per backend path (network, direct): requests,
-    /// bytes, errors, in flight, latency quantiles, fallbacks, recalls, throttled. Needs
+    /// bytes, errors, in flight, latency quantiles, and the events a path counts (the direct
+    /// path's fallbacks, recalls, throttled, expired). Needs
     /// `metrics.listen` in the config; Prometheus scrapes the same counters from
     /// http://LISTEN/metrics.
     Stats(stats::StatsArgs),

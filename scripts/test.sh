@@ -49,7 +49,7 @@ echo "== build"
 cargo build --workspace --all-targets
 
 echo "== tests (unit, integration with real clients, QEMU guest)"
-cargo test --workspace -- --include-ignored
+cargo test --workspace --no-fail-fast -- --include-ignored
 
 echo "== fuzzing, 60 s per target"
 scripts/fuzz.sh

@@ -239,6 +239,26 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A test failing with a daemon running: what the daemon said goes with the failure
+        // (its directory is removed right after), the warnings and errors in full and the
+        // last lines whatever they are.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let notable: Vec<&str> = lines
+                .iter()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .take(200)
+                .copied()
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- daemon log {}: warnings and errors ---\n{}\n--- its last lines ---\n{}",
+                self.log.display(),
+                notable.join("\n"),
+                tail.join("\n")
+            );
+        }
     }
 }
 

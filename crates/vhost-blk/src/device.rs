@@ -129,6 +129,8 @@ struct Queue {
     finishing: AtomicBool,
     /// The worker finished `io`.
     finished: AtomicBool,
+    /// The worker is handling an event (and may submit to `io`).
+    busy: AtomicBool,
 }
 
 struct Inner {
@@ -220,6 +222,7 @@ impl BlkDevice {
                     stalled: AtomicBool::new(false),
                     finishing: AtomicBool::new(false),
                     finished: AtomicBool::new(false),
+                    busy: AtomicBool::new(false),
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -335,16 +338,23 @@ impl BlkDevice {
     /// flight, on the worker thread, see [`BlockIo::finish`]) and then take no more requests:
     /// for a connection whose frontend is gone, while its workers still run. Returns the
     /// queues whose worker did not answer within `timeout`.
+    ///
+    /// A queue whose worker is not inside an event and has nothing in flight is done at once:
+    /// any later event sees `finishing` and submits nothing. So a worker that vhost-user-backend
+    /// already ended (a broken kick, say) costs no wait unless it left I/O behind.
     pub fn finish_queues(&self, timeout: Duration) -> usize {
         for q in &self.0.queues {
-            q.finishing.store(true, Ordering::Release);
+            q.finishing.store(true, Ordering::SeqCst);
             let _ = q.notify.eventfd.write(1);
         }
         let unfinished = || {
             self.0
                 .queues
                 .iter()
-                .filter(|q| !q.finished.load(Ordering::Acquire))
+                .filter(|q| {
+                    let idle = !q.busy.load(Ordering::SeqCst) && q.io.in_flight() == 0;
+                    !(q.finished.load(Ordering::Acquire) || idle)
+                })
                 .count()
         };
         twinpath_core::wait_until(timeout, || unfinished() == 0);
@@ -801,8 +811,12 @@ impl VhostUserBackend for BlkDevice {
         thread_id: usize,
     ) -> io::Result<()> {
         let queue = &self.0.queues[thread_id];
-        if queue.finishing.load(Ordering::Acquire) {
+        // Paired with `finish_queues` (both SeqCst): either it sees this worker busy and waits,
+        // or this worker sees `finishing` and submits nothing more.
+        queue.busy.store(true, Ordering::SeqCst);
+        if queue.finishing.load(Ordering::SeqCst) {
             queue.finish_io();
+            queue.busy.store(false, Ordering::SeqCst);
             return Ok(());
         }
         let handled = self.handle_queue_event(queue, device_event, evset, vrings, thread_id);
@@ -811,6 +825,7 @@ impl VhostUserBackend for BlkDevice {
             // queue's I/O path.
             queue.finish_io();
         }
+        queue.busy.store(false, Ordering::SeqCst);
         handled
     }
 }

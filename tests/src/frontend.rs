@@ -62,6 +62,77 @@ fn set_rings(frontend: &mut Frontend, base: *mut u8, avail: u64, used: u64) -> R
         .map_err(step("set_vring_addr"))
 }
 
+/// The vhost-user set-up of one connection: owner, features, the memory table (`memfd`,
+/// mapped at `base` here, `size` bytes at guest address 0), queue 0 starting at
+/// `ring_base`, its call and kick eventfds.
+fn handshake(
+    socket: &Path,
+    memfd: &File,
+    base: *mut u8,
+    size: usize,
+    protocol: bool,
+    extra_features: u64,
+    ring_base: u16,
+) -> Result<(Frontend, EventFd, EventFd), String> {
+    let mut frontend = Frontend::connect(socket, 1).map_err(step("connect"))?;
+    frontend.set_owner().map_err(step("set_owner"))?;
+    let features = frontend.get_features().map_err(step("get_features"))?;
+    assert_ne!(features & VIRTIO_F_VERSION_1, 0);
+    let want = if protocol {
+        VIRTIO_F_VERSION_1 | (1 << 30) | (1 << 28)
+    } else {
+        VIRTIO_F_VERSION_1
+    };
+    frontend
+        .set_features(want | (features & extra_features))
+        .map_err(step("set_features"))?;
+    if protocol {
+        let pf = frontend
+            .get_protocol_features()
+            .map_err(step("get_protocol_features"))?;
+        frontend
+            .set_protocol_features(
+                pf & (VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                    | VhostUserProtocolFeatures::REPLY_ACK),
+            )
+            .map_err(step("set_protocol_features"))?;
+    }
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: size as u64,
+        userspace_addr: base as u64,
+        mmap_offset: 0,
+        mmap_handle: memfd.as_raw_fd(),
+    };
+    frontend
+        .set_mem_table(&[region])
+        .map_err(step("set_mem_table"))?;
+    frontend
+        .set_vring_num(0, QUEUE_SIZE)
+        .map_err(step("set_vring_num"))?;
+    set_rings(&mut frontend, base, AVAIL, USED)?;
+    frontend
+        .set_vring_base(0, ring_base)
+        .map_err(step("set_vring_base"))?;
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    frontend
+        .set_vring_call(0, &call)
+        .map_err(step("set_vring_call"))?;
+    frontend
+        .set_vring_kick(0, &kick)
+        .map_err(step("set_vring_kick"))?;
+    if protocol {
+        frontend
+            .set_vring_enable(0, true)
+            .map_err(step("set_vring_enable"))?;
+    }
+    // The device answers only requests that want a reply: this one shows it is still
+    // there (it hangs up on a memory table it refused).
+    frontend.get_features().map_err(step("get_features"))?;
+    Ok((frontend, call, kick))
+}
+
 pub struct RawFrontend {
     frontend: Frontend,
     memfd: File,
@@ -72,6 +143,8 @@ pub struct RawFrontend {
     next_desc: u16,
     /// Requests made so far (the avail index).
     posted: u16,
+    protocol: bool,
+    extra_features: u64,
 }
 
 impl RawFrontend {
@@ -140,62 +213,8 @@ impl RawFrontend {
         if let Some(len) = file_len {
             memfd.set_len(len as u64).unwrap();
         }
-        let mut frontend = Frontend::connect(socket, 1).map_err(step("connect"))?;
-        frontend.set_owner().map_err(step("set_owner"))?;
-        let features = frontend.get_features().map_err(step("get_features"))?;
-        assert_ne!(features & VIRTIO_F_VERSION_1, 0);
-        let want = if protocol {
-            VIRTIO_F_VERSION_1 | (1 << 30) | (1 << 28)
-        } else {
-            VIRTIO_F_VERSION_1
-        };
-        frontend
-            .set_features(want | (features & extra_features))
-            .map_err(step("set_features"))?;
-        if protocol {
-            let pf = frontend
-                .get_protocol_features()
-                .map_err(step("get_protocol_features"))?;
-            frontend
-                .set_protocol_features(
-                    pf & (VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                        | VhostUserProtocolFeatures::REPLY_ACK),
-                )
-                .map_err(step("set_protocol_features"))?;
-        }
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: size as u64,
-            userspace_addr: base as u64,
-            mmap_offset: 0,
-            mmap_handle: memfd.as_raw_fd(),
-        };
-        frontend
-            .set_mem_table(&[region])
-            .map_err(step("set_mem_table"))?;
-        frontend
-            .set_vring_num(0, QUEUE_SIZE)
-            .map_err(step("set_vring_num"))?;
-        set_rings(&mut frontend, base, AVAIL, USED)?;
-        frontend
-            .set_vring_base(0, 0)
-            .map_err(step("set_vring_base"))?;
-        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        frontend
-            .set_vring_call(0, &call)
-            .map_err(step("set_vring_call"))?;
-        frontend
-            .set_vring_kick(0, &kick)
-            .map_err(step("set_vring_kick"))?;
-        if protocol {
-            frontend
-                .set_vring_enable(0, true)
-                .map_err(step("set_vring_enable"))?;
-        }
-        // The device answers only requests that want a reply: this one shows it is still
-        // there (it hangs up on a memory table it refused).
-        frontend.get_features().map_err(step("get_features"))?;
+        let (frontend, call, kick) =
+            handshake(socket, &memfd, base, size, protocol, extra_features, 0)?;
         Ok(RawFrontend {
             frontend,
             memfd,
@@ -205,7 +224,30 @@ impl RawFrontend {
             _call: call,
             next_desc: 0,
             posted: 0,
+            protocol,
+            extra_features,
         })
+    }
+
+    /// What QEMU does when its backend went away (killed, restarted) and a new one listens on
+    /// `socket`: the same guest memory and rings on a new connection, the queue going on from
+    /// the used ring's index (QEMU cannot ask a dead backend where it stopped, so it takes
+    /// every request the used ring does not hold as not done, and the new backend pops them
+    /// again). No kick: the caller kicks.
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), String> {
+        let (frontend, call, kick) = handshake(
+            socket,
+            &self.memfd,
+            self.base,
+            self.size,
+            self.protocol,
+            self.extra_features,
+            self.used(),
+        )?;
+        self.frontend = frontend;
+        self._call = call;
+        self.kick = kick;
+        Ok(())
     }
 
     /// Adds a guest memory region of `len` bytes at `gpa` (ADD_MEM_REG; needs `protocol`),
@@ -340,6 +382,19 @@ impl RawFrontend {
         self.publish(head)
     }
 
+    /// Posts a GET_ID whose 20-byte answer goes to guest address `addr`; returns the request's
+    /// number.
+    pub fn get_id(&mut self, addr: u64) -> u16 {
+        let status = STATUS + u64::from(self.posted % QUEUE_SIZE);
+        self.write_at(status, 0xffu8);
+        let segs = [Seg {
+            addr,
+            len: 20,
+            write: true,
+        }];
+        self.post(8 /* VIRTIO_BLK_T_GET_ID */, 0, &segs, status)
+    }
+
     /// Makes available a "chain" whose head is outside the descriptor table: what a broken
     /// or hostile driver can put in the available ring.
     pub fn post_bad_head(&mut self) -> u16 {
@@ -417,6 +472,15 @@ impl RawFrontend {
         i
     }
 
+    /// Copies guest memory at `gpa` into `out`.
+    pub fn read_bytes(&self, gpa: u64, out: &mut [u8]) {
+        assert!(gpa as usize + out.len() <= self.size);
+        // SAFETY: inside our mapping (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(gpa as usize), out.as_mut_ptr(), out.len())
+        }
+    }
+
     /// Posts a READ of `segs` at `sector` (header and status added); returns the request's
     /// number, for [`RawFrontend::status`].
     pub fn read(&mut self, sector: u64, segs: &[Seg]) -> u16 {
@@ -438,6 +502,21 @@ impl RawFrontend {
     /// How many requests the device has completed.
     pub fn used(&self) -> u16 {
         u16::from_le(self.read_at(USED + 2))
+    }
+
+    /// The head of request `n`, as the available ring holds it.
+    pub fn head(&self, n: u16) -> u16 {
+        self.read_u16(AVAIL + 4 + u64::from(n % QUEUE_SIZE) * 2)
+    }
+
+    /// The heads in the used ring, in the order the device put them there.
+    pub fn used_heads(&self) -> Vec<u16> {
+        (0..self.used())
+            .map(|i| {
+                let id: u32 = self.read_at(USED + 4 + u64::from(i % QUEUE_SIZE) * 8);
+                u32::from_le(id) as u16
+            })
+            .collect()
     }
 
     /// Waits until `n` requests are complete; false if `timeout` passed first.

@@ -665,3 +665,74 @@ fn a_reload_whose_new_open_fails_keeps_the_old_disk_served() {
     );
     assert!(daemon.stop().success());
 }
+
+/// A daemon killed while a request it took is still at the server, after it finished one the
+/// driver made available later. QEMU cannot ask the dead daemon where it stopped: it starts the
+/// new one at the used ring's index and counts every request the used ring does not hold as
+/// not done. So the used ring must hold requests in the order they were made available: had
+/// the later one gone in first, the new daemon would take it a second time (its buffers may
+/// be the guest's again by then: a write so replayed puts stale data on the disk) and never
+/// the earlier one (the guest waits for it for ever). Seen as a hung guest in
+/// `guest::qemu_guest_fio_verify_survives_an_smb_daemon_killed_and_restarted`.
+#[test]
+fn a_daemon_killed_with_a_request_in_flight_leaves_a_used_ring_the_next_one_resumes_exactly() {
+    use std::time::Duration;
+    use twinpath_tests::frontend::{RawFrontend, Seg, DATA};
+
+    let smb = Samba::start();
+    let dir = scratch();
+    let image = pattern(41, 4 * MIB as usize);
+    std::fs::write(smb.share_dir().join("vm.raw"), &image).unwrap();
+    let sock = dir.path().join("vm.sock");
+    let daemon = Daemon::start(
+        dir.path(),
+        &format!("disks:\n{}", smb_disk_yaml("vm", &sock, &smb, "vm.raw", "")),
+    );
+    let mut f = RawFrontend::connect(&sock, MIB as usize);
+    let len = 65536;
+    let seg = Seg {
+        addr: DATA,
+        len,
+        write: true,
+    };
+
+    // smbd freezes: the read waits at the server; GET_ID needs no server and finishes.
+    signal_group(smb.pid(), libc::SIGSTOP);
+    let read = f.read(8, &[seg]);
+    let get_id = f.get_id(DATA + u64::from(len));
+    f.kick();
+    let answered = twinpath_core::wait_until(Duration::from_secs(10), || f.status(get_id) == 0);
+    let used_at_kill = f.used_heads();
+    daemon.kill();
+    signal_group(smb.pid(), libc::SIGCONT);
+    assert!(answered, "GET_ID was not answered while smbd was frozen");
+    assert_eq!(f.status(read), 0xff, "the read finished with smbd frozen");
+    assert_eq!(
+        used_at_kill,
+        Vec::<u16>::new(),
+        "the used ring held GET_ID before the read made available before it"
+    );
+
+    let second = dir.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    let daemon = Daemon::start_with(&dir.path().join("twinpath.yaml"), &second);
+    f.reconnect(&sock).unwrap();
+    f.kick();
+    assert!(
+        f.wait_used(2, Duration::from_secs(20)),
+        "used {:?}\n{}",
+        f.used_heads(),
+        daemon.log()
+    );
+    let mut heads = f.used_heads();
+    heads.sort_unstable();
+    let mut want = vec![f.head(read), f.head(get_id)];
+    want.sort_unstable();
+    assert_eq!(heads, want, "each request once in the used ring");
+    assert_eq!((f.status(read), f.status(get_id)), (0, 0));
+    let mut got = vec![0u8; len as usize];
+    f.read_bytes(DATA, &mut got);
+    assert_eq!(got, image[8 * 512..][..len as usize]);
+    drop(f);
+    assert!(daemon.stop().success());
+}

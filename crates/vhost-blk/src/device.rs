@@ -4,7 +4,8 @@
 //! parses them, and turns each into a future that drives the backend; the futures live in the
 //! queue's own executor and are polled on the worker thread. When a future is woken (by a
 //! backend thread, a tokio task, ...), the queue's eventfd fires and the worker polls again.
-//! Requests therefore run concurrently and complete out of order, with no lock held across I/O.
+//! Requests therefore run concurrently and finish out of order, with no lock held across I/O;
+//! the used ring takes them in the order the driver made them available (see `order`).
 
 use std::future::Future;
 use std::io;
@@ -36,6 +37,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config_space::{BlkConfig, WRITEBACK_OFFSET};
 use crate::disk::{Disk, InflightGuard, WorkGuard};
 use crate::lock;
+use crate::order::UsedOrder;
 use crate::request::{
     self, Limits, Request, RequestKind, StatusByte, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
@@ -62,6 +64,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A finished request, ready to be written back to the used ring.
 struct Done {
+    /// Its number in the queue's line (see [`UsedOrder`]).
+    seq: u64,
     head: u16,
     used_len: u32,
     status: StatusByte,
@@ -71,13 +75,17 @@ struct Done {
     _inflight: InflightGuard,
 }
 
-/// A queue's requests in flight, and the heads they hold: a head the driver makes available
-/// again before the device used it is refused, so a queue never has more requests than its
-/// ring has entries (each popped chain is memory until it completes).
+/// A queue's requests in flight, and the heads they hold until they are in the used ring: a
+/// head the driver makes available again before that is refused, so a queue never has more
+/// requests than its ring has entries (each popped chain is memory until it completes).
 #[derive(Default)]
 struct Inflight {
     futures: FuturesUnordered<RequestFuture>,
     heads: bitvec::BitArr!(for MAX_QUEUE_SIZE, in u64),
+    /// Popped requests, finished or not, in the order they were made available.
+    order: UsedOrder,
+    /// The line was as long as the ring at the last pass: popping goes on once it is not.
+    full: bool,
     /// Requests of a queue stopped while they ran (GET_VRING_BASE gave up waiting): they
     /// finish without touching the ring, which may be a new driver's by then (their heads and
     /// status bytes may be its), and the queue takes no new request before they did, since
@@ -417,8 +425,10 @@ impl BlkDevice {
         let mut cx = Context::from_waker(&queue.waker);
         let detached = !inflight.detached.is_empty();
         while let Poll::Ready(Some(_)) = inflight.detached.poll_next_unpin(&mut cx) {}
-        // The driver's requests waited for the detached ones: take them now.
-        let pop = pop || (detached && inflight.detached.is_empty());
+        // The driver's requests waited for the detached ones, or for room in the line: take
+        // them now.
+        let pop = pop || (detached && inflight.detached.is_empty()) || inflight.full;
+        let ring_size = usize::from(vring.get_ref().get_queue().size());
         let mut empty_pass = false;
         loop {
             let popping = pop && !self.0.disk.is_draining() && inflight.detached.is_empty();
@@ -438,6 +448,12 @@ impl BlkDevice {
                     }
                 }
                 while stuck.is_none() {
+                    // A driver has at most one request per ring entry that is not in the used
+                    // ring; one that makes more available waits until it has fewer.
+                    inflight.full = inflight.order.len() >= ring_size;
+                    if inflight.full {
+                        break;
+                    }
                     let chain = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
                         Ok(mut available) => available.next(),
                         Err(e) => {
@@ -463,14 +479,17 @@ impl BlkDevice {
                         ));
                         continue;
                     }
+                    if let Some(h) = held.as_deref_mut() {
+                        *h = true;
+                    }
+                    drop(held);
+                    let seq = inflight.order.join();
                     match request::parse(&*mem, chain, &limits) {
                         Ok(req) => {
-                            if let Some(h) = held.as_deref_mut() {
-                                *h = true;
-                            }
-                            drop(held);
                             let io = queue.io.clone();
-                            inflight.futures.push(self.run(io, head, req, mem.clone()));
+                            inflight
+                                .futures
+                                .push(self.run(io, seq, head, req, mem.clone()));
                         }
                         Err(rejected) => {
                             self.0.disk.note_rejected(rejected.reason);
@@ -482,7 +501,7 @@ impl BlkDevice {
                                 }
                                 None => 0,
                             };
-                            used.push((head, len));
+                            inflight.order.finish(seq, head, len);
                         }
                     }
                 }
@@ -491,14 +510,24 @@ impl BlkDevice {
             // Fast backends finish inside the first poll; collect them in this same pass.
             queue.notify.armed.store(false, Ordering::Release);
             while let Poll::Ready(Some(done)) = inflight.futures.poll_next_unpin(&mut cx) {
-                inflight.heads.set(usize::from(done.head), false);
                 // SAFETY: `done._mem` keeps the status byte's mapping alive.
                 unsafe { done.status.write(done.code) };
-                used.push((done.head, done.used_len));
+                inflight.order.finish(done.seq, done.head, done.used_len);
+            }
+            let published = used.len();
+            inflight.order.take_ready(&mut used);
+            for &(head, _) in &used[published..] {
+                // A refused chain's head may lie beyond any ring, and so beyond `heads`.
+                if let Some(mut held) = inflight.heads.get_mut(usize::from(head)) {
+                    *held = false;
+                }
             }
             // What the requests queued with the engine while being polled goes out now.
             queue.io.submit();
-            if !(popping && event_idx) {
+            if popping && inflight.full && inflight.order.len() < ring_size {
+                continue;
+            }
+            if !(popping && event_idx) || inflight.full {
                 break;
             }
             // Going round again for a ring that cannot be read would spin this worker (and
@@ -607,7 +636,14 @@ impl BlkDevice {
     }
 
     /// The future that carries one request from the guest to the backend and back.
-    fn run(&self, io: Arc<dyn BlockIo>, head: u16, req: Request, mem: Arc<Mem>) -> RequestFuture {
+    fn run(
+        &self,
+        io: Arc<dyn BlockIo>,
+        seq: u64,
+        head: u16,
+        req: Request,
+        mem: Arc<Mem>,
+    ) -> RequestFuture {
         let guard = InflightGuard::new(self.0.disk.clone());
         // Only a volatile cache needs a flush after every write to be written through.
         let writethrough = !self.0.writeback.load(Ordering::Acquire) && self.0.limits.flush;
@@ -679,6 +715,7 @@ impl BlkDevice {
             };
             drop(budget);
             Done {
+                seq,
                 head,
                 used_len: if code == STATUS_OK { used_len } else { 1 },
                 status: req.status,
@@ -799,6 +836,8 @@ impl VhostUserBackend for BlkDevice {
             let running = std::mem::take(&mut inflight.futures);
             inflight.detached.extend(running);
             inflight.heads = Default::default();
+            inflight.order.forget();
+            inflight.full = false;
         }
         Ok(())
     }
@@ -947,6 +986,9 @@ mod tests {
         next_desc: u16,
     }
 
+    /// The used ring: virtio-queue's mock puts it `size` bytes after the available ring, which
+    /// is longer than that.
+    const USED_RING: u64 = 0x8000;
     const STATUS_BASE: u64 = 0x20000;
     const HDR_BASE: u64 = 0x30000;
     const DATA_BASE: u64 = 0x40000;
@@ -968,7 +1010,7 @@ mod tests {
         let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), 64).unwrap();
         vring.set_queue_size(64);
         vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, USED_RING)
             .unwrap();
         vring.set_queue_ready(true);
         vring.set_enabled(true);
@@ -1061,16 +1103,11 @@ mod tests {
         }
 
         fn used(&self) -> Vec<u32> {
-            let n: u16 = self.vq.used().idx().load();
+            let n: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
             (0..n)
                 .map(|i| {
-                    self.vq
-                        .used()
-                        .ring()
-                        .ref_at(i as usize)
-                        .unwrap()
-                        .load()
-                        .id()
+                    let at = USED_RING + 4 + u64::from(i % 64) * 8;
+                    self.mem.read_obj(GuestAddress(at)).unwrap()
                 })
                 .collect()
         }
@@ -1105,21 +1142,56 @@ mod tests {
     }
 
     #[test]
-    fn requests_complete_out_of_order() {
+    fn requests_finish_out_of_order_and_are_used_in_the_order_they_came() {
         let mut rig = rig(false);
         rig.backend.hold_reads.store(true, Ordering::SeqCst);
         rig.push(VIRTIO_BLK_T_IN, 0, Some((512, true)));
-        rig.push(VIRTIO_BLK_T_OUT, 8, Some((512, false)));
+        let write = rig.push(VIRTIO_BLK_T_OUT, 8, Some((512, false)));
         rig.kick();
-        // The write (head 3) finished; the read (head 0) is still in flight.
-        assert_eq!(rig.used(), vec![3]);
+        // The write (head 3) finished while the read (head 0) is still in flight; the used
+        // ring takes it only after the read.
+        assert_eq!(rig.status(write), STATUS_OK);
+        assert_eq!(rig.used(), Vec::<u32>::new());
         assert_eq!(rig.device.inflight(), 1);
         rig.backend.release_reads();
         // The waker fired the queue's eventfd; the worker's completion event finishes the read.
         assert_eq!(rig.device.0.queues[0].notify.eventfd.read().unwrap(), 1);
         rig.completion();
-        assert_eq!(rig.used(), vec![3, 0]);
+        assert_eq!(rig.used(), vec![0, 3]);
         assert_eq!(rig.device.inflight(), 0);
+    }
+
+    #[test]
+    fn a_driver_with_more_requests_than_ring_entries_waits_for_room() {
+        let mut rig = rig(false);
+        rig.backend.hold_reads.store(true, Ordering::SeqCst);
+        let read = rig.push(VIRTIO_BLK_T_IN, 0, Some((512, true)));
+        // Entries naming heads beyond the ring: each is refused, and waits in line behind the
+        // read. 70 of them, in a ring of 64, in two rounds.
+        let avail = rig.vq.avail();
+        let line = || lock(&rig.device.0.queues[0].inflight).order.len();
+        for (from, to) in [(1u16, 64u16), (64, 71)] {
+            for i in from..to {
+                // Every other one beyond the largest ring, where no head is tracked.
+                let head = if i % 2 == 0 { 100 + i } else { 2000 + i };
+                avail
+                    .ring()
+                    .ref_at(usize::from(i % 64))
+                    .unwrap()
+                    .store(head);
+            }
+            avail.idx().store(to);
+            rig.kick();
+            assert_eq!(line(), 64, "the line stops at the ring's size");
+            assert_eq!(rig.used(), Vec::<u32>::new());
+        }
+        rig.backend.release_reads();
+        rig.completion();
+        // The read first; the refused entries name no descriptor, so no used entry either.
+        assert_eq!(rig.used(), vec![0]);
+        assert_eq!(rig.status(read), STATUS_OK);
+        assert_eq!(line(), 0, "the last 7 were taken once there was room");
+        assert!(rig.device.0.disk.rejected_count() >= 70);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! - [`request`]: parsing and checking descriptor chains from an untrusted guest;
 //! - [`device`]: the per-connection device (queues, executor, config space);
+//! - `order`: finished requests go into the used ring in the order they came;
 //! - [`server`]: the socket, reconnects and graceful shutdown of one disk;
 //! - `sigbus`: guest memory shrunk under the device costs its frontend's connection, not
 //!   the daemon.
@@ -9,6 +10,7 @@
 mod config_space;
 pub mod device;
 mod disk;
+mod order;
 pub mod request;
 pub mod server;
 mod sigbus;

@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "bench-map: needs root (loop devices, mount)" >&2; exit 1; }
-cargo build --release -q -p twinpath -p twinpath-tests
+cargo build --release -q -p twinpath -p twinpath-tools
 TWINPATH_BIN=$PWD/target/release/twinpath exec target/release/bench-map

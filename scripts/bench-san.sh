@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 for tool in smbd fio mkfs.xfs qemu-storage-daemon; do
     command -v "$tool" >/dev/null || { echo "bench-san: $tool missing" >&2; exit 1; }
 done
-cargo build --release -q -p twinpath -p twinpath-tests
+cargo build --release -q -p twinpath -p twinpath-tools
 TWINPATH_BIN=$PWD/target/release/twinpath exec target/release/bench-san

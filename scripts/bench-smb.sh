@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v smbd >/dev/null && command -v smbclient >/dev/null ||
     { echo "bench-smb: smbd and smbclient needed (apt install samba smbclient)" >&2; exit 1; }
-cargo build --release -q -p twinpath -p twinpath-tests
+cargo build --release -q -p twinpath -p twinpath-tools
 TWINPATH_BIN=$PWD/target/release/twinpath exec target/release/bench-smb

@@ -2,7 +2,7 @@
 # The demo: builds twinpath, serves the two disks of configs/demo.yaml (images created on
 # tmpfs), shows them working with the built-in vhost-user client, and stops the daemon.
 # As root (with samba and xfsprogs), it then sets up a file server on this machine and shows
-# a san disk and an smb disk side by side (tests/src/bin/demo-san.rs).
+# a san disk and an smb disk side by side (tools/src/bin/demo-san.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +45,7 @@ echo "Attach a guest to $dir/demo-root.sock as shown in README.md."
 if [[ $(id -u) == 0 ]] && command -v smbd >/dev/null && command -v mkfs.xfs >/dev/null; then
     echo
     echo "== part two: a san disk and an smb disk side by side"
-    cargo build --release -q -p twinpath-tests --bin demo-san
+    cargo build --release -q -p twinpath-tools --bin demo-san
     TWINPATH_BIN=$PWD/$bin target/release/demo-san
 else
     echo "(Run as root with samba and xfsprogs installed to also see a san disk next to an"

@@ -7,5 +7,5 @@
 # The jobs write to the disks: scratch images only. --local needs root and samba.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p twinpath -p twinpath-tests --bin twinpath --bin guest-fio
+cargo build --release -q -p twinpath -p twinpath-tools --bin twinpath --bin guest-fio
 TWINPATH_BIN=$PWD/target/release/twinpath exec target/release/guest-fio "$@"

@@ -1,10 +1,8 @@
 //! Fixtures for the integration tests: start the real `twinpath` binary on a config, wait until
 //! it serves, stop it by PID. Images live on tmpfs (/dev/shm) so tests do not wait on the disk.
 
-pub mod bench;
 pub mod fileserver;
 pub mod frontend;
-pub mod guestfio;
 pub mod iscsi;
 pub mod lun;
 pub mod relay;
@@ -37,6 +35,24 @@ pub fn twinpath_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The test guest (tests/guest), built on first use into `TWINPATH_GUEST_DIR` or
+/// target/guest.
+pub fn guest_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let dir = std::env::var_os("TWINPATH_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/guest"));
+    let status = std::process::Command::new(root.join("tests/guest/build-initramfs.sh"))
+        .arg(&dir)
+        .status()
+        .expect("build-initramfs.sh");
+    assert!(status.success(), "building the guest failed");
+    dir
 }
 
 /// A scratch directory on tmpfs, removed on drop.

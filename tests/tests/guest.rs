@@ -11,22 +11,6 @@ use std::time::{Duration, Instant};
 
 use twinpath_tests::*;
 
-fn guest_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let dir = std::env::var_os("TWINPATH_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/guest"));
-    let status = Command::new(root.join("tests/guest/build-initramfs.sh"))
-        .arg(&dir)
-        .status()
-        .expect("build-initramfs.sh");
-    assert!(status.success(), "building the guest failed");
-    dir
-}
-
 fn boot(sock: &Path, log: &Path, args: &[&str]) -> bool {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/run-guest.sh");
     Command::new(script)
@@ -278,82 +262,4 @@ fn qemu_guest_fio_verify_survives_an_smb_daemon_killed_and_restarted() {
     let (dir, _img, sock, log, daemon) = smb_guest_disk(&smb, "smbcrash", "");
     let config = dir.path().join("twinpath.yaml");
     fio_verify_across_a_daemon_kill(daemon, &config, dir.path(), &sock, &log);
-}
-
-/// The guest fio runner end to end, in its short form: a twinpath `file` disk and an `smb`
-/// disk against qemu-storage-daemon on the file disk's image, three jobs from configs/fio
-/// (one of them verifying data), a report and a chart.
-#[test]
-#[ignore = "boots QEMU guests; scripts/test.sh runs it"]
-fn guest_fio_runner_reports_every_disk_against_the_peer() {
-    let _one = one_guest();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = scratch();
-    let jobs = ["randread-4k-qd32", "write-128k", "verify-crc32c"];
-    let run = Command::new(env!("CARGO_BIN_EXE_guest-fio"))
-        .current_dir(root)
-        .env("TWINPATH_BIN", twinpath_bin())
-        .args([
-            "--local",
-            "--jobs",
-            &jobs.join(","),
-            "--runtime",
-            "2",
-            "--ramp",
-            "0",
-        ])
-        .args(["--size", "32m", "--out"])
-        .arg(out.path())
-        .arg("--guest-dir")
-        .arg(guest_dir())
-        .output()
-        .expect("guest-fio");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr),
-    );
-    assert!(run.status.success(), "{stdout}\n{stderr}");
-    // Progress while it ran, per disk and job.
-    for target in ["twinpath file", "twinpath smb", "qemu-storage-daemon"] {
-        assert!(
-            stderr.contains(&format!("{target}: job 3/3 verify-crc32c")),
-            "{stderr}"
-        );
-    }
-    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
-    assert_eq!(report, stdout, "the report printed is the one written");
-    assert!(
-        report.contains("| job | twinpath file | p99 | vs peer | twinpath smb | p99 | vs peer | qemu-storage-daemon | p99 |"),
-        "{report}"
-    );
-    for job in jobs {
-        let row = report
-            .lines()
-            .find(|l| l.starts_with(&format!("| {job} |")))
-            .unwrap_or_else(|| panic!("no row for {job}:\n{report}"));
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        // job, then per twinpath disk: figure, p99, ratio; the peer: figure, p99.
-        for figure in [cells[2], cells[5], cells[8]] {
-            let value: f64 = figure
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{job}: `{figure}` in {row}"));
-            assert!(value > 0.0, "{row}");
-        }
-        assert!(cells[4].ends_with('x') && cells[7].ends_with('x'), "{row}");
-        // fio's own JSON is kept per disk, and fio saw no error (verify included).
-        for dir in ["twinpath-file", "twinpath-smb", "qemu-storage-daemon"] {
-            let json: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(out.path().join(dir).join(format!("{job}.json"))).unwrap(),
-            )
-            .unwrap();
-            assert_eq!(json["jobs"][0]["error"], 0, "{dir}/{job}");
-        }
-    }
-    let svg = std::fs::read_to_string(out.path().join("chart.svg")).unwrap();
-    assert!(svg.starts_with("<svg"), "{svg}");
-    for label in jobs.iter().chain(&["twinpath smb", "qemu-storage-daemon"]) {
-        assert!(svg.contains(label), "{label} missing from the chart");
-    }
 }

@@ -20,6 +20,8 @@ enum Kind {
     Plugin,
     /// crates/twinpath and tests/: put everything together.
     Assembly,
+    /// tools/: benchmark, report and demo programs, on the test harnesses; nothing uses them.
+    Tools,
 }
 
 fn kind(root: &Path, manifest: &str) -> Kind {
@@ -29,6 +31,7 @@ fn kind(root: &Path, manifest: &str) -> Kind {
         "crates/core" => Kind::Core,
         "crates/vhost-blk" => Kind::Device,
         "crates/twinpath" | "tests" => Kind::Assembly,
+        "tools" => Kind::Tools,
         d if d.starts_with("plugins/") => Kind::Plugin,
         d if d.starts_with("crates/") => Kind::Library,
         d => panic!("{d}: a crate in no known place"),
@@ -40,7 +43,8 @@ fn may_depend(from: Kind, to: Kind) -> bool {
         Kind::Core => false,
         Kind::Device => to == Kind::Core,
         Kind::Library | Kind::Plugin => matches!(to, Kind::Core | Kind::Library),
-        Kind::Assembly => to != Kind::Assembly,
+        Kind::Assembly => !matches!(to, Kind::Assembly | Kind::Tools),
+        Kind::Tools => to != Kind::Tools,
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use crate::twinpath_bin;
+use twinpath_tests::twinpath_bin;
 
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use twinpath_tests::guestfio::{self, Guest, Overrides, Target};
 use twinpath_tests::samba::{Samba, PASSWORD, SHARE, USER};
 use twinpath_tests::{scratch, Daemon};
+use twinpath_tools::guestfio::{self, Guest, Overrides, Target};
 
 #[derive(Parser)]
 #[command(

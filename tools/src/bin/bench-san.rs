@@ -12,11 +12,11 @@ use std::path::Path;
 use std::process::Command;
 
 use twinpath_filemap::{file_extents, ExtentClass};
-use twinpath_tests::bench::{bench_disk, cpu, env_or, is_iops, p50, update_doc, CpuMeter, Results};
 use twinpath_tests::fileserver::FileServer;
 use twinpath_tests::iscsi::Tgtd;
 use twinpath_tests::lun::Fs;
 use twinpath_tests::{pattern, Daemon};
+use twinpath_tools::bench::{bench_disk, cpu, env_or, is_iops, p50, update_doc, CpuMeter, Results};
 
 /// The default test set; `TESTS=a,b` runs a subset (the report then covers only those).
 const DEFAULT_TESTS: &str =

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use twinpath_mapproto::{MapClient, Reply, Request};
-use twinpath_tests::bench::env_or;
 use twinpath_tests::fileserver::{host_key, FileServer};
 use twinpath_tests::lun::Fs;
+use twinpath_tools::bench::env_or;
 
 const WINDOW: u64 = 64 << 20;
 const WINDOWS: u64 = 8;

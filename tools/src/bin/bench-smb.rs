@@ -8,10 +8,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use twinpath_tests::bench::{bench_disk, env_or, is_iops, p50, update_doc, Results};
 use twinpath_tests::relay::LatencyRelay;
 use twinpath_tests::samba::{Samba, PASSWORD, SHARE, USER};
 use twinpath_tests::{pattern, scratch, Daemon};
+use twinpath_tools::bench::{bench_disk, env_or, is_iops, p50, update_doc, Results};
 
 const DISK_TESTS: &str =
     "read-1m-q1,read-1m-q4,read-1m-q32,write-1m-q1,write-1m-q4,write-1m-q32,randread-4k-q1,randread-4k-q32,randwrite-4k-q32";

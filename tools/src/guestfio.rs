@@ -216,7 +216,7 @@ impl Guest {
                 n => job_limit(&jobs[n - 1]),
             };
             if since.elapsed() > limit {
-                crate::signal_group(child.id(), libc::SIGKILL);
+                twinpath_tests::signal_group(child.id(), libc::SIGKILL);
                 let _ = child.wait();
                 stopped = Some(limit);
                 break None;

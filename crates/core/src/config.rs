@@ -286,7 +286,7 @@ fn socket_access(
     };
     let group = match disk.0.or(defaults.0.as_ref()) {
         None => None,
-        Some(g) => Some(crate::group_id(g).map_err(|e| ("socket_group", e))?),
+        Some(g) => Some(crate::group_id(g).map_err(|e| ("socket_group", e.to_string()))?),
     };
     Ok(SocketAccess { mode, group })
 }

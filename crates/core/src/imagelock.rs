@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const PERM_BASE: i64 = 100;
 const SHARED_BASE: i64 = 200;
@@ -22,10 +22,36 @@ const READ: u32 = 1 << 0;
 const WRITE: u32 = 1 << 1;
 const WRITE_UNCHANGED: u32 = 1 << 2;
 
+/// Why [`lock`] did not lock an image.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another user's locks conflict with this disk's.
+    #[error(
+        "image {} is in use: {holder} {how} its \"{perm}\" permission (QEMU's image locks); \
+         stop that user, or set `lock: false` on the disk if the users coordinate themselves",
+        path.display()
+    )]
+    InUse {
+        path: PathBuf,
+        /// Who holds the conflicting lock, as far as /proc/locks tells.
+        holder: String,
+        /// "holds" or "does not share".
+        how: &'static str,
+        perm: &'static str,
+    },
+    /// The kernel refused to set or test a lock.
+    #[error("{what} the image lock at byte {offset}: {source}")]
+    Fcntl {
+        what: &'static str,
+        offset: i64,
+        source: std::io::Error,
+    },
+}
+
 /// Takes QEMU's locks on `file` (the image at `path`) for a disk that reads (and writes,
 /// unless `read_only`) it and lets others only read it; refused, naming the holder where the
 /// kernel tells, when another user's locks conflict.
-pub fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), String> {
+pub fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), LockError> {
     let perm = if read_only { READ } else { READ | WRITE };
     // Like a QEMU drive without share-rw: others may read, nobody else may write or resize.
     let shared = READ | WRITE_UNCHANGED;
@@ -77,40 +103,48 @@ fn flock_at(kind: i32, offset: i64) -> libc::flock {
 }
 
 /// A shared lock on byte `offset`.
-fn set(file: &File, offset: i64) -> Result<(), String> {
+fn set(file: &File, offset: i64) -> Result<(), LockError> {
     let l = flock_at(libc::F_RDLCK, offset);
     // SAFETY: F_OFD_SETLK reads the flock we pass, on our open file.
     let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &l) };
     if r == 0 {
         return Ok(());
     }
-    Err(format!(
-        "image lock at byte {offset}: {}",
-        std::io::Error::last_os_error()
-    ))
+    Err(LockError::Fcntl {
+        what: "setting",
+        offset,
+        source: std::io::Error::last_os_error(),
+    })
 }
 
 /// Whether another open file description holds a lock on byte `offset`.
-fn held_by_others(file: &File, offset: i64) -> Result<bool, String> {
+fn held_by_others(file: &File, offset: i64) -> Result<bool, LockError> {
     let mut l = flock_at(libc::F_WRLCK, offset);
     // SAFETY: F_OFD_GETLK fills in the flock we pass, on our open file.
     let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut l) };
     if r != 0 {
-        return Err(format!(
-            "testing the image lock at byte {offset}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(LockError::Fcntl {
+            what: "testing",
+            offset,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(l.l_type != libc::F_UNLCK as i16)
 }
 
-fn refused(file: &File, path: &Path, offset: i64, perm: &str, how: &str) -> String {
-    let holder = holder(file, offset).unwrap_or_else(|| "another program".into());
-    format!(
-        "image {} is in use: {holder} {how} its \"{perm}\" permission (QEMU's image locks); \
-         stop that user, or set `lock: false` on the disk if the users coordinate themselves",
-        path.display()
-    )
+fn refused(
+    file: &File,
+    path: &Path,
+    offset: i64,
+    perm: &'static str,
+    how: &'static str,
+) -> LockError {
+    LockError::InUse {
+        path: path.to_owned(),
+        holder: holder(file, offset).unwrap_or_else(|| "another program".into()),
+        how,
+        perm,
+    }
 }
 
 /// Who holds a lock on byte `offset` of `file`, from /proc/locks (OFD locks show the
@@ -175,7 +209,7 @@ mod tests {
         let writer = open(&img, true);
         lock(&writer, &img, false).unwrap();
         let e = lock(&open(&img, true), &img, false).unwrap_err();
-        assert!(e.contains("is in use") && e.contains("write"), "{e}");
+        assert!(matches!(e, LockError::InUse { perm: "write", .. }), "{e}");
         assert!(
             lock(&open(&img, false), &img, true).is_err(),
             "a reader beside a writer"

@@ -26,12 +26,12 @@ pub use buffers::{GuestBuffers, IoVecs};
 pub use config::{CacheMode, Config, ConfigError, DiskConfig, MetricsConfig, SocketAccess};
 pub use context::{OpenContext, WeakMap};
 pub use error::{Error, ErrorKind, Result};
-pub use group::group_id;
+pub use group::{group_id, GroupError};
 pub use registry::{
     parse_options, split_options, BackendSpec, DiskContext, OptionError, Plugin, Registry,
 };
 pub use secret::{read_secret, read_secret_bytes};
-pub use size::ByteSize;
+pub use size::{ByteSize, NotASize};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the mutexes of
 /// twinpath guard state that stays consistent between statements.

@@ -9,14 +9,23 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
+/// A text that is not a size.
+#[derive(Debug, thiserror::Error)]
+#[error("`{text}` is not a size ({source}); use bytes or a suffix such as 512M or 4G")]
+pub struct NotASize {
+    pub text: String,
+    source: parse_size::Error,
+}
+
 impl ByteSize {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, NotASize> {
         parse_size::Config::new()
             .with_binary()
             .parse_size(s.trim())
             .map(ByteSize)
-            .map_err(|e| {
-                format!("`{s}` is not a size ({e}); use bytes or a suffix such as 512M or 4G")
+            .map_err(|source| NotASize {
+                text: s.to_owned(),
+                source,
             })
     }
 }

@@ -192,6 +192,18 @@ impl Grant {
     }
 }
 
+/// A device access a [`Guard`] refused: it lies outside what the grant allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "device {} of {len} bytes at offset {physical} is outside the granted extents",
+    if *write { "write" } else { "read" }
+)]
+pub struct OutsideGrant {
+    pub physical: u64,
+    pub len: u64,
+    pub write: bool,
+}
+
 /// Device ranges a host may touch, built from a [`Grant`]. Every direct I/O asks it first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Guard {
@@ -201,22 +213,23 @@ pub struct Guard {
 
 impl Guard {
     /// Ok when `[physical, physical + len)` lies inside device ranges granted for the access.
-    pub fn check(&self, physical: u64, len: u64, write: bool) -> Result<(), String> {
+    pub fn check(&self, physical: u64, len: u64, write: bool) -> Result<(), OutsideGrant> {
         let ranges = if write {
             &self.writable
         } else {
             &self.readable
         };
-        let end = physical
-            .checked_add(len)
-            .ok_or_else(|| format!("device range at {physical} overflows"))?;
+        let outside = OutsideGrant {
+            physical,
+            len,
+            write,
+        };
+        // A range that wraps around the end of the address space lies in no grant.
+        let end = physical.checked_add(len).ok_or(outside.clone())?;
         let i = ranges.partition_point(|r| r.1 <= physical);
         match ranges.get(i) {
             Some(&(start, stop)) if start <= physical && end <= stop => Ok(()),
-            _ => Err(format!(
-                "device {} of {len} bytes at offset {physical} is outside the granted extents",
-                if write { "write" } else { "read" }
-            )),
+            _ => Err(outside),
         }
     }
 }

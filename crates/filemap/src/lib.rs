@@ -18,7 +18,7 @@ pub mod pr;
 mod volume;
 
 pub use fiemap_io::{file_extents, ExtentClass, FileExtent};
-pub use grant::{Access, Grant, GrantError, Guard, Piece, Span, SpanKind};
+pub use grant::{Access, Grant, GrantError, Guard, OutsideGrant, Piece, Span, SpanKind};
 pub use volume::{read_direct, FsType, VolumeId};
 
 /// Device offsets and lengths of direct I/O must be multiples of this (the logical sector

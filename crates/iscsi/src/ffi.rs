@@ -79,7 +79,7 @@ macro_rules! api {
         }
 
         impl Api {
-            fn load() -> Result<Api, String> {
+            fn load() -> Result<Api, LoadError> {
                 let mut failed = Vec::new();
                 let lib = SONAMES.iter().find_map(|name| {
                     // SAFETY: loading libiscsi runs only its own initialisers.
@@ -87,12 +87,7 @@ macro_rules! api {
                         .map_err(|e| failed.push(e.to_string()))
                         .ok()
                 });
-                let lib = lib.ok_or_else(|| {
-                    format!(
-                        "libiscsi is not installed (apt install libiscsi7): {}",
-                        failed.join("; ")
-                    )
-                })?;
+                let lib = lib.ok_or_else(|| LoadError::NotInstalled(failed.join("; ")))?;
                 $(
                     // SAFETY: the symbol has this C signature in libiscsi 1.19 (iscsi.h).
                     let $name = *unsafe {
@@ -100,7 +95,10 @@ macro_rules! api {
                             concat!(stringify!($name), "\0").as_bytes(),
                         )
                     }
-                    .map_err(|e| format!("libiscsi lacks {}: {e}", stringify!($name)))?;
+                    .map_err(|e| LoadError::MissingSymbol {
+                        name: stringify!($name),
+                        reason: e.to_string(),
+                    })?;
                 )*
                 Ok(Api { $($name,)* _lib: lib })
             }
@@ -200,9 +198,18 @@ api! {
     fn scsi_free_scsi_task(task: *mut ScsiTask) -> ();
 }
 
-static API: OnceLock<Result<Api, String>> = OnceLock::new();
+/// Why libiscsi cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error("libiscsi is not installed (apt install libiscsi7): {0}")]
+    NotInstalled(String),
+    #[error("libiscsi lacks {name}: {reason}")]
+    MissingSymbol { name: &'static str, reason: String },
+}
+
+static API: OnceLock<Result<Api, LoadError>> = OnceLock::new();
 
 /// libiscsi, loaded on first use.
-pub fn api() -> Result<&'static Api, String> {
+pub fn api() -> Result<&'static Api, LoadError> {
     API.get_or_init(Api::load).as_ref().map_err(Clone::clone)
 }

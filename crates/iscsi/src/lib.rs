@@ -25,7 +25,7 @@ use futures::channel::oneshot;
 use twinpath_core::{Error, ErrorKind, GuestBuffers, Permit, Result};
 
 use gate::Gate;
-pub use url::{IscsiUrl, DEFAULT_PORT};
+pub use url::{BadUrl, IscsiUrl, DEFAULT_PORT};
 
 /// How long a task may wait for the target (also across a reconnect) before it fails.
 pub const TASK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,20 +113,41 @@ struct Login {
     chap: Option<(CString, CString)>,
 }
 
+/// What a login, or the set-up of a connection, ran into.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot create an iSCSI context")]
+    NoContext,
+    /// libiscsi or the target refused `step`; libiscsi's words for it.
+    #[error("{step}: {message}")]
+    Refused { step: &'static str, message: String },
+    #[error("iSCSI connection gate: {0}")]
+    Gate(#[source] std::io::Error),
+}
+
+impl LinkError {
+    fn refused(step: &'static str, message: impl Into<String>) -> LinkError {
+        LinkError::Refused {
+            step,
+            message: message.into(),
+        }
+    }
+}
+
 impl Login {
     /// A new context, logged in to the LUN. Blocks.
-    fn connect(&self) -> std::result::Result<Context, String> {
+    fn connect(&self) -> std::result::Result<Context, LinkError> {
         let ctx = self.context()?;
         let lun = c_int::from(self.url.lun);
         // SAFETY: the context is live and the portal outlives the call.
         if unsafe { (lib().iscsi_full_connect_sync)(ctx.0, self.portal.as_ptr(), lun) } != 0 {
-            return Err(format!("login failed: {}", ctx.error()));
+            return Err(LinkError::refused("login failed", ctx.error()));
         }
         Ok(ctx)
     }
 
     /// A login under way on a new context, driven by the service thread's poll loop.
-    fn start(&self) -> std::result::Result<Attempt, String> {
+    fn start(&self) -> std::result::Result<Attempt, LinkError> {
         let ctx = self.context()?;
         let status = Box::new(AtomicI32::new(LOGIN_PENDING));
         let lun = c_int::from(self.url.lun);
@@ -142,7 +163,7 @@ impl Login {
             )
         };
         if r != 0 {
-            return Err(format!("login failed: {}", ctx.error()));
+            return Err(LinkError::refused("login failed", ctx.error()));
         }
         Ok(Attempt {
             ctx,
@@ -152,11 +173,11 @@ impl Login {
     }
 
     /// A new context with the session's settings, not connected.
-    fn context(&self) -> std::result::Result<Context, String> {
+    fn context(&self) -> std::result::Result<Context, LinkError> {
         // SAFETY: a NUL-terminated name; a null return is checked.
         let raw = unsafe { (lib().iscsi_create_context)(self.initiator.as_ptr()) };
         if raw.is_null() {
-            return Err("cannot create an iSCSI context".into());
+            return Err(LinkError::NoContext);
         }
         let ctx = Context(raw);
         // SAFETY: for each call, the context is live and the strings outlive the calls.
@@ -173,7 +194,7 @@ impl Login {
                 (lib().iscsi_set_initiator_username_pwd)(ctx.0, user.as_ptr(), password.as_ptr())
             } != 0
             {
-                return Err(format!("CHAP: {}", ctx.error()));
+                return Err(LinkError::refused("CHAP", ctx.error()));
             }
         }
         Ok(ctx)
@@ -216,7 +237,7 @@ impl Session {
     /// Logs in to the LUN at `url` (CHAP with `password` when the URL names a user) as
     /// `initiator` (an IQN) and reads its capacity. Blocks until the login is done.
     pub fn connect(url: &IscsiUrl, password: Option<&str>, initiator: &str) -> Result<Session> {
-        let what = |e: String| Error::new(ErrorKind::Io, format!("{url}: {e}"));
+        let what = |e: LinkError| Error::new(ErrorKind::Io, format!("{url}: {e}"));
         ffi::api().map_err(|e| Error::new(ErrorKind::Unsupported, format!("{url}: {e}")))?;
         let login = Login {
             url: url.clone(),
@@ -438,22 +459,23 @@ impl Drop for Session {
     }
 }
 
-fn read_capacity(ctx: &Context, lun: u16) -> std::result::Result<(u64, u32), String> {
+fn read_capacity(ctx: &Context, lun: u16) -> std::result::Result<(u64, u32), LinkError> {
+    const STEP: &str = "READ CAPACITY(16)";
     // SAFETY: the context is live and logged in; the task is checked and freed here.
     unsafe {
         let task = (lib().iscsi_readcapacity16_sync)(ctx.0, c_int::from(lun));
         if task.is_null() {
-            return Err(format!("READ CAPACITY(16): {}", ctx.error()));
+            return Err(LinkError::refused(STEP, ctx.error()));
         }
         let status = (lib().scsi_task_get_status)(task, std::ptr::null_mut());
         let data = (lib().scsi_datain_unmarshall)(task) as *const ffi::ReadCapacity16;
         let result = if status != ffi::SCSI_STATUS_GOOD || data.is_null() {
-            Err(format!("READ CAPACITY(16): {}", ctx.error()))
+            Err(LinkError::refused(STEP, ctx.error()))
         } else {
             let rc = &*data;
             let bs = rc.block_length;
             if bs == 0 || !bs.is_multiple_of(512) {
-                Err(format!("READ CAPACITY(16): block size {bs}"))
+                Err(LinkError::refused(STEP, format!("block size {bs}")))
             } else {
                 Ok(((rc.returned_lba + 1) * u64::from(bs), bs))
             }
@@ -587,7 +609,7 @@ struct Link {
 
 impl Link {
     /// The connection of `ctx`, just logged in, with no task yet.
-    fn adopt(ctx: Context) -> std::result::Result<Link, String> {
+    fn adopt(ctx: Context) -> std::result::Result<Link, LinkError> {
         // SAFETY: for each call, the context is live and logged in.
         unsafe {
             // A connection that fails takes its tasks with it (`serve` logs in anew): a
@@ -598,7 +620,7 @@ impl Link {
         }
         // SAFETY: as above.
         let fd = unsafe { (lib().iscsi_get_fd)(ctx.0) };
-        let gate = Gate::install(fd).map_err(|e| format!("iSCSI connection gate: {e}"))?;
+        let gate = Gate::install(fd).map_err(LinkError::Gate)?;
         Ok(Link { ctx, gate })
     }
 }

@@ -17,15 +17,26 @@ pub struct IscsiUrl {
     pub user: Option<String>,
 }
 
+/// A text that is not an iSCSI URL twinpath can use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{shown}`: {why} (expected iscsi://[user@]host[:port]/iqn/lun)")]
+pub struct BadUrl {
+    /// The text, without a user part that may hold a password.
+    pub shown: String,
+    pub why: &'static str,
+}
+
 impl IscsiUrl {
-    pub fn parse(url: &str) -> Result<IscsiUrl, String> {
+    pub fn parse(url: &str) -> Result<IscsiUrl, BadUrl> {
         // A URL that carries a password anyway is shown without its user part.
         let shown = match url.split_once("://").and_then(|(_, r)| r.split_once('@')) {
             Some((user, host)) if user.contains(['%', ':']) => format!("iscsi://<user>@{host}"),
             _ => url.to_owned(),
         };
-        let bad =
-            |why: &str| format!("`{shown}`: {why} (expected iscsi://[user@]host[:port]/iqn/lun)");
+        let bad = |why: &'static str| BadUrl {
+            shown: shown.clone(),
+            why,
+        };
         let rest = url
             .strip_prefix("iscsi://")
             .ok_or_else(|| bad("not an iscsi:// URL"))?;
@@ -119,8 +130,8 @@ mod tests {
             ("iscsi://h/a/b/1", "one path segment"),
         ] {
             let e = IscsiUrl::parse(url).unwrap_err();
-            assert!(e.contains(why), "{url}: {e}");
-            assert!(!e.contains("secret"), "{e}");
+            assert!(e.why.contains(why), "{url}: {e}");
+            assert!(!e.to_string().contains("secret"), "{e}");
         }
     }
 }

@@ -28,19 +28,30 @@ impl fmt::Debug for Key {
     }
 }
 
+/// Why a key or the ring of host keys was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("key is {0} bytes; at least {min} are needed", min = Key::MIN_LEN)]
+    TooShort(usize),
+    #[error("no host keys")]
+    NoHosts,
+    #[error("host name `{0}`: 1 to {MAX_HOST_NAME} bytes are allowed")]
+    BadName(String),
+    #[error("host `{0}` has two keys")]
+    TwoKeys(String),
+    #[error("hosts `{0}` and `{1}` have the same key")]
+    SharedKey(String, String),
+}
+
 impl Key {
     /// Keys shorter than this are refused: they could be guessed.
     pub const MIN_LEN: usize = 16;
 
     /// A key from its bytes (callers read key files with twinpath_core::read_secret_bytes,
     /// which refuses files others may read).
-    pub fn new(bytes: Vec<u8>) -> Result<Key, String> {
+    pub fn new(bytes: Vec<u8>) -> Result<Key, KeyError> {
         if bytes.len() < Self::MIN_LEN {
-            return Err(format!(
-                "key is {} bytes; at least {} are needed",
-                bytes.len(),
-                Self::MIN_LEN
-            ));
+            return Err(KeyError::TooShort(bytes.len()));
         }
         Ok(Key(bytes))
     }
@@ -126,22 +137,20 @@ pub struct HostKeys(Vec<(String, Key)>);
 impl HostKeys {
     /// Refuses an empty ring, empty or overlong names, and any name or key given twice
     /// (a key shared by two names would let either host act as the other).
-    pub fn new(entries: Vec<(String, Key)>) -> Result<HostKeys, String> {
+    pub fn new(entries: Vec<(String, Key)>) -> Result<HostKeys, KeyError> {
         if entries.is_empty() {
-            return Err("no host keys".into());
+            return Err(KeyError::NoHosts);
         }
         for (i, (name, key)) in entries.iter().enumerate() {
             if name.is_empty() || name.len() > MAX_HOST_NAME {
-                return Err(format!(
-                    "host name `{name}`: 1 to {MAX_HOST_NAME} bytes are allowed"
-                ));
+                return Err(KeyError::BadName(name.clone()));
             }
             for (other, other_key) in &entries[..i] {
                 if other == name {
-                    return Err(format!("host `{name}` has two keys"));
+                    return Err(KeyError::TwoKeys(name.clone()));
                 }
                 if other_key == key {
-                    return Err(format!("hosts `{other}` and `{name}` have the same key"));
+                    return Err(KeyError::SharedKey(other.clone(), name.clone()));
                 }
             }
         }

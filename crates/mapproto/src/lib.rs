@@ -50,7 +50,7 @@ mod wire;
 
 pub use client::{MapClient, Recall, Validity};
 pub use handshake::{accept, connect};
-pub use key::{HostKeys, Key};
+pub use key::{HostKeys, Key, KeyError};
 pub use wire::{decode, Conn, ConnReader, ConnWriter};
 
 use serde::{Deserialize, Serialize};

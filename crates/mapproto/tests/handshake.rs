@@ -6,8 +6,8 @@ use common::{key, read_json, write_json, write_raw};
 use tokio::io::duplex;
 use twinpath_filemap::{Access, Span, SpanKind};
 use twinpath_mapproto::{
-    accept, connect, Frame, HostKeys, MapGrant, ProtoError, Reply, Request, Role, MAX_FRAME,
-    MAX_HANDSHAKE_FRAME, MAX_SPANS, PROTOCOL_VERSION,
+    accept, connect, Frame, HostKeys, KeyError, MapGrant, ProtoError, Reply, Request, Role,
+    MAX_FRAME, MAX_HANDSHAKE_FRAME, MAX_SPANS, PROTOCOL_VERSION,
 };
 
 fn ring() -> HostKeys {
@@ -277,24 +277,40 @@ async fn the_largest_map_fits_in_a_sealed_frame() {
 #[test]
 fn host_keys_are_unique_by_name_and_by_key() {
     let k = |s: &str| key(s);
-    assert!(HostKeys::new(vec![]).is_err());
+    assert_eq!(HostKeys::new(vec![]).unwrap_err(), KeyError::NoHosts);
     let twice = HostKeys::new(vec![
         ("a".into(), k("key-number-one-0001")),
         ("a".into(), k("key-number-two-0002")),
     ]);
-    assert_eq!(twice.unwrap_err(), "host `a` has two keys");
+    assert_eq!(twice.unwrap_err(), KeyError::TwoKeys("a".into()));
+    assert_eq!(
+        KeyError::TwoKeys("a".into()).to_string(),
+        "host `a` has two keys"
+    );
     let shared = HostKeys::new(vec![
         ("a".into(), k("key-number-one-0001")),
         ("b".into(), k("key-number-one-0001")),
     ]);
-    assert_eq!(shared.unwrap_err(), "hosts `a` and `b` have the same key");
-    assert!(HostKeys::new(vec![(String::new(), k("key-number-one-0001"))]).is_err());
-    assert!(HostKeys::new(vec![("h".repeat(256), k("key-number-one-0001"))]).is_err());
+    assert_eq!(
+        shared.unwrap_err(),
+        KeyError::SharedKey("a".into(), "b".into())
+    );
+    assert_eq!(
+        HostKeys::new(vec![(String::new(), k("key-number-one-0001"))]).unwrap_err(),
+        KeyError::BadName(String::new())
+    );
+    assert!(matches!(
+        HostKeys::new(vec![("h".repeat(256), k("key-number-one-0001"))]),
+        Err(KeyError::BadName(_))
+    ));
 }
 
 #[test]
 fn short_keys_are_refused_and_keys_never_print() {
-    assert!(twinpath_mapproto::Key::new(b"short".to_vec()).is_err());
+    assert_eq!(
+        twinpath_mapproto::Key::new(b"short".to_vec()).unwrap_err(),
+        KeyError::TooShort(5)
+    );
     let k = key("a-secret-value-123");
     assert_eq!(format!("{k:?}"), "Key(<redacted>)");
     assert!(!format!("{:?}", ring()).contains("key-of-host"));

@@ -9,6 +9,8 @@ use serde::Deserialize;
 use twinpath_core::ByteSize;
 use twinpath_mapproto::{MAX_LEASE_TIME_MS, MIN_LEASE_TIME_MS};
 
+use crate::error::{io, Error};
+
 fn default_chunk() -> ByteSize {
     ByteSize(64 << 20)
 }
@@ -96,9 +98,13 @@ fn valid_prefix(p: &str) -> bool {
 }
 
 impl MapServerConfig {
-    pub fn from_file(path: &Path) -> Result<MapServerConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let bad = |key: &str, why: &str| format!("{}: key `{key}`: {why}", path.display());
+    pub fn from_file(path: &Path) -> Result<MapServerConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(io(path.display()))?;
+        let bad = |key: &str, why: &str| Error::Config {
+            file: path.to_owned(),
+            key: key.to_owned(),
+            reason: why.to_owned(),
+        };
         // One key for all hosts was protocol 1; say what replaces it instead of "unknown key".
         if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str(&text) {
             if m.contains_key("key_file") {
@@ -110,10 +116,8 @@ impl MapServerConfig {
             }
         }
         let de = serde_yaml::Deserializer::from_str(&text);
-        let cfg: MapServerConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            format!("{}: key `{key}`: {}", path.display(), e.inner())
-        })?;
+        let cfg: MapServerConfig = serde_path_to_error::deserialize(de)
+            .map_err(|e| bad(&e.path().to_string(), &e.inner().to_string()))?;
         let chunk = cfg.allocation_chunk.0;
         if chunk < 4096 || !chunk.is_power_of_two() {
             return Err(bad(
@@ -258,7 +262,10 @@ mod tests {
         ] {
             std::fs::write(&cfg, format!("{head}{body}")).unwrap();
             let e = MapServerConfig::from_file(&cfg).unwrap_err();
-            assert!(e.contains(needle), "{body}: {e}");
+            assert!(
+                matches!(e, Error::Config { .. }) && e.to_string().contains(needle),
+                "{body}: {e}"
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -19,6 +19,7 @@ use twinpath_iscsi::{IscsiUrl, Session};
 use twinpath_mapproto::fence_key;
 
 use crate::config::FenceConfig;
+use crate::error::{Error, Result};
 
 /// The map server's own initiator name and registration.
 const INITIATOR: &str = "iqn.2026-11.io.twinpath:map-server";
@@ -57,7 +58,7 @@ pub struct Fencer {
 
 impl Fencer {
     /// Takes the reservation on the configured LUN. Blocking.
-    pub fn start(cfg: &FenceConfig) -> Result<Fencer, String> {
+    pub fn start(cfg: &FenceConfig) -> Result<Fencer> {
         if cfg.lun.starts_with("iscsi://") {
             Fencer::start_iscsi(cfg)
         } else {
@@ -65,16 +66,17 @@ impl Fencer {
         }
     }
 
-    fn start_iscsi(cfg: &FenceConfig) -> Result<Fencer, String> {
-        let url = IscsiUrl::parse(&cfg.lun).map_err(|e| format!("fence.lun: {e}"))?;
+    fn start_iscsi(cfg: &FenceConfig) -> Result<Fencer> {
+        let url = IscsiUrl::parse(&cfg.lun).map_err(|e| Error::Unfit(format!("fence.lun: {e}")))?;
         let password = match &cfg.password_file {
             Some(p) => Some(
-                twinpath_core::read_secret("fence.password_file", p).map_err(|e| e.to_string())?,
+                twinpath_core::read_secret("fence.password_file", p)
+                    .map_err(|e| Error::Unfit(e.to_string()))?,
             ),
             None => None,
         };
         let session = Session::connect(&url, password.as_deref(), INITIATOR)
-            .map_err(|e| format!("fence.lun: {e}"))?;
+            .map_err(|e| Error::Fence(format!("fence.lun: {e}")))?;
         let key = SERVER_KEY;
         let reserve = async {
             session.pr_register(key).await?;
@@ -94,7 +96,7 @@ impl Fencer {
             }
         };
         futures::executor::block_on(reserve)
-            .map_err(|e| format!("fence.lun: cannot take the reservation: {e}"))?;
+            .map_err(|e| Error::Fence(format!("fence.lun: cannot take the reservation: {e}")))?;
         Ok(Fencer {
             lun: Lun::Iscsi(session),
             key,
@@ -102,15 +104,20 @@ impl Fencer {
         })
     }
 
-    fn start_device(path: &Path) -> Result<Fencer, String> {
-        let at = |e: &dyn std::fmt::Display| format!("fence.lun: {}: {e}", path.display());
+    fn start_device(path: &Path) -> Result<Fencer> {
+        let what = || format!("fence.lun: {}", path.display());
+        let unfit = |why: &str| Error::Unfit(format!("{}: {why}", what()));
+        let io = |source| Error::Io {
+            what: what(),
+            source,
+        };
         // Read-only: the PR ioctls need CAP_SYS_ADMIN or a writable descriptor, and a
         // writable open of a mounted device fails where the kernel forbids writing to it
         // (BLK_DEV_WRITE_MOUNTED=n), or would make the file server's own mount fail.
-        let dev = File::open(path).map_err(|e| at(&e))?;
-        let meta = dev.metadata().map_err(|e| at(&e))?;
+        let dev = File::open(path).map_err(io)?;
+        let meta = dev.metadata().map_err(io)?;
         if !meta.file_type().is_block_device() {
-            return Err(at(&"not a block device"));
+            return Err(unfit("not a block device"));
         }
         // Device-mapper passes PREEMPT AND ABORT down as a plain PREEMPT on some kernels
         // ("dm: Start pr_preempt from the same starting path", 2022) and still reports
@@ -136,19 +143,25 @@ impl Fencer {
         match taken {
             Ok(()) => {}
             Err(PrError::Unsupported) => {
-                return Err(at(
-                    &"the device has no persistent reservations (a loop device or a virtual \
-                      disk?); fence on the LUN's iSCSI URL, or remove `fence:` to wait lost \
-                      hosts' leases out instead",
+                return Err(unfit(
+                    "the device has no persistent reservations (a loop device or a virtual \
+                     disk?); fence on the LUN's iSCSI URL, or remove `fence:` to wait lost \
+                     hosts' leases out instead",
                 ))
             }
             Err(PrError::Conflict) => {
-                return Err(at(
-                    &"another initiator holds a reservation on the device; release it \
-                      (sg_persist --out --release) or run one map server per LUN",
-                ))
+                return Err(Error::Fence(format!(
+                    "{}: another initiator holds a reservation on the device; release it \
+                     (sg_persist --out --release) or run one map server per LUN",
+                    what()
+                )))
             }
-            Err(e) => return Err(at(&format!("cannot take the reservation: {e}"))),
+            Err(e) => {
+                return Err(Error::Fence(format!(
+                    "{}: cannot take the reservation: {e}",
+                    what()
+                )))
+            }
         }
         Ok(Fencer {
             lun: Lun::Device {
@@ -169,7 +182,7 @@ impl Fencer {
     /// every write the host had acknowledged is durable (the host, fenced, can no longer
     /// flush: it counts on this). Done too when the host is not registered any more, which
     /// counts as [`Fenced::Preempted`].
-    pub async fn fence(&self, host: &str) -> Result<Fenced, String> {
+    pub async fn fence(&self, host: &str) -> Result<Fenced> {
         let victim = fence_key(host);
         let fenced = async {
             match &self.lun {
@@ -178,17 +191,18 @@ impl Fencer {
                     let (dev, key, aborts) = (dev.clone(), self.key, *aborts);
                     tokio::task::spawn_blocking(move || preempt_device(&dev, key, victim, aborts))
                         .await
-                        .map_err(|e| e.to_string())?
+                        .map_err(|e| Error::Fence(e.to_string()))?
                 }
             }
         };
         tokio::time::timeout(FENCE_TIMEOUT, fenced)
             .await
-            .map_err(|_| format!("the LUN did not answer in {FENCE_TIMEOUT:?}"))?
+            .map_err(|_| Error::Fence(format!("the LUN did not answer in {FENCE_TIMEOUT:?}")))?
     }
 
-    async fn preempt_iscsi(&self, session: &Session, victim: u64) -> Result<Fenced, String> {
-        let keys = session.pr_read_keys().await.map_err(|e| e.to_string())?;
+    async fn preempt_iscsi(&self, session: &Session, victim: u64) -> Result<Fenced> {
+        let fence = |e: twinpath_core::Error| Error::Fence(e.to_string());
+        let keys = session.pr_read_keys().await.map_err(fence)?;
         // A key already gone may have been preempted by an attempt of ours that did not
         // finish (its flush timed out) or that could not abort: nothing says the host's
         // commands were aborted, so it counts as preempted only.
@@ -204,13 +218,13 @@ impl Fencer {
                     session
                         .pr_preempt(self.key, victim, false)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(fence)?;
                     fenced = Fenced::Preempted;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(fence(e)),
             }
         }
-        session.flush().await.map_err(|e| e.to_string())?;
+        session.flush().await.map_err(fence)?;
         Ok(fenced)
     }
 }
@@ -219,7 +233,7 @@ impl Fencer {
 /// ioctl: a victim that is not registered makes the preemption fail with a conflict, which
 /// counts as a failed fencing (its leases are waited out: slower, never unsafe). The LUN is
 /// flushed whatever the preemption did: a host that was preempted meanwhile counts on it.
-fn preempt_device(dev: &File, key: u64, victim: u64, aborts: bool) -> Result<Fenced, String> {
+fn preempt_device(dev: &File, key: u64, victim: u64, aborts: bool) -> Result<Fenced> {
     let preempted = match pr::preempt(dev, key, victim, true) {
         Ok(()) if aborts => Ok(Fenced::Aborted),
         Ok(()) => Ok(Fenced::Preempted),
@@ -227,14 +241,19 @@ fn preempt_device(dev: &File, key: u64, victim: u64, aborts: bool) -> Result<Fen
             tracing::debug!("PREEMPT AND ABORT refused; preempting without abort");
             pr::preempt(dev, key, victim, false)
                 .map(|()| Fenced::Preempted)
-                .map_err(|e| format!("PREEMPT: {e}"))
+                .map_err(|e| Error::Fence(format!("PREEMPT: {e}")))
         }
-        Err(PrError::Conflict) => Err("PREEMPT AND ABORT: reservation conflict (the host is \
-                                       not registered, or this server lost its registration)"
-            .to_string()),
-        Err(e) => Err(format!("PREEMPT AND ABORT: {e}")),
+        Err(PrError::Conflict) => Err(Error::Fence(
+            "PREEMPT AND ABORT: reservation conflict (the host is not registered, or this \
+             server lost its registration)"
+                .into(),
+        )),
+        Err(e) => Err(Error::Fence(format!("PREEMPT AND ABORT: {e}"))),
     };
     // fdatasync of a block device is a cache flush (SYNCHRONIZE CACHE).
-    dev.sync_data().map_err(|e| format!("flush: {e}"))?;
+    dev.sync_data().map_err(|source| Error::Io {
+        what: "flush".into(),
+        source,
+    })?;
     preempted
 }

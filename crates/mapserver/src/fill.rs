@@ -23,6 +23,8 @@ use linux_raw_sys::general::{
 use linux_raw_sys::ioctl::FIDEDUPERANGE;
 use twinpath_filemap::{file_extents, ExtentClass};
 
+use crate::error::{io, Error, Result};
+
 /// Name of the zero file in the export's root.
 pub const ZERO_FILE: &str = ".twinpath-zeros";
 /// The zero file's length, and so the longest dedupe asked for in one call (xfs caps one
@@ -130,12 +132,10 @@ impl Filler {
     /// Writes the zero file in `export_root` and finds out whether the filesystem can dedupe
     /// into holes (one block of the zero file into itself). Without reflink the zero file is
     /// removed again and nothing is ever filled.
-    pub fn new(export_root: &Path) -> Result<Filler, String> {
+    pub fn new(export_root: &Path) -> Result<Filler> {
         let path = export_root.join(ZERO_FILE);
-        let file = write_zero_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = write_zero_file(&path).map_err(io(path.display()))?;
+        let meta = file.metadata().map_err(io(path.display()))?;
         let block = meta.blksize();
         let probe = OpenOptions::new()
             .write(true)
@@ -152,17 +152,17 @@ impl Filler {
                     zeros: Some((file, (meta.dev(), meta.ino()))),
                 })
             }
-            Ok(Dedupe::Differs) => Err(format!(
+            Ok(Dedupe::Differs) => Err(Error::Unfit(format!(
                 "{}: zeros differ from zeros; the file was changed while starting",
                 path.display()
-            )),
+            ))),
             Err(e) => {
                 tracing::info!(
                     "no reflink on {} ({e}): holes stay on the network path",
                     export_root.display()
                 );
                 drop(file);
-                std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                std::fs::remove_file(&path).map_err(io(path.display()))?;
                 Ok(Filler { zeros: None })
             }
         }
@@ -184,19 +184,15 @@ impl Filler {
     /// so that no extent there is shared (with the zero file, or left shared by a crash or
     /// a reflink copy) and fsyncs. A hole that someone wrote meanwhile is left to them; a
     /// tail shorter than a block stays a hole. Does nothing without reflink.
-    pub fn make_written(
-        &self,
-        file: &File,
-        holes: &[(u64, u64)],
-        lo: u64,
-        hi: u64,
-    ) -> Result<(), String> {
+    pub fn make_written(&self, file: &File, holes: &[(u64, u64)], lo: u64, hi: u64) -> Result<()> {
         let Some((zeros, _)) = &self.zeros else {
             return Ok(());
         };
-        let block = file.metadata().map_err(|e| format!("stat: {e}"))?.blksize();
+        let block = file.metadata().map_err(io("stat"))?.blksize();
         if !PIECE.is_multiple_of(block) {
-            return Err(format!("block size {block} does not divide {PIECE}"));
+            return Err(Error::Unfit(format!(
+                "block size {block} does not divide {PIECE}"
+            )));
         }
         for &(a, b) in holes {
             let (mut at, end) = (a.next_multiple_of(block), b / block * block);
@@ -204,12 +200,14 @@ impl Filler {
                 let len = (end - at).min(PIECE);
                 match dedupe(zeros, 0, file, at, len) {
                     Ok(Dedupe::Same(n)) if n > 0 => at += n,
-                    Ok(Dedupe::Same(_)) => return Err(format!("dedupe at {at}: no progress")),
+                    Ok(Dedupe::Same(_)) => {
+                        return Err(Error::Unfit(format!("dedupe at {at}: no progress")))
+                    }
                     Ok(Dedupe::Differs) => {
                         tracing::debug!(at, len, "written meanwhile; not filled");
                         at += len;
                     }
-                    Err(e) => return Err(format!("dedupe of {len} bytes at {at}: {e}")),
+                    Err(e) => return Err(io(format_args!("dedupe of {len} bytes at {at}"))(e)),
                 }
             }
         }
@@ -225,10 +223,9 @@ impl Filler {
             };
             if r != 0 {
                 let e = std::io::Error::last_os_error();
-                return Err(format!("unshare of [{lo}, {hi}): {e}"));
+                return Err(io(format_args!("unshare of [{lo}, {hi})"))(e));
             }
         }
-        file.sync_all()
-            .map_err(|e| format!("fsync after filling: {e}"))
+        file.sync_all().map_err(io("fsync after filling"))
     }
 }

@@ -10,6 +10,7 @@
 
 mod admission;
 mod config;
+mod error;
 mod export;
 mod fence;
 mod fill;
@@ -30,6 +31,7 @@ use twinpath_core::lock;
 use twinpath_mapproto::{Frame, HostKeys, Key, MapGrant, Reply, Request, VolumeIdentity};
 
 pub use config::{HostConfig, MapServerConfig};
+pub use error::Error;
 pub use fill::ZERO_FILE;
 pub use leases::LeaseInfo;
 pub use volume::TOKEN_FILE;
@@ -168,24 +170,29 @@ pub struct MapServer {
 impl MapServer {
     /// Reads the host keys, identifies the volume (writing this session's token file) and
     /// binds.
-    pub async fn bind(cfg: &MapServerConfig) -> Result<MapServer, String> {
+    pub async fn bind(cfg: &MapServerConfig) -> Result<MapServer, Error> {
         raise_open_files_limit();
         let mut keys = Vec::new();
         let mut hosts = Vec::new();
         for h in &cfg.hosts {
             let key = twinpath_core::read_secret_bytes("key_file", &h.key_file)
-                .map_err(|e| format!("host {}: {e}", h.name))?;
-            let key = Key::new(key)
-                .map_err(|e| format!("host {}: key_file {}: {e}", h.name, h.key_file.display()))?;
+                .map_err(|e| Error::Unfit(format!("host {}: {e}", h.name)))?;
+            let key = Key::new(key).map_err(|source| Error::Key {
+                what: format!("host {}: key_file {}", h.name, h.key_file.display()),
+                source,
+            })?;
             keys.push((h.name.clone(), key));
             hosts.push(Arc::new(Host {
                 name: h.name.as_str().into(),
                 paths: h.paths.clone(),
             }));
         }
-        let keys = HostKeys::new(keys).map_err(|e| format!("hosts: {e}"))?;
+        let keys = HostKeys::new(keys).map_err(|source| Error::Key {
+            what: "hosts".into(),
+            source,
+        })?;
         let export = Export::new(&cfg.export)
-            .map_err(|e| format!("export {}: {e}", cfg.export.display()))?;
+            .map_err(error::io(format_args!("export {}", cfg.export.display())))?;
         let root = export.root().to_path_buf();
         let hold = hold(cfg.lease_time);
         let (identity, fill, internal, record, grace) = tokio::task::spawn_blocking(move || {
@@ -196,10 +203,10 @@ impl MapServer {
             let (dev, ino) = record.create()?;
             let mut internal = vec![token, Inode { dev, ino }];
             internal.extend(fill.zero_file_id().map(|(dev, ino)| Inode { dev, ino }));
-            Ok::<_, String>((identity, fill, internal, record, grace))
+            Ok::<_, Error>((identity, fill, internal, record, grace))
         })
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| Error::Unfit(format!("identifying the volume: {e}")))??;
         if !grace.is_zero() {
             tracing::warn!(
                 ?grace,
@@ -221,13 +228,15 @@ impl MapServer {
         };
         let listener = TcpListener::bind(&cfg.listen)
             .await
-            .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
-        let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
+            .map_err(error::io(format_args!("listen {}", cfg.listen)))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(error::io(format_args!("listen {}", cfg.listen)))?;
         let metrics_listener = match &cfg.metrics {
             Some(m) => Some(
                 TcpListener::bind(m.listen)
                     .await
-                    .map_err(|e| format!("metrics.listen {}: {e}", m.listen))?,
+                    .map_err(error::io(format_args!("metrics.listen {}", m.listen)))?,
             ),
             None => None,
         };
@@ -243,7 +252,7 @@ impl MapServer {
             Some(f) => {
                 let fencer = tokio::task::spawn_blocking(move || fence::Fencer::start(&f))
                     .await
-                    .map_err(|e| e.to_string())??;
+                    .map_err(|e| Error::Fence(format!("fence.lun: {e}")))??;
                 tracing::info!(
                     lun = fencer.describe(),
                     ?recall_deadline,
@@ -581,11 +590,11 @@ async fn expire(state: &Arc<State>) {
 
 /// Runs blocking file work off the async threads.
 async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(work)
         .await
-        .unwrap_or_else(|e| Err(e.to_string()))
+        .unwrap_or_else(|e| Err(Error::Unfit(format!("blocking task: {e}"))))
 }
 
 /// The reply to `request`, `Ok(None)` where `handle` sent it itself (a grant goes out under

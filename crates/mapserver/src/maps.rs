@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 
 use twinpath_filemap::{file_extents, Access, ExtentClass, FileExtent, Span, SpanKind, SECTOR};
 
+use crate::error::{io, Error, Result};
 use crate::fill::Filler;
 
 fn drop_cache(file: &File) {
@@ -68,16 +69,15 @@ pub fn get_map(
     write: bool,
     chunk: u64,
     fill: &Filler,
-) -> Result<(u64, Vec<Span>), String> {
-    let err = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    file.sync_all().map_err(|e| err("fsync", e))?;
-    let size = file.metadata().map_err(|e| err("stat", e))?.len();
+) -> Result<(u64, Vec<Span>)> {
+    file.sync_all().map_err(io("fsync"))?;
+    let size = file.metadata().map_err(io("stat"))?.len();
     let start = offset - offset % SECTOR;
     let end = offset.saturating_add(len).min(size) / SECTOR * SECTOR;
     if start >= end {
         return Ok((size, Vec::new()));
     }
-    let mut extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
+    let mut extents = file_extents(file).map_err(io("FIEMAP"))?;
     if write && fill.fills() {
         let (lo, hi) = chunks(start, end - start, chunk, size);
         let holes = unwritten_ranges(&extents, lo, hi);
@@ -89,8 +89,8 @@ pub fn get_map(
             .any(|e| e.class == ExtentClass::Refused && e.logical < hi && e.logical + e.len > lo);
         if !holes.is_empty() || refused {
             fill.make_written(file, &holes, lo, hi)
-                .map_err(|e| format!("filling holes of [{lo}, {hi}): {e}"))?;
-            extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
+                .map_err(|e| e.context(format_args!("filling holes of [{lo}, {hi})")))?;
+            extents = file_extents(file).map_err(io("FIEMAP"))?;
         }
     }
     drop_cache(file);
@@ -150,16 +150,17 @@ pub fn allocate(
     len: u64,
     chunk: u64,
     fill: &Filler,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64)> {
     if !fill.fills() {
-        return Err("no reflink on this filesystem: holes stay on the network path".into());
+        return Err(Error::Unfit(
+            "no reflink on this filesystem: holes stay on the network path".into(),
+        ));
     }
-    let err = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    let size = file.metadata().map_err(|e| err("stat", e))?.len();
+    let size = file.metadata().map_err(io("stat"))?.len();
     let (lo, hi) = chunks(offset, len, chunk, size);
-    let extents = file_extents(file).map_err(|e| err("FIEMAP", e))?;
+    let extents = file_extents(file).map_err(io("FIEMAP"))?;
     fill.make_written(file, &unwritten_ranges(&extents, lo, hi), lo, hi)
-        .map_err(|e| format!("filling holes of [{lo}, {hi}): {e}"))?;
+        .map_err(|e| e.context(format_args!("filling holes of [{lo}, {hi})")))?;
     drop_cache(file);
     Ok((lo, hi - lo))
 }

@@ -13,6 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::error::{io, Result};
+
 /// Name of the record in the export's root.
 pub const RECORD_FILE: &str = ".twinpath-leases";
 
@@ -57,12 +59,12 @@ impl LeaseRecord {
 
     /// This run has granted (or is about to grant) a lease: a crash from now on leaves it
     /// for the next run to wait out. Durable before the grant goes out.
-    pub fn outstanding(&self) -> Result<(), String> {
+    pub fn outstanding(&self) -> Result<()> {
         self.write("outstanding")
     }
 
     /// A clean stop: leases still held (`held`) may be used for `hold` from now.
-    pub fn stopped(&self, held: bool, hold: Duration) -> Result<(), String> {
+    pub fn stopped(&self, held: bool, hold: Duration) -> Result<()> {
         if !held {
             return self.write("none");
         }
@@ -76,21 +78,20 @@ impl LeaseRecord {
 
     /// Creates the record (`none`) if there is none, so that it has an inode to keep from
     /// hosts' maps; returns that inode.
-    pub fn create(&self) -> Result<(u64, u64), String> {
+    pub fn create(&self) -> Result<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;
         if !self.path.exists() {
             self.write("none")?;
         }
-        let m =
-            std::fs::metadata(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let m = std::fs::metadata(&self.path).map_err(io(self.path.display()))?;
         Ok((m.dev(), m.ino()))
     }
 
     /// Rewrites the record in place (same inode, one sector: a crash leaves the old or the
     /// new text), durably.
-    fn write(&self, text: &str) -> Result<(), String> {
+    fn write(&self, text: &str) -> Result<()> {
         use std::io::Write;
-        let at = |e: std::io::Error| format!("{}: {e}", self.path.display());
+        let at = |e| io(self.path.display())(e);
         let mut padded = format!("{text}\n").into_bytes();
         padded.resize(64, b' ');
         let mut f = std::fs::OpenOptions::new()

@@ -22,9 +22,7 @@ pub use options::{ImageConfig, SmbOptions};
 #[cfg(fuzzing)]
 pub mod fuzzing {
     /// The data a READ reply body carries for a read of `asked` bytes, or why it is refused.
-    pub fn read_payload(body: Vec<u8>, asked: usize) -> Result<Vec<u8>, String> {
-        crate::file::read_payload(body, asked)
-            .map(|d| d.as_slice().to_vec())
-            .map_err(|e| e.to_string())
+    pub fn read_payload(body: Vec<u8>, asked: usize) -> twinpath_core::Result<Vec<u8>> {
+        crate::file::read_payload(body, asked).map(|d| d.as_slice().to_vec())
     }
 }

@@ -151,8 +151,13 @@ impl FileBackend {
         }
         let target = Arc::new(Target::open(path, spec.read_only, spec.direct)?);
         if spec.lock {
-            twinpath_core::imagelock::lock(target.file(), path, spec.read_only)
-                .map_err(|e| Error::new(ErrorKind::InUse, e))?;
+            twinpath_core::imagelock::lock(target.file(), path, spec.read_only).map_err(|e| {
+                let kind = match e {
+                    twinpath_core::imagelock::LockError::InUse { .. } => ErrorKind::InUse,
+                    twinpath_core::imagelock::LockError::Fcntl { .. } => ErrorKind::Io,
+                };
+                Error::new(kind, e.to_string())
+            })?;
         }
         let (capacity, block_size) = (target.capacity(), target.block_size());
         tracing::info!(path = %path.display(), capacity, block_size, direct = spec.direct, "opened image");

@@ -241,7 +241,7 @@ impl Direct {
         let c = match self.member.link.connect(self.map_timeout).await {
             Ok(c) => c,
             Err(e) => {
-                self.go_down(&e);
+                self.go_down(&e.to_string());
                 return None;
             }
         };
@@ -252,7 +252,9 @@ impl Direct {
             let (volume, id) = (self.volume.clone(), c.identity.clone());
             let matches = tokio::task::spawn_blocking(move || crate::lun::check(&*volume, &id))
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()));
+                .unwrap_or_else(|e| {
+                    Err(Error::new(ErrorKind::Io, format!("checking the LUN: {e}")).into())
+                });
             if let Err(e) = matches {
                 self.go_down(&format!("after reconnecting to the map server: {e}"));
                 return None;

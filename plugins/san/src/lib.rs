@@ -183,7 +183,7 @@ impl Plugin for SanPlugin {
             "auto" => LunSpec::Auto,
             p if p.starts_with('/') => LunSpec::Device(PathBuf::from(p)),
             u if u.starts_with("iscsi://") => {
-                let url = IscsiUrl::parse(u).map_err(|e| OptionError::new("lun", e))?;
+                let url = IscsiUrl::parse(u).map_err(|e| OptionError::new("lun", e.to_string()))?;
                 if url.user.is_some() && o.lun_password_file.is_none() {
                     return Err(OptionError::new(
                         "lun_password_file",
@@ -227,6 +227,20 @@ impl Plugin for SanPlugin {
     }
 }
 
+/// Why the direct path is not up: the disk serves over SMB meanwhile and tries again.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    /// The key file, the LUN's device or session, or its engine.
+    #[error(transparent)]
+    Io(#[from] twinpath_core::Error),
+    #[error(transparent)]
+    Dial(#[from] link::DialError),
+    #[error(transparent)]
+    Lun(#[from] lun::LunError),
+    #[error("setup timed out after {0:?}")]
+    TimedOut(Duration),
+}
+
 impl DirectSetup {
     /// This host's map key. A key file that cannot be used fails the disk's open, like a bad
     /// SMB password file: an operator must hear of it, not find the disk silently on SMB.
@@ -246,8 +260,8 @@ impl DirectSetup {
         &self,
         ctx: &OpenContext,
         stats: Arc<PathStats>,
-    ) -> std::result::Result<Arc<Direct>, String> {
-        let key = self.key().map_err(|e| e.to_string())?;
+    ) -> std::result::Result<Arc<Direct>, SetupError> {
+        let key = self.key()?;
         let links = ctx.shared::<Links>();
         let link = MapLink::shared(&links, &self.map_server, key, &self.host_name);
         let member = link.join();
@@ -257,7 +271,7 @@ impl DirectSetup {
         let fence_key = twinpath_mapproto::fence_key(&self.host_name);
         let (volume, registered) = ctx
             .runtime()
-            .spawn_blocking(move || -> std::result::Result<_, String> {
+            .spawn_blocking(move || -> std::result::Result<_, SetupError> {
                 let volume: Arc<dyn Volume> = match lun {
                     LunSpec::Auto => Arc::new(lun::find(&checked)?),
                     LunSpec::Device(p) => Arc::new(BlockDevice::open(&p)?),
@@ -272,7 +286,9 @@ impl DirectSetup {
                 Ok((volume, registered))
             })
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| {
+                twinpath_core::Error::new(twinpath_core::ErrorKind::Io, format!("LUN setup: {e}"))
+            })??;
         let backend = volume.io(self.read_only, ctx.runtime())?;
         match registered {
             Ok(true) => tracing::info!(image = self.path, "registered on the LUN for fencing"),
@@ -329,27 +345,28 @@ impl BackendSpec for SanSpec {
         let network = Arc::new(self.network.open(ctx).await?);
         let direct = Arc::new(OnceLock::new());
         let stats = Arc::new(PathStats::with_events(&direct::EVENTS));
-        match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(ctx, stats.clone())).await {
-            Ok(Ok(d)) => {
-                let _ = direct.set(d);
-            }
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e,
-                    _ => "setup timed out".to_owned(),
-                };
-                tracing::warn!(
-                    image = self.setup.path,
-                    "direct path unavailable, serving over SMB (trying again every {SETUP_RETRY:?}): {why}"
-                );
-                retry_later(
-                    ctx.clone(),
-                    self.setup.clone(),
-                    Arc::downgrade(&direct),
-                    stats.clone(),
-                    why,
-                );
-            }
+        let failed =
+            match tokio::time::timeout(SETUP_TIMEOUT, self.setup.open(ctx, stats.clone())).await {
+                Ok(Ok(d)) => {
+                    let _ = direct.set(d);
+                    None
+                }
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(SetupError::TimedOut(SETUP_TIMEOUT)),
+            };
+        if let Some(failed) = failed {
+            let why = failed.to_string();
+            tracing::warn!(
+                image = self.setup.path,
+                "direct path unavailable, serving over SMB (trying again every {SETUP_RETRY:?}): {why}"
+            );
+            retry_later(
+                ctx.clone(),
+                self.setup.clone(),
+                Arc::downgrade(&direct),
+                stats.clone(),
+                why,
+            );
         }
         Ok(Arc::new(SanBackend {
             network,
@@ -373,21 +390,19 @@ fn retry_later(
         loop {
             tokio::time::sleep(SETUP_RETRY).await;
             let Some(slot) = slot.upgrade() else { return };
-            match tokio::time::timeout(SETUP_TIMEOUT, setup.open(&ctx, stats.clone())).await {
-                Ok(Ok(d)) => {
-                    let _ = slot.set(d);
-                    return;
-                }
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e,
-                        _ => "setup timed out".to_owned(),
-                    };
-                    if why != last {
-                        tracing::warn!(image = setup.path, "direct path still unavailable: {why}");
-                        last = why;
+            let failed =
+                match tokio::time::timeout(SETUP_TIMEOUT, setup.open(&ctx, stats.clone())).await {
+                    Ok(Ok(d)) => {
+                        let _ = slot.set(d);
+                        return;
                     }
-                }
+                    Ok(Err(e)) => e,
+                    Err(_) => SetupError::TimedOut(SETUP_TIMEOUT),
+                };
+            let why = failed.to_string();
+            if why != last {
+                tracing::warn!(image = setup.path, "direct path still unavailable: {why}");
+                last = why;
             }
         }
     });

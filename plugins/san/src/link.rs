@@ -26,6 +26,28 @@ pub enum Event {
     Lost(String),
 }
 
+/// Why there is no map connection: the last dial's failure, kept (and cloned to every disk
+/// that asks) until the next dial may be tried.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("map server {addr}: {failure}")]
+pub struct DialError {
+    pub addr: String,
+    pub failure: DialFailure,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DialFailure {
+    #[error("no answer in {0:?}")]
+    NoAnswer(Duration),
+    /// The connection, the handshake or a request failed; the client's words for it.
+    #[error("{0}")]
+    Failed(String),
+    #[error("asked for the volume identity, got {0}")]
+    UnexpectedReply(String),
+    #[error("first renewal: {0}")]
+    FirstRenewal(String),
+}
+
 /// A live connection and what the server said about its volume on it.
 #[derive(Clone)]
 pub struct Connected {
@@ -39,7 +61,7 @@ pub struct Connected {
 #[derive(Default)]
 struct Dialer {
     /// When the last dial failed, and why.
-    failed: Option<(Instant, String)>,
+    failed: Option<(Instant, DialError)>,
     generation: u64,
 }
 
@@ -119,7 +141,7 @@ impl MapLink {
     /// The live connection, dialing if there is none and the last failure is old enough;
     /// each step of a dial (connect and authenticate, identity, first renewal) waits at most
     /// `timeout`.
-    pub async fn connect(&self, timeout: Duration) -> Result<Connected, String> {
+    pub async fn connect(&self, timeout: Duration) -> Result<Connected, DialError> {
         if let Some(c) = self.live() {
             return Ok(c);
         }
@@ -151,8 +173,11 @@ impl MapLink {
                 );
                 Ok(c)
             }
-            Err(e) => {
-                let why = format!("map server {}: {e}", self.addr);
+            Err(failure) => {
+                let why = DialError {
+                    addr: self.addr.clone(),
+                    failure,
+                };
                 d.failed = Some((Instant::now(), why.clone()));
                 Err(why)
             }
@@ -162,7 +187,7 @@ impl MapLink {
     async fn dial(
         &self,
         timeout: Duration,
-    ) -> Result<(MapClient, VolumeIdentity, mpsc::UnboundedReceiver<Recall>), String> {
+    ) -> Result<(MapClient, VolumeIdentity, mpsc::UnboundedReceiver<Recall>), DialFailure> {
         // Requests that need a map wait for this; an unreachable server must not hold them
         // for the kernel's TCP connect timeout.
         let (client, recalls) = tokio::time::timeout(
@@ -170,20 +195,20 @@ impl MapLink {
             MapClient::connect(&self.addr, &self.key, &self.host),
         )
         .await
-        .map_err(|_| format!("no answer in {timeout:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| DialFailure::NoAnswer(timeout))?
+        .map_err(|e| DialFailure::Failed(e.to_string()))?;
         let id = match client
             .call_within(timeout, None, Request::Identity)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| DialFailure::Failed(e.to_string()))?
         {
             Reply::Identity(id) => id,
-            other => return Err(format!("asked for the volume identity, got {other:?}")),
+            other => return Err(DialFailure::UnexpectedReply(format!("{other:?}"))),
         };
         let lease_time = client
             .keep_alive(timeout)
             .await
-            .map_err(|e| format!("first renewal: {e}"))?;
+            .map_err(|e| DialFailure::FirstRenewal(e.to_string()))?;
         tracing::debug!(map_server = self.addr, ?lease_time, "leases renewed");
         Ok((client, id, recalls))
     }

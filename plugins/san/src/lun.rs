@@ -12,44 +12,72 @@ use twinpath_mapproto::VolumeIdentity;
 
 use crate::volume::{BlockDevice, Volume};
 
+/// Why a device is not the server's volume, or none is.
+#[derive(Debug, thiserror::Error)]
+pub enum LunError {
+    /// Reading the device failed.
+    #[error(transparent)]
+    Read(#[from] twinpath_core::Error),
+    #[error("{device} holds no xfs or ext4")]
+    NoFilesystem { device: String },
+    #[error("{device} holds {found}, the server's volume is {want}")]
+    OtherFilesystem {
+        device: String,
+        found: String,
+        want: String,
+    },
+    #[error("{device} is {size} bytes, the server's volume {want}")]
+    OtherSize {
+        device: String,
+        size: u64,
+        want: u64,
+    },
+    #[error("{device}: the session token is not on it (a copy of the volume?)")]
+    NoToken { device: String },
+    #[error("/sys/block: {0}")]
+    Scan(#[source] std::io::Error),
+    #[error("no local device holds the server's {fs_type} volume {uuid}")]
+    NotFound { fs_type: String, uuid: String },
+    #[error("several devices hold the server's volume: {}", .0.join(", "))]
+    Several(Vec<String>),
+}
+
 /// Checks that `vol` is the volume `id` describes.
-pub fn check(vol: &dyn Volume, id: &VolumeIdentity) -> Result<(), String> {
-    let name = vol.describe();
+pub fn check(vol: &dyn Volume, id: &VolumeIdentity) -> Result<(), LunError> {
+    let device = vol.describe();
     let head = vol.read_at(0, 4096)?;
-    let found = VolumeId::parse(&head).ok_or_else(|| format!("{name} holds no xfs or ext4"))?;
+    let Some(found) = VolumeId::parse(&head) else {
+        return Err(LunError::NoFilesystem { device });
+    };
     if found.fs_type.name() != id.fs_type || found.uuid_hex() != id.uuid {
-        return Err(format!(
-            "{name} holds {} {}, the server's volume is {} {}",
-            found.fs_type.name(),
-            found.uuid_hex(),
-            id.fs_type,
-            id.uuid
-        ));
+        return Err(LunError::OtherFilesystem {
+            device,
+            found: format!("{} {}", found.fs_type.name(), found.uuid_hex()),
+            want: format!("{} {}", id.fs_type, id.uuid),
+        });
     }
     if vol.size() != id.size {
-        return Err(format!(
-            "{name} is {} bytes, the server's volume {}",
-            vol.size(),
-            id.size
-        ));
+        return Err(LunError::OtherSize {
+            device,
+            size: vol.size(),
+            want: id.size,
+        });
     }
     let token = vol
         .read_at(id.token_offset, id.token_len as usize)
-        .map_err(|e| format!("token: {e}"))?;
+        .map_err(|e| e.within("token"))?;
     if hex::encode(Sha256::digest(&token)) == id.token_sha256 {
         Ok(())
     } else {
-        Err(format!(
-            "{name}: the session token is not on it (a copy of the volume?)"
-        ))
+        Err(LunError::NoToken { device })
     }
 }
 
 /// Scans /sys/block for the one device that passes [`check`]. A device with holders (a
 /// multipath or other device-mapper device built on it) is skipped in favour of the holder.
-pub fn find(id: &VolumeIdentity) -> Result<BlockDevice, String> {
+pub fn find(id: &VolumeIdentity) -> Result<BlockDevice, LunError> {
     let mut found = Vec::new();
-    let entries = std::fs::read_dir("/sys/block").map_err(|e| format!("/sys/block: {e}"))?;
+    let entries = std::fs::read_dir("/sys/block").map_err(LunError::Scan)?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let holders = std::fs::read_dir(entry.path().join("holders"))
@@ -67,17 +95,12 @@ pub fn find(id: &VolumeIdentity) -> Result<BlockDevice, String> {
     }
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(format!(
-            "no local device holds the server's {} volume {}",
-            id.fs_type, id.uuid
-        )),
-        _ => Err(format!(
-            "several devices hold the server's volume: {}",
-            found
-                .iter()
-                .map(|d| d.describe())
-                .collect::<Vec<_>>()
-                .join(", ")
+        0 => Err(LunError::NotFound {
+            fs_type: id.fs_type.clone(),
+            uuid: id.uuid.clone(),
+        }),
+        _ => Err(LunError::Several(
+            found.iter().map(|d| d.describe()).collect(),
         )),
     }
 }

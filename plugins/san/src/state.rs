@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use twinpath_filemap::{Grant, Guard, Piece};
+use twinpath_filemap::{Grant, Guard, OutsideGrant, Piece};
 use twinpath_mapproto::Validity;
 
 /// Maps are asked for in windows of the image this large (the map server's default
@@ -139,7 +139,7 @@ impl Ticket {
     }
 
     /// Whether `[physical, physical + len)` lies in what the grant allows this ticket.
-    pub fn check(&self, physical: u64, len: u64) -> Result<(), String> {
+    pub fn check(&self, physical: u64, len: u64) -> Result<(), OutsideGrant> {
         self.win.guard.check(physical, len, self.write)
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use twinpath_blockio::{AnyEngine, Engine, EngineKind, QueueRing, Target};
-use twinpath_core::{GuestBuffers, Permit, Result as IoResult};
+use twinpath_core::{Error, ErrorKind, GuestBuffers, Permit, Result as IoResult};
 use twinpath_filemap::pr::PrError;
 use twinpath_filemap::read_direct;
 use twinpath_iscsi::{IscsiUrl, Session};
@@ -23,20 +23,16 @@ pub trait Volume: Send + Sync {
     fn size(&self) -> u64;
 
     /// `len` bytes at `offset`, for identity checks (superblock, token). Blocks.
-    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String>;
+    fn read_at(&self, offset: u64, len: usize) -> IoResult<Vec<u8>>;
 
     /// What reads and writes it at the physical offsets the guard let through; blocking work
     /// goes to `runtime`'s pool.
-    fn io(
-        &self,
-        read_only: bool,
-        runtime: &tokio::runtime::Handle,
-    ) -> Result<Arc<dyn LunIo>, String>;
+    fn io(&self, read_only: bool, runtime: &tokio::runtime::Handle) -> IoResult<Arc<dyn LunIo>>;
 
     /// Registers this host's persistent reservation `key` (replacing any it had), so that it
     /// may write while the map server holds a Registrants Only reservation; `Ok(false)` where
     /// the device has no persistent reservations. Blocks.
-    fn register(&self, key: u64) -> Result<bool, String>;
+    fn register(&self, key: u64) -> IoResult<bool>;
 }
 
 /// Direct I/O on the LUN, under the grant's permit. The executor asks the permit before each
@@ -104,8 +100,8 @@ pub struct BlockDevice {
 }
 
 impl BlockDevice {
-    pub fn open(path: &Path) -> Result<BlockDevice, String> {
-        let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    pub fn open(path: &Path) -> IoResult<BlockDevice> {
+        let at = |e| Error::io(path.display().to_string(), e);
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECT)
@@ -129,26 +125,25 @@ impl Volume for BlockDevice {
         self.size
     }
 
-    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
-        read_direct(&self.file, offset, len).map_err(|e| format!("{}: {e}", self.describe()))
+    fn read_at(&self, offset: u64, len: usize) -> IoResult<Vec<u8>> {
+        read_direct(&self.file, offset, len).map_err(|e| Error::io(self.describe(), e))
     }
 
-    fn io(
-        &self,
-        read_only: bool,
-        runtime: &tokio::runtime::Handle,
-    ) -> Result<Arc<dyn LunIo>, String> {
-        let target = Target::open(&self.path, read_only, true).map_err(|e| e.to_string())?;
-        let engine = AnyEngine::new(EngineKind::Auto, Arc::new(target), runtime)
-            .map_err(|e| e.to_string())?;
+    fn io(&self, read_only: bool, runtime: &tokio::runtime::Handle) -> IoResult<Arc<dyn LunIo>> {
+        let target = Target::open(&self.path, read_only, true)?;
+        let engine = AnyEngine::new(EngineKind::Auto, Arc::new(target), runtime)?;
         Ok(Arc::new(Kernel(engine)))
     }
 
-    fn register(&self, key: u64) -> Result<bool, String> {
+    fn register(&self, key: u64) -> IoResult<bool> {
         match twinpath_filemap::pr::register(&self.file, key) {
             Ok(()) => Ok(true),
             Err(PrError::Unsupported) => Ok(false),
-            Err(e) => Err(format!("{}: PR REGISTER: {e}", self.describe())),
+            Err(e) => Err(Error::with_source(
+                ErrorKind::Io,
+                format!("{}: PR REGISTER", self.describe()),
+                e,
+            )),
         }
     }
 }
@@ -163,13 +158,11 @@ impl IscsiLun {
         url: &IscsiUrl,
         password_file: Option<&Path>,
         host_name: &str,
-    ) -> Result<IscsiLun, String> {
+    ) -> IoResult<IscsiLun> {
         let password = password_file
             .map(|p| twinpath_core::read_secret("lun_password_file", p))
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        let session = Session::connect(url, password.as_deref(), &initiator_name(host_name))
-            .map_err(|e| e.to_string())?;
+            .transpose()?;
+        let session = Session::connect(url, password.as_deref(), &initiator_name(host_name))?;
         Ok(IscsiLun(Arc::new(session)))
     }
 }
@@ -199,31 +192,25 @@ impl Volume for IscsiLun {
         self.0.capacity()
     }
 
-    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    fn read_at(&self, offset: u64, len: usize) -> IoResult<Vec<u8>> {
         // Whole blocks around the range, as SCSI reads them.
         let bs = u64::from(self.0.block_size());
         let start = offset - offset % bs;
         let end = (offset + len as u64).div_ceil(bs) * bs;
         let (bufs, data) = GuestBuffers::from_vec(vec![0; (end - start) as usize]);
-        futures::executor::block_on(self.0.read(start, &bufs)).map_err(|e| e.to_string())?;
+        futures::executor::block_on(self.0.read(start, &bufs))?;
         drop(bufs);
         let data = data.lock().unwrap_or_else(|e| e.into_inner());
         let from = (offset - start) as usize;
         Ok(data[from..from + len].to_vec())
     }
 
-    fn io(
-        &self,
-        _read_only: bool,
-        _runtime: &tokio::runtime::Handle,
-    ) -> Result<Arc<dyn LunIo>, String> {
+    fn io(&self, _read_only: bool, _runtime: &tokio::runtime::Handle) -> IoResult<Arc<dyn LunIo>> {
         Ok(Arc::new(Iscsi(self.0.clone())))
     }
 
-    fn register(&self, key: u64) -> Result<bool, String> {
-        futures::executor::block_on(self.0.pr_register(key))
-            .map(|()| true)
-            .map_err(|e| e.to_string())
+    fn register(&self, key: u64) -> IoResult<bool> {
+        futures::executor::block_on(self.0.pr_register(key)).map(|()| true)
     }
 }
 

@@ -203,7 +203,9 @@ fn run(mut args: Args) -> Result<(), String> {
     };
     let jobs = guestfio::load_jobs(&args.job_dir, &args.jobs, &overrides)?;
     let local = if args.local {
-        let size = twinpath_core::ByteSize::parse(args.size.as_deref().unwrap_or("256m"))?.0;
+        let size = twinpath_core::ByteSize::parse(args.size.as_deref().unwrap_or("256m"))
+            .map_err(|e| e.to_string())?
+            .0;
         let (local, targets) = start_local(size)?;
         args.targets.extend(targets);
         args.peer_image = Some(local.image.clone());

@@ -385,7 +385,7 @@ impl Volume for MemVolume {
         LUN
     }
 
-    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    fn read_at(&self, offset: u64, len: usize) -> twinpath_core::Result<Vec<u8>> {
         Ok(lock(&self.0.book).data[offset as usize..offset as usize + len].to_vec())
     }
 
@@ -393,11 +393,11 @@ impl Volume for MemVolume {
         &self,
         _read_only: bool,
         _runtime: &tokio::runtime::Handle,
-    ) -> Result<Arc<dyn LunIo>, String> {
+    ) -> twinpath_core::Result<Arc<dyn LunIo>> {
         Ok(self.0.clone())
     }
 
-    fn register(&self, _key: u64) -> Result<bool, String> {
+    fn register(&self, _key: u64) -> twinpath_core::Result<bool> {
         Ok(false)
     }
 }

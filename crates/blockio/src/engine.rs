@@ -133,6 +133,7 @@ pub trait Engine: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
             let len = bufs.len() as u64;
+            self.target().within("read", offset, len)?;
             self.transfer(queue, offset, bufs, false, permit)
                 .await
                 .map_err(|e| Error::io(self.target().context("read", offset, len), e))
@@ -149,6 +150,7 @@ pub trait Engine: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
             let len = bufs.len() as u64;
+            self.target().within("write", offset, len)?;
             self.transfer(queue, offset, bufs, true, permit)
                 .await
                 .map_err(|e| Error::io(self.target().context("write", offset, len), e))
@@ -172,6 +174,7 @@ pub trait Engine: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
+            self.target().within("discard", offset, len)?;
             match self.range(queue, RangeOp::Discard, offset, len).await {
                 // Discard is a hint; a store that cannot deallocate simply keeps the data.
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
@@ -188,6 +191,7 @@ pub trait Engine: Send + Sync + 'static {
         unmap: bool,
     ) -> impl Future<Output = Result<()>> + Send {
         async move {
+            self.target().within("write-zeroes", offset, len)?;
             let result = match self
                 .range(queue, RangeOp::Zero { unmap }, offset, len)
                 .await

@@ -120,6 +120,22 @@ impl Target {
     }
 
     /// What an error names: the operation, the file and the range.
+    /// Refuses `[offset, offset + len)` unless it lies within the target: a write past the
+    /// end of an image file would grow it.
+    pub(crate) fn within(&self, op: &str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.capacity => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "{}: the target is {} bytes",
+                    self.context(op, offset, len),
+                    self.capacity
+                ),
+            )),
+        }
+    }
+
     pub(crate) fn context(&self, op: &str, offset: u64, len: u64) -> String {
         format!(
             "{op} {} at offset {offset} length {len}",

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use twinpath_core::{GuestBuffers, Permit};
+use twinpath_core::{ErrorKind, GuestBuffers, Permit};
 
 use crate::{AnyEngine, Engine, EngineKind, QueueRing, Target};
 
@@ -57,7 +57,7 @@ fn engine(rt: &tokio::runtime::Runtime, path: &Path, direct: bool, kind: EngineK
 }
 
 /// Writes, reads back, zeroes, discards and flushes through `engine`, on `queue` if given.
-fn exercise(engine: &AnyEngine, queue: Option<&QueueRing>) {
+fn exercise(engine: &AnyEngine, queue: Option<&QueueRing>, path: &Path) {
     let what = engine.name();
     let (bufs, _) = GuestBuffers::from_vec((0..8192u32).map(|i| i as u8).collect());
     on_worker(queue, engine.write(queue, 4096, bufs, None)).unwrap();
@@ -74,9 +74,20 @@ fn exercise(engine: &AnyEngine, queue: Option<&QueueRing>) {
         data.lock().unwrap().iter().all(|&b| b == 0),
         "{what}: zeroed and discarded"
     );
-    // Reading past the end of the file (it shrank under the engine) reads zeros.
+    // Past the target's end: refused, and the file does not grow.
+    let (bufs, _) = GuestBuffers::from_vec(vec![9; 8192]);
+    let e = on_worker(queue, engine.write(queue, 61440, bufs, None)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange, "{what}: {e}");
+    assert_eq!(std::fs::metadata(path).unwrap().len(), 65536, "{what}");
+    // The file shrank under the engine: where it no longer reaches reads as zeros.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(61440)
+        .unwrap();
     let (bufs, data) = GuestBuffers::from_vec(vec![9; 8192]);
-    on_worker(queue, engine.read(queue, 61440, bufs, None)).unwrap();
+    on_worker(queue, engine.read(queue, 57344, bufs, None)).unwrap();
     let data = data.lock().unwrap();
     assert!(data[..4096].iter().all(|&b| b == 1), "{what}: last block");
     assert!(data[4096..].iter().all(|&b| b == 0), "{what}: past the end");
@@ -92,12 +103,12 @@ fn every_engine_reads_writes_zeroes_and_flushes_alike() {
         for kind in [EngineKind::Inline, EngineKind::Threads, EngineKind::Uring] {
             let path = image(dir.path(), 65536, 1);
             let e = engine(&rt, &path, false, kind);
-            exercise(&e, None);
+            exercise(&e, None, &path);
             let queue = e.queue(eventfd());
             assert_eq!(queue.is_some(), kind == EngineKind::Uring, "{kind:?}");
             if let Some(q) = &queue {
                 std::fs::write(&path, vec![1; 65536]).unwrap();
-                exercise(&e, Some(q));
+                exercise(&e, Some(q), &path);
                 assert_eq!(q.in_flight(), 0);
             }
         }

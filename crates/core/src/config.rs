@@ -394,48 +394,10 @@ fn option_error(disk: Option<&str>, prefix: Option<&str>, e: OptionError) -> Con
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::BlockBackend;
-    use crate::registry::Plugin;
-    use std::sync::Arc;
-
-    #[derive(Debug)]
-    struct NullSpec(u64);
-
-    #[async_trait::async_trait]
-    impl BackendSpec for NullSpec {
-        fn describe(&self) -> String {
-            format!("dummy {}", self.0)
-        }
-        async fn open(&self, _: &crate::OpenContext) -> crate::Result<Arc<dyn BlockBackend>> {
-            Err(crate::Error::new(crate::ErrorKind::Unsupported, "dummy"))
-        }
-    }
-
-    struct NullPlugin;
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct NullOptions {
-        size: u64,
-    }
-
-    impl Plugin for NullPlugin {
-        fn name(&self) -> &'static str {
-            "dummy"
-        }
-        fn parse(
-            &self,
-            _: &DiskContext,
-            options: serde_yaml::Value,
-        ) -> Result<Box<dyn BackendSpec>, OptionError> {
-            let o: NullOptions = parse_options(options)?;
-            Ok(Box::new(NullSpec(o.size)))
-        }
-    }
 
     fn registry() -> Registry {
         let mut r = Registry::new();
-        r.register(Box::new(NullPlugin));
+        r.register(Box::new(crate::testing::MemPlugin));
         r
     }
 
@@ -446,7 +408,7 @@ mod tests {
     #[test]
     fn socket_access_takes_the_global_default_and_per_disk_overrides() {
         let c = Config::parse(
-            "socket_group: root\nsocket_mode: \"0660\"\ndisks:\n  - name: a\n    socket: /a\n    backend: {type: dummy, size: 4}\n  - name: b\n    socket: /b\n    socket_mode: \"0640\"\n    socket_group: \"7\"\n    backend: {type: dummy, size: 4}\n",
+            "socket_group: root\nsocket_mode: \"0660\"\ndisks:\n  - name: a\n    socket: /a\n    backend: {type: memory, size: 4}\n  - name: b\n    socket: /b\n    socket_mode: \"0640\"\n    socket_group: \"7\"\n    backend: {type: memory, size: 4}\n",
             &registry(),
         )
         .unwrap();
@@ -469,7 +431,7 @@ mod tests {
     #[test]
     fn parses_defaults() {
         let c = Config::parse(
-            "disks:\n  - name: a\n    socket: /tmp/a.sock\n    backend: {type: dummy, size: 4}\n",
+            "disks:\n  - name: a\n    socket: /tmp/a.sock\n    backend: {type: memory, size: 4}\n",
             &registry(),
         )
         .unwrap();
@@ -490,13 +452,13 @@ mod tests {
                 DEFAULT_MAX_INFLIGHT_BYTES
             )
         );
-        assert_eq!(d.backend.describe(), "dummy 4");
+        assert_eq!(d.backend.describe(), "memory, 4 B");
         assert_eq!(d.socket_access, SocketAccess::default());
     }
 
     #[test]
     fn metrics_listen_is_optional_and_checked() {
-        let disks = "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1}\n";
+        let disks = "disks:\n  - name: a\n    socket: /s\n    backend: {type: memory, size: 1}\n";
         assert_eq!(Config::parse(disks, &registry()).unwrap().metrics, None);
         let c = Config::parse(
             &format!("{disks}metrics: {{listen: '127.0.0.1:9810'}}\n"),
@@ -516,22 +478,22 @@ mod tests {
 
     #[test]
     fn errors_name_disk_and_key() {
-        let e = err("disks:\n  - name: a\n    socket: /s\n    bogus: 1\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    bogus: 1\n    backend: {type: memory, size: 1}\n");
         assert_eq!(e.disk.as_deref(), Some("a"));
         assert!(e.message.contains("unknown field `bogus`"), "{e}");
 
-        let e = err("disks:\n  - name: a\n    socket: /s\n    num_queues: many\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    num_queues: many\n    backend: {type: memory, size: 1}\n");
         assert_eq!(
             (e.disk.as_deref(), e.key.as_deref()),
             (Some("a"), Some("num_queues"))
         );
 
-        let e = err("disks:\n  - name: a\n    socket: /s\n    num_queues: 0\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    num_queues: 0\n    backend: {type: memory, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("num_queues"));
 
-        let e = err("disks:\n  - name: a\n    socket: /s\n    poll_us: 5000\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    poll_us: 5000\n    backend: {type: memory, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("poll_us"), "{e}");
-        let e = err("disks:\n  - name: a\n    socket: /s\n    max_inflight_bytes: 4K\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    max_inflight_bytes: 4K\n    backend: {type: memory, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("max_inflight_bytes"), "{e}");
         for (lines, key, says) in [
             ("    socket_mode: \"0666\"\n", "socket_mode", "every user"),
@@ -544,17 +506,17 @@ mod tests {
             ),
         ] {
             let e = err(&format!(
-                "disks:\n  - name: a\n    socket: /s\n{lines}    backend: {{type: dummy, size: 1}}\n"
+                "disks:\n  - name: a\n    socket: /s\n{lines}    backend: {{type: memory, size: 1}}\n"
             ));
             assert_eq!(e.key.as_deref(), Some(key), "{e}");
             assert!(e.to_string().contains(says), "{e}");
         }
 
-        let e = err("disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: x}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    backend: {type: memory, size: x}\n");
         assert_eq!(e.key.as_deref(), Some("backend.size"), "{e}");
 
         let e = err(
-            "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1, path: p}\n",
+            "disks:\n  - name: a\n    socket: /s\n    backend: {type: memory, size: 1, path: p}\n",
         );
         assert_eq!(e.key.as_deref(), Some("backend.path"), "{e}");
         assert!(e.to_string().contains("unknown field `path`"), "{e}");
@@ -563,20 +525,20 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("backend.type"));
         assert!(e.message.contains("unknown backend `smb2`"), "{e}");
 
-        let e = err("disks:\n  - socket: /s\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - socket: /s\n    backend: {type: memory, size: 1}\n");
         assert_eq!(e.disk.as_deref(), Some("#1"));
         assert!(e.message.contains("missing field `name`"), "{e}");
     }
 
     #[test]
     fn rejects_duplicates_and_bad_values() {
-        let two = "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1}\n  - name: a\n    socket: /t\n    backend: {type: dummy, size: 1}\n";
+        let two = "disks:\n  - name: a\n    socket: /s\n    backend: {type: memory, size: 1}\n  - name: a\n    socket: /t\n    backend: {type: memory, size: 1}\n";
         assert_eq!(err(two).key.as_deref(), Some("name"));
-        let two = "disks:\n  - name: a\n    socket: /s\n    backend: {type: dummy, size: 1}\n  - name: b\n    socket: /s\n    backend: {type: dummy, size: 1}\n";
+        let two = "disks:\n  - name: a\n    socket: /s\n    backend: {type: memory, size: 1}\n  - name: b\n    socket: /s\n    backend: {type: memory, size: 1}\n";
         assert_eq!(err(two).key.as_deref(), Some("socket"));
-        let e = err("disks:\n  - name: a\n    socket: /s\n    serial: 012345678901234567890\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    serial: 012345678901234567890\n    backend: {type: memory, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("serial"));
-        let e = err("disks:\n  - name: a\n    socket: /s\n    cache: none\n    backend: {type: dummy, size: 1}\n");
+        let e = err("disks:\n  - name: a\n    socket: /s\n    cache: none\n    backend: {type: memory, size: 1}\n");
         assert_eq!(e.key.as_deref(), Some("cache"), "{e}");
         assert!(err("disks: []\n").message.contains("no disks"));
         assert!(err("disk: []\n").message.contains("unknown field `disk`"));

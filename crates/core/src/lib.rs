@@ -20,6 +20,8 @@ mod registry;
 mod secret;
 mod size;
 pub mod stats;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use backend::{BlockBackend, BlockIo, DiskInfo, Permit, QueueLink};
 pub use buffers::{GuestBuffers, IoVecs};

@@ -53,6 +53,21 @@ impl SmbImage {
         self.stats.clone()
     }
 
+    /// Refuses `[offset, offset + len)` unless it lies within the image: a write past its end
+    /// would grow the file on the server.
+    pub fn within(&self, what: &str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.info.capacity => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "{}: {what} of {len} bytes at {offset} on a {}-byte image",
+                    self.target, self.info.capacity
+                ),
+            )),
+        }
+    }
+
     /// Runs `op` of kind `kind` moving `bytes`, counted and with the image named in its error.
     async fn counted(
         &self,
@@ -67,6 +82,7 @@ impl SmbImage {
 
     pub async fn read(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
         let len = bufs.len() as u64;
+        self.within("read", offset, len)?;
         self.counted(
             (Op::Read, len),
             self.pipeline.read(&self.file, offset, bufs),
@@ -76,6 +92,7 @@ impl SmbImage {
 
     pub async fn write(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
         let len = bufs.len() as u64;
+        self.within("write", offset, len)?;
         self.counted(
             (Op::Write, len),
             self.pipeline.write(&self.file, offset, bufs),
@@ -103,6 +120,7 @@ impl SmbImage {
 
     /// Zeros `[offset, offset + len)` (discard and write-zeroes alike).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.within("write-zeroes", offset, len)?;
         self.counted((Op::Other, 0), self.zero(offset, len)).await
     }
 

@@ -904,94 +904,9 @@ impl BlkDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::DiskSettings;
     use crate::request::SECTOR_SIZE;
-    use async_trait::async_trait;
-    use std::sync::atomic::AtomicUsize;
-    use twinpath_core::{BlockBackend, CacheMode, DiskInfo};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
-
-    /// An in-memory backend whose reads can be held back, to observe out-of-order completion.
-    struct MemBackend {
-        data: Mutex<Vec<u8>>,
-        /// Whether writes sit in a volatile cache (DiskInfo::volatile_cache).
-        volatile: bool,
-        flushes: AtomicUsize,
-        hold_reads: AtomicBool,
-        held: Mutex<Vec<Waker>>,
-    }
-
-    impl MemBackend {
-        fn release_reads(&self) {
-            self.hold_reads.store(false, Ordering::SeqCst);
-            for w in lock(&self.held).drain(..) {
-                w.wake();
-            }
-        }
-    }
-
-    struct Gate<'a>(&'a MemBackend);
-
-    impl Future for Gate<'_> {
-        type Output = ();
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            if self.0.hold_reads.load(Ordering::SeqCst) {
-                lock(&self.0.held).push(cx.waker().clone());
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        }
-    }
-
-    impl BlockBackend for MemBackend {
-        fn info(&self) -> DiskInfo {
-            DiskInfo {
-                discard: false,
-                write_zeroes: false,
-                volatile_cache: self.volatile,
-                ..DiskInfo::new(lock(&self.data).len() as u64)
-            }
-        }
-    }
-
-    #[async_trait]
-    impl BlockIo for MemBackend {
-        async fn read(&self, offset: u64, bufs: GuestBuffers) -> twinpath_core::Result<()> {
-            Gate(self).await;
-            let data = lock(&self.data);
-            bufs.copy_from_slice(0, &data[offset as usize..offset as usize + bufs.len()]);
-            Ok(())
-        }
-        async fn write(&self, offset: u64, bufs: GuestBuffers) -> twinpath_core::Result<()> {
-            let mut data = lock(&self.data);
-            bufs.copy_to_slice(0, &mut data[offset as usize..offset as usize + bufs.len()]);
-            Ok(())
-        }
-        async fn flush(&self) -> twinpath_core::Result<()> {
-            self.flushes.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    struct Rig {
-        mem: GuestMemoryMmap<()>,
-        vq: MockSplitQueue<'static, GuestMemoryMmap<()>>,
-        vring: VringRwLock,
-        device: BlkDevice,
-        backend: Arc<MemBackend>,
-        next_desc: u16,
-    }
-
-    /// The used ring: virtio-queue's mock puts it `size` bytes after the available ring, which
-    /// is longer than that.
-    const USED_RING: u64 = 0x8000;
-    const STATUS_BASE: u64 = 0x20000;
-    const HDR_BASE: u64 = 0x30000;
-    const DATA_BASE: u64 = 0x40000;
+    use crate::testing::{Rig, RigOptions};
+    use vm_memory::Bytes;
 
     fn rig(read_only: bool) -> Rig {
         rig_with(read_only, 64 << 20)
@@ -1001,120 +916,12 @@ mod tests {
         rig_on(read_only, max_inflight_bytes, true)
     }
 
-    fn rig_on(read_only: bool, max_inflight_bytes: u32, volatile: bool) -> Rig {
-        let mem: GuestMemoryMmap<()> =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
-        // The mock borrows the memory for its lifetime; leak a clone (regions are shared).
-        let leaked: &'static GuestMemoryMmap<()> = Box::leak(Box::new(mem.clone()));
-        let vq = MockSplitQueue::create(leaked, GuestAddress(0), 64);
-        let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), 64).unwrap();
-        vring.set_queue_size(64);
-        vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, USED_RING)
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        let backend = Arc::new(MemBackend {
-            data: Mutex::new(vec![0u8; 1 << 20]),
-            volatile,
-            flushes: AtomicUsize::new(0),
-            hold_reads: AtomicBool::new(false),
-            held: Mutex::new(Vec::new()),
-        });
-        let settings = DiskSettings {
-            name: "t".into(),
-            num_queues: 1,
+    fn rig_on(read_only: bool, max_inflight_bytes: u32, volatile_cache: bool) -> Rig {
+        Rig::new(RigOptions {
             read_only,
-            serial: Some("serial-1".into()),
-            cache: CacheMode::Writeback,
-            poll_us: 0,
             max_inflight_bytes,
-        };
-        let disk = Arc::new(Disk::new(settings, backend.clone()));
-        let device = BlkDevice::new(disk).unwrap();
-        device
-            .update_memory(GuestMemoryAtomic::new(mem.clone()))
-            .unwrap();
-        Rig {
-            mem,
-            vq,
-            vring,
-            device,
-            backend,
-            next_desc: 0,
-        }
-    }
-
-    impl Rig {
-        /// Queues a chain; returns its status address.
-        fn push(&mut self, req_type: u32, sector: u64, data: Option<(u32, bool)>) -> GuestAddress {
-            let n = self.next_desc as u64;
-            let hdr = GuestAddress(HDR_BASE + n * 16);
-            let status = GuestAddress(STATUS_BASE + n);
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&req_type.to_le_bytes());
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            self.mem.write_slice(&h, hdr).unwrap();
-            self.mem.write_obj(0xffu8, status).unwrap();
-            let first = self.next_desc;
-            let next = VRING_DESC_F_NEXT as u16;
-            let mut descs = vec![RawDescriptor::from(Descriptor::new(
-                hdr.0,
-                16,
-                next,
-                first + 1,
-            ))];
-            if let Some((len, device_writes)) = data {
-                let flags = next
-                    | if device_writes {
-                        VRING_DESC_F_WRITE as u16
-                    } else {
-                        0
-                    };
-                let d = Descriptor::new(DATA_BASE + n * 0x1000, len, flags, first + 2);
-                descs.push(RawDescriptor::from(d));
-            }
-            descs.push(RawDescriptor::from(Descriptor::new(
-                status.0,
-                1,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )));
-            self.vq.add_desc_chains(&descs, self.next_desc).unwrap();
-            self.next_desc += descs.len() as u16;
-            status
-        }
-
-        fn data_addr(&self, index: u64) -> GuestAddress {
-            GuestAddress(DATA_BASE + index * 0x1000)
-        }
-
-        fn kick(&self) {
-            self.device
-                .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
-                .unwrap();
-        }
-
-        fn completion(&self) {
-            let id = self.device.completion_event_id() as u16;
-            self.device
-                .handle_event(id, EventSet::IN, std::slice::from_ref(&self.vring), 0)
-                .unwrap();
-        }
-
-        fn used(&self) -> Vec<u32> {
-            let n: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
-            (0..n)
-                .map(|i| {
-                    let at = USED_RING + 4 + u64::from(i % 64) * 8;
-                    self.mem.read_obj(GuestAddress(at)).unwrap()
-                })
-                .collect()
-        }
-
-        fn status(&self, addr: GuestAddress) -> u8 {
-            self.mem.read_obj(addr).unwrap()
-        }
+            volatile_cache,
+        })
     }
 
     #[test]
@@ -1135,7 +942,7 @@ mod tests {
         rig.mem.read_slice(&mut back, rig.data_addr(8)).unwrap();
         assert_eq!(back, [7u8; 512]);
         assert_eq!(
-            &lock(&rig.backend.data)[2 * SECTOR_SIZE as usize..][..4],
+            &rig.backend.data()[2 * SECTOR_SIZE as usize..][..4],
             &[7, 7, 7, 7]
         );
         assert_eq!(rig.device.0.disk.rejected_count(), 2);
@@ -1144,7 +951,7 @@ mod tests {
     #[test]
     fn requests_finish_out_of_order_and_are_used_in_the_order_they_came() {
         let mut rig = rig(false);
-        rig.backend.hold_reads.store(true, Ordering::SeqCst);
+        rig.backend.hold_reads();
         rig.push(VIRTIO_BLK_T_IN, 0, Some((512, true)));
         let write = rig.push(VIRTIO_BLK_T_OUT, 8, Some((512, false)));
         rig.kick();
@@ -1164,7 +971,7 @@ mod tests {
     #[test]
     fn a_driver_with_more_requests_than_ring_entries_waits_for_room() {
         let mut rig = rig(false);
-        rig.backend.hold_reads.store(true, Ordering::SeqCst);
+        rig.backend.hold_reads();
         let read = rig.push(VIRTIO_BLK_T_IN, 0, Some((512, true)));
         // Entries naming heads beyond the ring: each is refused, and waits in line behind the
         // read. 70 of them, in a ring of 64, in two rounds.
@@ -1197,7 +1004,7 @@ mod tests {
     #[test]
     fn requests_over_the_byte_budget_wait_for_it() {
         let mut rig = rig_with(false, 4096);
-        rig.backend.hold_reads.store(true, Ordering::SeqCst);
+        rig.backend.hold_reads();
         rig.push(VIRTIO_BLK_T_IN, 0, Some((4096, true)));
         let write = rig.push(VIRTIO_BLK_T_OUT, 8, Some((512, false)));
         rig.kick();
@@ -1230,7 +1037,7 @@ mod tests {
         let mut rig = rig(false);
         rig.push(VIRTIO_BLK_T_OUT, 0, Some((512, false)));
         rig.kick();
-        assert_eq!(rig.backend.flushes.load(Ordering::SeqCst), 0);
+        assert_eq!(rig.backend.flushes(), 0);
         // Without CONFIG_WCE acked, the guest cannot change the cache mode.
         assert!(rig
             .device
@@ -1243,7 +1050,7 @@ mod tests {
         assert_eq!(rig.device.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
         rig.push(VIRTIO_BLK_T_OUT, 0, Some((512, false)));
         rig.kick();
-        assert_eq!(rig.backend.flushes.load(Ordering::SeqCst), 1);
+        assert_eq!(rig.backend.flushes(), 1);
         assert!(
             rig.device.set_config(0, &[1, 2, 3, 4]).is_err(),
             "capacity is read-only"
@@ -1263,13 +1070,13 @@ mod tests {
         rig.kick();
         assert_eq!(rig.status(write), STATUS_OK);
         assert_eq!(rig.status(flush), STATUS_UNSUPP);
-        assert_eq!(rig.backend.flushes.load(Ordering::SeqCst), 0);
+        assert_eq!(rig.backend.flushes(), 0);
     }
 
     #[test]
     fn draining_finishes_accepted_requests_and_takes_no_new_ones() {
         let mut rig = rig(false);
-        rig.backend.hold_reads.store(true, Ordering::SeqCst);
+        rig.backend.hold_reads();
         rig.push(VIRTIO_BLK_T_IN, 0, Some((512, true)));
         rig.kick();
         assert_eq!(rig.device.0.disk.inflight(), 1);

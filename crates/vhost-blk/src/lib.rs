@@ -14,6 +14,8 @@ mod order;
 pub mod request;
 pub mod server;
 mod sigbus;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use disk::{Disk, DiskSettings};
 

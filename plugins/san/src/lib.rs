@@ -31,6 +31,7 @@
 mod direct;
 mod link;
 mod lun;
+mod network;
 mod state;
 mod throttle;
 mod volume;
@@ -48,10 +49,11 @@ use twinpath_core::{
     GuestBuffers, OpenContext, OptionError, Plugin, QueueLink, Result,
 };
 use twinpath_mapproto::Key;
-use twinpath_smb::{ImageConfig, SmbImage, SmbOptions};
+use twinpath_smb::{ImageConfig, SmbOptions};
 
 use crate::direct::{Direct, DirectConfig, LunDevice, Outcome};
 use crate::link::{Links, MapLink};
+use crate::network::NetworkPath;
 use crate::state::Lookup;
 use crate::throttle::{Throttle, ThrottleConfig, Throttles};
 use crate::volume::{BlockDevice, IscsiLun, Volume};
@@ -342,7 +344,7 @@ impl BackendSpec for SanSpec {
 
     async fn open(&self, ctx: &OpenContext) -> Result<Arc<dyn BlockBackend>> {
         self.setup.key()?;
-        let network = Arc::new(self.network.open(ctx).await?);
+        let network: Arc<dyn NetworkPath> = Arc::new(self.network.open(ctx).await?);
         let direct = Arc::new(OnceLock::new());
         let stats = Arc::new(PathStats::with_events(&direct::EVENTS));
         let failed =
@@ -414,7 +416,7 @@ fn retry_later(
 /// network request itself.
 #[derive(Clone)]
 struct SanBackend {
-    network: Arc<SmbImage>,
+    network: Arc<dyn NetworkPath>,
     /// Set once the direct path is up (at open, or later by [`retry_later`]).
     direct: Arc<OnceLock<Arc<Direct>>>,
     runtime: tokio::runtime::Handle,
@@ -443,6 +445,9 @@ impl SanBackend {
         write: bool,
     ) -> Result<()> {
         let len = bufs.len() as u64;
+        // Beyond the image there is no grant and no file to grow.
+        self.network
+            .within(if write { "write" } else { "read" }, offset, len)?;
         let direct = self.direct();
         // The one look at the direct path's state; the common case (grant at hand, small,
         // unthrottled) stays on the queue's thread.
@@ -482,6 +487,7 @@ impl SanBackend {
     /// Metadata-changing requests (discard, write-zeroes) go over SMB; the grants they touch
     /// are retired first, since the server may deallocate there.
     async fn metadata(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
+        self.network.within(what, offset, len)?;
         let direct = self.direct();
         let network = self.network.clone();
         self.run(what, async move {

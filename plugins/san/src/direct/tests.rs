@@ -11,10 +11,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicUsize;
+use std::sync::OnceLock;
 
 use async_trait::async_trait;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use twinpath_core::{BlockBackend, DiskInfo};
 use twinpath_filemap::{Access, Span, SpanKind};
 use twinpath_mapproto::{Frame, HostKeys, Key, MapGrant, VolumeIdentity};
 
@@ -684,4 +686,86 @@ async fn the_checker_flags_a_write_under_a_returned_lease_while_another_lives() 
         .unwrap();
     let v = rig.violations();
     assert!(v.first().is_some_and(|v| v.contains("under none")), "{v:?}");
+}
+
+/// The network path as the server's own writes to its file: on the LUN, where the image is.
+struct MemNetwork(Arc<Mutex<Book>>);
+
+impl MemNetwork {
+    fn at(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let b = lock(&self.0);
+        let start = (b.current + offset) as usize;
+        start..start + len as usize
+    }
+}
+
+#[async_trait]
+impl crate::network::NetworkPath for MemNetwork {
+    fn info(&self) -> DiskInfo {
+        DiskInfo {
+            discard: true,
+            write_zeroes: true,
+            ..DiskInfo::new(FILE)
+        }
+    }
+
+    fn stats(&self) -> Arc<PathStats> {
+        Arc::default()
+    }
+
+    fn within(&self, what: &str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= FILE => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("{what} of {len} at {offset}"),
+            )),
+        }
+    }
+
+    async fn read(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
+        let at = self.at(offset, bufs.len() as u64);
+        bufs.copy_from_slice(0, &lock(&self.0).data[at]);
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {
+        let at = self.at(offset, bufs.len() as u64);
+        bufs.copy_to_slice(0, &mut lock(&self.0).data[at]);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let at = self.at(offset, len);
+        lock(&self.0).data[at].fill(0);
+        Ok(())
+    }
+
+    async fn close(&self) {}
+}
+
+/// The san backend itself (direct path first, the network where it cannot) keeps the backend
+/// contract every backend keeps, with every device operation checked against the server's
+/// book: none outside a lease the server counts as this host's.
+#[test]
+fn the_san_backend_keeps_the_backend_contract_and_writes_only_under_its_leases() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rig = rt.block_on(Rig::start());
+    let backend = Arc::new(crate::SanBackend {
+        network: Arc::new(MemNetwork(rig.server.book.clone())),
+        direct: Arc::new(OnceLock::from(rig.direct.clone())),
+        runtime: rt.handle().clone(),
+        stats: Arc::new(PathStats::with_events(&super::EVENTS)),
+    });
+    twinpath_core::testing::conformance(|| Ok(backend.clone() as Arc<dyn BlockBackend>));
+    assert_eq!(rig.violations(), Vec::<String>::new());
+    assert!(rig.checked() > 0, "nothing went the direct path");
 }

@@ -203,7 +203,13 @@ fn read_only_disk_refuses_writes() {
 #[test]
 fn out_of_range_io_fails_and_the_disk_keeps_working() {
     let dir = scratch();
-    let (daemon, _img, sock) = one_disk(dir.path(), "");
+    let metrics = twinpath_tests::samba::free_port();
+    let (daemon, _img, sock) = serve_disk(
+        dir.path(),
+        64 * MIB,
+        "",
+        &format!("metrics:\n  listen: 127.0.0.1:{metrics}\n"),
+    );
     let mut c = Client::connect(&sock, &ClientOptions::default()).unwrap();
     let cap = c.capacity();
     let e = c.read(0, cap, 4096).unwrap_err();
@@ -213,12 +219,19 @@ fn out_of_range_io_fails_and_the_disk_keeps_working() {
     c.write(0, cap - 512, &[3u8; 512]).unwrap();
     assert_eq!(c.read(0, cap - 512, 512).unwrap(), vec![3u8; 512]);
     drop(c);
-    assert!(
-        daemon.log().contains("beyond the end of the disk"),
-        "{}",
-        daemon.log()
+    assert_eq!(
+        sample(
+            &scrape(metrics),
+            "twinpath_disk_rejected_total{disk=\"d0\"}"
+        ),
+        2.0,
+        "both requests refused by the device"
     );
-    assert!(daemon.log().contains("disk=d0"), "rejections name the disk");
+    let log = daemon.log();
+    assert!(
+        log.contains("beyond the end of the disk") && log.contains("disk=d0"),
+        "rejections say why and name the disk: {log}"
+    );
     assert!(daemon.stop().success());
 }
 

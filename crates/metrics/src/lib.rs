@@ -24,6 +24,9 @@ pub struct DiskSample {
     pub disk: String,
     /// What the guests asked of the disk.
     pub io: IoSnapshot,
+    /// Requests the device refused as malformed (a broken or hostile driver).
+    #[serde(default)]
+    pub rejected: u64,
     /// The backend's paths (`network`, `direct`); none for a local file.
     pub paths: Vec<PathSample>,
 }

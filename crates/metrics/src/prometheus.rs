@@ -72,6 +72,15 @@ impl Collector for Samples {
             "requests from guests",
             &guest,
         )?;
+        family(
+            &mut encoder,
+            "twinpath_disk_rejected",
+            "requests from guests refused as malformed (a broken or hostile driver)",
+            MetricType::Counter,
+            disks
+                .iter()
+                .map(|d| (vec![("disk", d.disk.clone())], d.rejected)),
+        )?;
         encode_io(
             &mut encoder,
             "twinpath_path",
@@ -229,6 +238,7 @@ mod tests {
             vec![DiskSample {
                 disk: "vm1".into(),
                 io: g.clone(),
+                rejected: 3,
                 paths: vec![PathSample {
                     path: "direct".into(),
                     stats: d.clone(),
@@ -242,6 +252,7 @@ mod tests {
             "twinpath_disk_bytes_total{disk=\"vm1\",op=\"read\"} 4096",
             "twinpath_disk_bytes_total{disk=\"vm1\",op=\"write\"} 0",
             "twinpath_disk_errors_total{disk=\"vm1\"} 1",
+            "twinpath_disk_rejected_total{disk=\"vm1\"} 3",
             "twinpath_disk_in_flight{disk=\"vm1\"} 0",
             "twinpath_disk_latency_seconds_count{disk=\"vm1\"} 2",
             "twinpath_disk_latency_seconds_bucket{le=\"+Inf\",disk=\"vm1\"} 2",

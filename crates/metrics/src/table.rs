@@ -95,6 +95,7 @@ mod tests {
         let t = table(&[DiskSample {
             disk: "vm1".into(),
             io: s.snapshot(),
+            rejected: 0,
             paths: vec![PathSample {
                 path: "network".into(),
                 stats: PathSnapshot {

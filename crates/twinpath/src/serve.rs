@@ -131,6 +131,7 @@ fn sample(disk: &Disk) -> DiskSample {
     DiskSample {
         disk: disk.name().to_owned(),
         io: disk.io_stats(),
+        rejected: disk.rejected_count(),
         paths: disk
             .backend()
             .paths()

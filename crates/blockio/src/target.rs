@@ -123,17 +123,9 @@ impl Target {
     /// Refuses `[offset, offset + len)` unless it lies within the target: a write past the
     /// end of an image file would grow it.
     pub(crate) fn within(&self, op: &str, offset: u64, len: u64) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.capacity => Ok(()),
-            _ => Err(Error::new(
-                ErrorKind::OutOfRange,
-                format!(
-                    "{}: the target is {} bytes",
-                    self.context(op, offset, len),
-                    self.capacity
-                ),
-            )),
-        }
+        twinpath_core::within(self.capacity, offset, len, || {
+            format!("{op} {}", self.path.display())
+        })
     }
 
     pub(crate) fn context(&self, op: &str, offset: u64, len: u64) -> String {

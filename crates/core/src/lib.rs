@@ -41,6 +41,19 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Refuses `[offset, offset + len)` unless it lies within `capacity` bytes, with an
+/// [`ErrorKind::OutOfRange`] error whose context `what` names (the operation and the object):
+/// a backend never writes past the end of its store, whatever the device let through.
+pub fn within(capacity: u64, offset: u64, len: u64, what: impl FnOnce() -> String) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!("{}: {len} bytes at {offset} of {capacity}", what()),
+        )),
+    }
+}
+
 /// Waits until `done` holds or `timeout` passes, looking every millisecond; returns whether it
 /// holds. For state other threads change without telling anyone (counters, flags).
 pub fn wait_until(timeout: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {

@@ -71,16 +71,8 @@ impl MemBackend {
     }
 
     fn range(&self, offset: u64, len: u64) -> Result<Range<usize>> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.info.capacity => Ok(offset as usize..end as usize),
-            _ => Err(Error::new(
-                ErrorKind::OutOfRange,
-                format!(
-                    "{len} bytes at {offset} on a {}-byte disk",
-                    self.info.capacity
-                ),
-            )),
-        }
+        crate::within(self.info.capacity, offset, len, || "memory disk".into())?;
+        Ok(offset as usize..(offset + len) as usize)
     }
 
     fn writable(&self) -> Result<()> {

@@ -56,16 +56,9 @@ impl SmbImage {
     /// Refuses `[offset, offset + len)` unless it lies within the image: a write past its end
     /// would grow the file on the server.
     pub fn within(&self, what: &str, offset: u64, len: u64) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.info.capacity => Ok(()),
-            _ => Err(Error::new(
-                ErrorKind::OutOfRange,
-                format!(
-                    "{}: {what} of {len} bytes at {offset} on a {}-byte image",
-                    self.target, self.info.capacity
-                ),
-            )),
-        }
+        twinpath_core::within(self.info.capacity, offset, len, || {
+            format!("{what} {}", self.target)
+        })
     }
 
     /// Runs `op` of kind `kind` moving `bytes`, counted and with the image named in its error.

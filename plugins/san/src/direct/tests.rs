@@ -714,13 +714,7 @@ impl crate::network::NetworkPath for MemNetwork {
     }
 
     fn within(&self, what: &str, offset: u64, len: u64) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= FILE => Ok(()),
-            _ => Err(Error::new(
-                ErrorKind::OutOfRange,
-                format!("{what} of {len} at {offset}"),
-            )),
-        }
+        twinpath_core::within(FILE, offset, len, || what.to_owned())
     }
 
     async fn read(&self, offset: u64, bufs: &GuestBuffers) -> Result<()> {

@@ -182,6 +182,12 @@ impl RawFrontend {
         Self::try_connect_features(socket, data_len, None, false, 1 << 29).unwrap()
     }
 
+    /// [`RawFrontend::connect_event_idx`] that also negotiates the protocol features and
+    /// acks INDIRECT_DESC, as QEMU with a Linux guest does.
+    pub fn connect_event_idx_indirect(socket: &Path, data_len: usize) -> RawFrontend {
+        Self::try_connect_features(socket, data_len, None, true, 1 << 29).unwrap()
+    }
+
     fn try_connect_features(
         socket: &Path,
         data_len: usize,
@@ -248,6 +254,16 @@ impl RawFrontend {
         self._call = call;
         self.kick = kick;
         Ok(())
+    }
+
+    /// What QEMU does when *its* side of the connection breaks (chardev reset, QEMU
+    /// restarted on the same memory): the socket is shut down without GET_VRING_BASE, then a
+    /// new connection resumes the queue at the used ring's index, as in
+    /// [`RawFrontend::reconnect`].
+    pub fn hang_up_and_reconnect(&mut self, socket: &Path) -> Result<(), String> {
+        // SAFETY: shutdown(2) on the connection's own socket, which stays open until replaced.
+        unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
+        self.reconnect(socket)
     }
 
     /// Adds a guest memory region of `len` bytes at `gpa` (ADD_MEM_REG; needs `protocol`),
@@ -339,6 +355,26 @@ impl RawFrontend {
         Ok(())
     }
 
+    /// What QEMU does to resume a queue it stopped with GET_VRING_BASE (VM paused and
+    /// continued, vhost restarted): the same rings and requests, the queue set up again
+    /// from `base` (SET_VRING_NUM/ADDR/BASE/CALL/KICK). No kick: the caller kicks.
+    pub fn resume_queue(&mut self, base: u16) -> Result<(), String> {
+        self.frontend
+            .set_vring_num(0, QUEUE_SIZE)
+            .map_err(step("set_vring_num"))?;
+        set_rings(&mut self.frontend, self.base, AVAIL, USED)?;
+        self.frontend
+            .set_vring_base(0, base)
+            .map_err(step("set_vring_base"))?;
+        self.frontend
+            .set_vring_call(0, &self._call)
+            .map_err(step("set_vring_call"))?;
+        self.frontend
+            .set_vring_kick(0, &self.kick)
+            .map_err(step("set_vring_kick"))?;
+        Ok(())
+    }
+
     /// Posts a WRITE of `segs` at `sector`; status byte preset to `preset`.
     pub fn write_req(&mut self, sector: u64, segs: &[Seg], preset: u8) -> u16 {
         let status = STATUS + u64::from(self.posted % QUEUE_SIZE);
@@ -399,6 +435,13 @@ impl RawFrontend {
     /// or hostile driver can put in the available ring.
     pub fn post_bad_head(&mut self) -> u16 {
         self.publish(QUEUE_SIZE + 7)
+    }
+
+    /// Makes `head` available as it is, whatever it names (a head beyond the descriptor
+    /// table, or one already in flight): what a hostile driver can put in the available
+    /// ring. Returns the request's number.
+    pub fn publish_head(&mut self, head: u16) -> u16 {
+        self.publish(head)
     }
 
     /// Sets the available ring's index further ahead than the ring has entries.
@@ -534,6 +577,12 @@ impl RawFrontend {
     /// The status byte of request `n` (0xff until the device writes it).
     pub fn status(&self, n: u16) -> u8 {
         self.read_at(STATUS + u64::from(n % QUEUE_SIZE))
+    }
+
+    /// How many times the device signalled the queue's call eventfd since the last call
+    /// (interrupts a guest would have had); 0 if none.
+    pub fn take_calls(&self) -> u64 {
+        self._call.read().unwrap_or(0)
     }
 
     /// Whether the device still answers on the socket.

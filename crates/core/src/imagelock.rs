@@ -38,6 +38,10 @@ pub enum LockError {
         /// "holds" or "does not share".
         how: &'static str,
         perm: &'static str,
+        /// No live process but this one has the image open: the lock is held by one that has
+        /// ended or is ending (killed, its last I/O on the image still under way, or its
+        /// io_uring still being torn down by the kernel), and goes once that I/O has landed.
+        exiting: bool,
     },
     /// The kernel refused to set or test a lock.
     #[error("{what} the image lock at byte {offset}: {source}")]
@@ -139,17 +143,66 @@ fn refused(
     perm: &'static str,
     how: &'static str,
 ) -> LockError {
+    let holder = match holder(file, offset) {
+        Some(Holder::Process { pid, comm }) => format!("process {pid} ({comm})"),
+        Some(Holder::OurOtherDisk) => "another disk of this daemon".to_owned(),
+        None => "another program".to_owned(),
+    };
     LockError::InUse {
         path: path.to_owned(),
-        holder: holder(file, offset).unwrap_or_else(|| "another program".into()),
+        holder,
         how,
         perm,
+        exiting: !opened_by_another_live_process(file),
     }
+}
+
+/// Whether a running process has `file`'s inode open through another descriptor than
+/// `file` (this process included: another of its disks), as far as /proc shows (all
+/// processes to root). Kernels show no holder for OFD locks (pid -1), so this is how a lock
+/// whose holder has died is told from a live user's.
+fn opened_by_another_live_process(file: &File) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return true;
+    };
+    let me = std::process::id().to_string();
+    let mine = format!("/proc/{me}/fd/{}", file.as_raw_fd());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs.flatten().any(|p| {
+        let name = p.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        // A zombie's files are those its threads stuck in I/O still hold: it is ending.
+        let state = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+        let running = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']));
+        running
+            && std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    fd.path().to_str() != Some(mine.as_str())
+                        && std::fs::metadata(fd.path())
+                            .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+                })
+            })
+    })
+}
+
+/// Who holds a lock, as /proc/locks tells.
+enum Holder {
+    Process { pid: u32, comm: String },
+    OurOtherDisk,
 }
 
 /// Who holds a lock on byte `offset` of `file`, from /proc/locks (OFD locks show the
 /// process that took them).
-fn holder(file: &File, offset: i64) -> Option<String> {
+fn holder(file: &File, offset: i64) -> Option<Holder> {
     let meta = file.metadata().ok()?;
     let dev = meta.dev();
     let id = format!(
@@ -179,14 +232,17 @@ fn holder(file: &File, offset: i64) -> Option<String> {
             continue;
         }
         // Kernels that do not record who took an OFD lock show -1.
-        if pid.parse::<u32>().is_err() {
+        let Ok(pid) = pid.parse::<u32>() else {
             continue;
-        }
+        };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        return Some(format!("process {pid} ({})", comm.trim()));
+        return Some(Holder::Process {
+            pid,
+            comm: comm.trim().to_owned(),
+        });
     }
     // Our own lock on the byte, if we hold one, is one of them.
-    (ours >= 2).then(|| "another disk of this daemon".into())
+    (ours >= 2).then_some(Holder::OurOtherDisk)
 }
 
 #[cfg(test)]
@@ -209,7 +265,18 @@ mod tests {
         let writer = open(&img, true);
         lock(&writer, &img, false).unwrap();
         let e = lock(&open(&img, true), &img, false).unwrap_err();
-        assert!(matches!(e, LockError::InUse { perm: "write", .. }), "{e}");
+        // The writer is this process's other descriptor: a live user, not one that ended.
+        assert!(
+            matches!(
+                e,
+                LockError::InUse {
+                    perm: "write",
+                    exiting: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(
             lock(&open(&img, false), &img, true).is_err(),
             "a reader beside a writer"

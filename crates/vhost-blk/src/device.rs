@@ -132,6 +132,12 @@ struct Queue {
     waker: Waker,
     /// The ring could not be read at the last pass: polling must not go round it.
     stalled: AtomicBool,
+    /// The queue takes no new chain now (its line is full, or detached requests run): what
+    /// waits in the ring is no work for polling.
+    no_room: AtomicBool,
+    /// The queue's vring, kept at its worker's first event for `stop_vring` (which
+    /// vhost-user-backend calls without it).
+    vring: std::sync::OnceLock<VringRwLock>,
     /// The connection is over: the worker finishes `io` at its next event and then
     /// handles nothing more (see [`BlkDevice::finish_queues`]).
     finishing: AtomicBool,
@@ -228,6 +234,8 @@ impl BlkDevice {
                     waker: Waker::from(notify.clone()),
                     notify,
                     stalled: AtomicBool::new(false),
+                    no_room: AtomicBool::new(false),
+                    vring: std::sync::OnceLock::new(),
                     finishing: AtomicBool::new(false),
                     finished: AtomicBool::new(false),
                     busy: AtomicBool::new(false),
@@ -565,9 +573,20 @@ impl BlkDevice {
             }
             empty_pass = !popped;
         }
+        queue.no_room.store(
+            inflight.full || !inflight.detached.is_empty(),
+            Ordering::Release,
+        );
+        // The used entries and their signal before the queue's lock goes: `stop_vring` waits
+        // on it, and GET_VRING_BASE must not answer before they are in the ring.
+        let published = self.publish(vring, &mem, used);
         drop(guard);
-
         self.hang_up_if_poisoned();
+        published
+    }
+
+    /// Puts `used` (in line order) into the used ring and signals the guest if it asked.
+    fn publish(&self, vring: &VringRwLock, mem: &Mem, used: Vec<(u16, u32)>) -> io::Result<()> {
         if used.is_empty() {
             return Ok(());
         }
@@ -575,14 +594,19 @@ impl BlkDevice {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
             for (head, len) in used {
-                if let Err(e) = q.add_used(&*mem, head, len) {
+                // A refused chain whose head names no descriptor has no used entry (it was
+                // counted when refused; virtio-queue would log an error per entry).
+                if head >= q.size() {
+                    continue;
+                }
+                if let Err(e) = q.add_used(mem, head, len) {
                     self.0
                         .disk
                         .note_rejected(format!("cannot add used entry {head}: {e}"));
                 }
             }
             // When the ring cannot tell, the guest is told: a spare interrupt costs nothing.
-            q.needs_notification(&*mem).unwrap_or(true)
+            q.needs_notification(mem).unwrap_or(true)
         };
         if notify {
             vring.signal_used_queue()?;
@@ -614,12 +638,14 @@ impl BlkDevice {
             queue.notify.armed.store(true, Ordering::SeqCst);
             queue.io.reap();
             let woken = queue.notify.woken.swap(false, Ordering::SeqCst);
-            let arrived = !queue.stalled.load(Ordering::Acquire) && {
-                let q = vring.get_ref();
-                let q = q.get_queue();
-                q.avail_idx(&*mem, Ordering::Acquire)
-                    .is_ok_and(|idx| idx.0 != q.next_avail())
-            };
+            let arrived = !queue.stalled.load(Ordering::Acquire)
+                && !queue.no_room.load(Ordering::Acquire)
+                && {
+                    let q = vring.get_ref();
+                    let q = q.get_queue();
+                    q.avail_idx(&*mem, Ordering::Acquire)
+                        .is_ok_and(|idx| idx.0 != q.next_avail())
+                };
             if woken || arrived {
                 self.process(thread_id, vring, arrived)?;
                 since = Instant::now();
@@ -838,6 +864,15 @@ impl VhostUserBackend for BlkDevice {
             inflight.heads = Default::default();
             inflight.order.forget();
             inflight.full = false;
+            // Nothing of the line is in the used ring: the frontend takes it all as not
+            // done and makes it available again (the queue takes it once the detached
+            // requests finished), as after a kill.
+            if let Some(vring) = queue.vring.get() {
+                let mut state = vring.get_mut();
+                let q = state.get_queue_mut();
+                let used = q.next_used();
+                q.set_next_avail(used);
+            }
         }
         Ok(())
     }
@@ -885,6 +920,7 @@ impl BlkDevice {
         let vring = vrings
             .first()
             .ok_or_else(|| io::Error::other("worker without a vring"))?;
+        queue.vring.get_or_init(|| vring.clone());
         if u64::from(device_event) == self.completion_event_id() {
             let _ = queue.notify.eventfd.read();
             // The futures the reap wakes are polled right below: no eventfd write for them.

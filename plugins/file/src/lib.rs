@@ -22,10 +22,12 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use twinpath_blockio::{AnyEngine, Engine, EngineKind, QueueRing, Target};
+use twinpath_core::imagelock::{self, LockError};
 use twinpath_core::{
     parse_options, BackendSpec, BlockBackend, BlockIo, ByteSize, DiskContext, DiskInfo, Error,
     ErrorKind, GuestBuffers, OpenContext, OptionError, Plugin, QueueLink, Result,
@@ -119,8 +121,69 @@ impl BackendSpec for FileSpec {
     }
 
     async fn open(&self, ctx: &OpenContext) -> Result<Arc<dyn BlockBackend>> {
-        Ok(Arc::new(FileBackend::open(self, ctx.runtime())?))
+        let target = Arc::new(open_image(self)?);
+        if self.lock {
+            lock_image(&target, self).await?;
+        }
+        Ok(Arc::new(FileBackend::new(self, target, ctx.runtime())?))
     }
+}
+
+/// How long an image's locks are waited for while their holder is a process that ended.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Takes QEMU's image locks on `target`. A daemon killed with writes of the image still in
+/// the kernel holds its locks until those have landed (its open image is closed only then):
+/// the image is this disk's once they have, so that none of them lands after a write of
+/// this disk; a daemon started again at once waits for that (up to [`LOCK_WAIT`]). Any other
+/// holder is refused at once.
+async fn lock_image(target: &Target, spec: &FileSpec) -> Result<()> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut told = false;
+    loop {
+        let e = match imagelock::lock(target.file(), &spec.path, spec.read_only) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let kind = match &e {
+            LockError::InUse {
+                exiting: true,
+                holder,
+                ..
+            } if Instant::now() < deadline => {
+                if !told {
+                    tracing::warn!(path = %spec.path.display(), "image locked by {holder}, which has ended: waiting for its last I/O on the image to land");
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            LockError::InUse { .. } => ErrorKind::InUse,
+            LockError::Fcntl { .. } => ErrorKind::Io,
+        };
+        return Err(Error::new(kind, e.to_string()));
+    }
+}
+
+/// Opens the image, creating it first where the spec says so.
+fn open_image(spec: &FileSpec) -> Result<Target> {
+    let path = &spec.path;
+    if !path.exists() {
+        match spec.create_size {
+            Some(size) => create_image(path, size.0)
+                .map_err(|e| Error::io(format!("create image {}", path.display()), e))?,
+            None => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "image {} does not exist (set create_size to create it)",
+                        path.display()
+                    ),
+                ))
+            }
+        }
+    }
+    Target::open(path, spec.read_only, spec.direct)
 }
 
 struct FileBackend {
@@ -131,34 +194,10 @@ struct FileBackend {
 }
 
 impl FileBackend {
-    /// Opens the image; the engine's blocking work goes to `runtime`'s pool.
-    fn open(spec: &FileSpec, runtime: &tokio::runtime::Handle) -> Result<Self> {
+    /// The disk on the open (and, where it takes them, locked) image `target`; the engine's
+    /// blocking work goes to `runtime`'s pool.
+    fn new(spec: &FileSpec, target: Arc<Target>, runtime: &tokio::runtime::Handle) -> Result<Self> {
         let path = &spec.path;
-        if !path.exists() {
-            match spec.create_size {
-                Some(size) => create_image(path, size.0)
-                    .map_err(|e| Error::io(format!("create image {}", path.display()), e))?,
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::NotFound,
-                        format!(
-                            "image {} does not exist (set create_size to create it)",
-                            path.display()
-                        ),
-                    ))
-                }
-            }
-        }
-        let target = Arc::new(Target::open(path, spec.read_only, spec.direct)?);
-        if spec.lock {
-            twinpath_core::imagelock::lock(target.file(), path, spec.read_only).map_err(|e| {
-                let kind = match e {
-                    twinpath_core::imagelock::LockError::InUse { .. } => ErrorKind::InUse,
-                    twinpath_core::imagelock::LockError::Fcntl { .. } => ErrorKind::Io,
-                };
-                Error::new(kind, e.to_string())
-            })?;
-        }
         let (capacity, block_size) = (target.capacity(), target.block_size());
         tracing::info!(path = %path.display(), capacity, block_size, direct = spec.direct, "opened image");
         let engine = Arc::new(AnyEngine::new(spec.engine, target, runtime)?);

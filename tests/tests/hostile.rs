@@ -12,17 +12,6 @@ use twinpath_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-/// The daemon's anonymous memory (heap, bounce buffers; not the guests' shared memory).
-fn rss_anon(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("RssAnon in /proc/PID/status")
-        * 1024
-}
-
 /// A daemon serving `victim` (an O_DIRECT file disk on a filesystem that wants aligned
 /// buffers, so odd guest addresses go through bounce buffers) and `other` (on tmpfs).
 fn two_disks(disk_dir: &Path, shm: &Path) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
@@ -378,18 +367,6 @@ fn a_frontend_reconnecting_in_a_loop_leaves_the_daemon_no_descriptors_behind() {
     let mut other = Client::connect(&osock, &ClientOptions::default()).unwrap();
     other.write(0, 0, &pattern(3, 4096)).unwrap();
     assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(3, 4096));
-}
-
-/// CPU time (user + system) the process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// Found by fuzzing the device: an available ring whose index runs further ahead than the

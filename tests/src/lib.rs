@@ -420,3 +420,30 @@ pub fn rss_anon(pid: u32) -> u64 {
         .expect("RssAnon in /proc/PID/status")
         * 1024
 }
+
+/// Bytes in use on the filesystem at `path` (its size less what is free).
+pub fn fs_used(path: &Path) -> u64 {
+    let st = statvfs(path);
+    (st.f_blocks - st.f_bfree) * st.f_frsize
+}
+
+/// Bytes an unprivileged file may still take on the filesystem at `path`.
+pub fn fs_available(path: &Path) -> u64 {
+    let st = statvfs(path);
+    st.f_bavail * st.f_frsize
+}
+
+fn statvfs(path: &Path) -> libc::statvfs {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs fills the struct we pass, for a NUL-terminated path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        assert_eq!(
+            libc::statvfs(c.as_ptr(), &mut st),
+            0,
+            "statvfs {}",
+            path.display()
+        );
+        st
+    }
+}

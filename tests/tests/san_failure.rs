@@ -21,14 +21,7 @@ const MIB: u64 = 1 << 20;
 /// Leaves about `free` bytes free on the filesystem at `mnt`, so that blocks freed later are
 /// the ones a new file gets.
 fn fill_up(mnt: &std::path::Path, free: u64) {
-    // SAFETY: statvfs fills the struct we pass, for a NUL-terminated path.
-    let st = unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        let path = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(libc::statvfs(path.as_ptr(), &mut st), 0);
-        st
-    };
-    let avail = st.f_bavail * st.f_frsize;
+    let avail = fs_available(mnt);
     let size = avail.saturating_sub(free);
     let f = std::fs::File::create(mnt.join("filler")).unwrap();
     // SAFETY: fallocate on a file we hold open.

@@ -8,6 +8,8 @@ use twinpath_tests::fileserver::FileServer;
 use twinpath_tests::lun::Fs;
 use twinpath_tests::*;
 
+use std::time::Duration;
+
 const MIB: u64 = 1 << 20;
 /// plugins/san/src/direct.rs WINDOW.
 const WINDOW: u64 = 64 * MIB;
@@ -18,6 +20,9 @@ const IMAGES: usize = 20;
 const GROUP: usize = 5;
 /// 1 MiB writes per window boundary, in sequence.
 const RUN: u64 = 8;
+/// The map server's default lease time: how long the blocks of a removed image may stay
+/// allocated while a lease on it is outstanding.
+const LEASE_TIME: Duration = Duration::from_secs(30);
 
 /// One 1 MiB write: where, and its bytes.
 struct Write {
@@ -131,13 +136,28 @@ fn writes_straddling_map_windows_of_sparse_images_are_all_kept() {
     let started = std::time::Instant::now();
     let mut fs = FileServer::start((GROUP as u64 * IMAGE) + 512 * MIB, Fs::Xfs, true, "");
     let mnt = fs.lun.mount_point();
+    let empty = fs_used(&mnt);
     let groups: Vec<Vec<usize>> = (0..IMAGES)
         .collect::<Vec<_>>()
         .chunks(GROUP)
         .map(<[usize]>::to_vec)
         .collect();
     let mut direct_disks = 0;
+    let mut waited = Duration::ZERO;
     for (g, group) in groups.iter().enumerate() {
+        // The LUN holds one group's images: the last group's must be gone first. Their
+        // blocks stay allocated while a lease on them is outstanding (the map server keeps
+        // a stopped host's leases until they run out), and never longer.
+        let wait = std::time::Instant::now();
+        let freed = twinpath_core::wait_until(LEASE_TIME + Duration::from_secs(15), || {
+            fs_used(&mnt) <= empty + 16 * MIB
+        });
+        assert!(
+            freed,
+            "group {g}: {} MiB of removed images still allocated after the lease time",
+            (fs_used(&mnt) - empty) / MIB
+        );
+        waited += wait.elapsed();
         let writes: std::collections::HashMap<usize, Vec<Write>> =
             group.iter().map(|&i| (i, writes(i))).collect();
         for &i in group {
@@ -210,10 +230,11 @@ fn writes_straddling_map_windows_of_sparse_images_are_all_kept() {
     assert!(fs.map.take().unwrap().stop().success());
     drop(fs.smb.take());
     eprintln!(
-        "{IMAGES} images, {} straddling writes each, in {:.1} s; {direct_disks} disks wrote \
-         directly",
+        "{IMAGES} images, {} straddling writes each, in {:.1} s ({:.1} s of it waiting for \
+         removed images' blocks); {direct_disks} disks wrote directly",
         IMAGE / WINDOW - 1,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        waited.as_secs_f64()
     );
     assert!(direct_disks > 0, "no disk ever used the direct path");
 }

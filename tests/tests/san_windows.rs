@@ -20,8 +20,8 @@ const IMAGES: usize = 20;
 const GROUP: usize = 5;
 /// 1 MiB writes per window boundary, in sequence.
 const RUN: u64 = 8;
-/// The map server's default lease time: how long the blocks of a removed image may stay
-/// allocated while a lease on it is outstanding.
+/// The map server's lease time: how long the blocks of a removed image may stay allocated
+/// while a lease on it is outstanding.
 const LEASE_TIME: Duration = Duration::from_secs(30);
 
 /// One 1 MiB write: where, and its bytes.
@@ -134,7 +134,12 @@ fn image(i: usize) -> String {
 #[test]
 fn writes_straddling_map_windows_of_sparse_images_are_all_kept() {
     let started = std::time::Instant::now();
-    let mut fs = FileServer::start((GROUP as u64 * IMAGE) + 512 * MIB, Fs::Xfs, true, "");
+    let mut fs = FileServer::start(
+        (GROUP as u64 * IMAGE) + 512 * MIB,
+        Fs::Xfs,
+        true,
+        &format!("lease_time: {}s\n", LEASE_TIME.as_secs()),
+    );
     let mnt = fs.lun.mount_point();
     let empty = fs_used(&mnt);
     let groups: Vec<Vec<usize>> = (0..IMAGES)
